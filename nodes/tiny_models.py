@@ -1,0 +1,220 @@
+"""Tiny ComfyUI-native Stable Diffusion components built in code, for tests and the demo.
+
+No download and no file: every component is a real ComfyUI object (``ModelPatcher`` around
+an SD1.x ``BaseModel``, ``comfy.sd.CLIP`` with ComfyUI's bundled CLIP tokenizer,
+``comfy.sd.VAE``, ``comfy.clip_vision.ClipVisionModel``) with small widths and weights
+filled from a fixed seed. They behave like the real thing at a fraction of the cost (a whole
+sampling pass well under a second on 2 CPU cores), the way diffusers tests use "dummy
+components". ComfyUI layers skip weight initialisation, so every tensor is filled here.
+
+Builders run under ``torch.inference_mode()`` like ComfyUI's loader nodes (the executor runs
+every node in inference mode), so the weights are inference tensors exactly as in a real
+workflow, and code that trains through them meets the same constraints.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from pathlib import Path
+
+import torch
+
+TEXT_WIDTH = 32
+"""Width of the tiny text encoder (and the UNet's cross-attention context)."""
+VISION_PROJECTION = 32
+"""Width of the tiny CLIP-vision image embedding."""
+
+_TINY_UNET_CONFIG = {
+    "image_size": 32,
+    "in_channels": 4,
+    "out_channels": 4,
+    "model_channels": 32,
+    "num_res_blocks": [1, 1],
+    "channel_mult": [1, 2],
+    "transformer_depth": [1, 1],
+    "transformer_depth_output": [1, 1, 1, 1],
+    "transformer_depth_middle": 1,
+    "context_dim": TEXT_WIDTH,
+    "use_spatial_transformer": True,
+    "use_linear_in_transformer": False,
+    "legacy": False,
+    "adm_in_channels": None,
+    "use_temporal_attention": False,
+    "use_temporal_resblock": False,
+    "num_head_channels": -1,
+}
+
+_TINY_TEXT_CONFIG = {
+    "architectures": ["CLIPTextModel"],
+    "attention_dropout": 0.0,
+    "bos_token_id": 0,
+    "dropout": 0.0,
+    "eos_token_id": 2,
+    "hidden_act": "quick_gelu",
+    "hidden_size": TEXT_WIDTH,
+    "initializer_factor": 1.0,
+    "initializer_range": 0.02,
+    "intermediate_size": 64,
+    "layer_norm_eps": 1e-05,
+    "max_position_embeddings": 77,
+    "model_type": "clip_text_model",
+    "num_attention_heads": 4,
+    "num_hidden_layers": 2,
+    "pad_token_id": 1,
+    "projection_dim": TEXT_WIDTH,
+    "torch_dtype": "float32",
+    # ComfyUI's bundled sd1_tokenizer produces ids up to 49407.
+    "vocab_size": 49408,
+}
+
+_TINY_VISION_CONFIG = {
+    "attention_dropout": 0.0,
+    "dropout": 0.0,
+    "hidden_act": "quick_gelu",
+    "hidden_size": 32,
+    # OLD ComfyUI always preprocesses to 224 px (COMFYUI_INTERNALS.md).
+    "image_size": 224,
+    "initializer_factor": 1.0,
+    "initializer_range": 0.02,
+    "intermediate_size": 64,
+    "layer_norm_eps": 1e-05,
+    "model_type": "clip_vision_model",
+    "num_attention_heads": 4,
+    "num_channels": 3,
+    "num_hidden_layers": 2,
+    "patch_size": 32,
+    "projection_dim": VISION_PROJECTION,
+    "torch_dtype": "float32",
+}
+
+_TINY_VAE_DDCONFIG = {
+    "double_z": True,
+    "z_channels": 4,
+    "resolution": 64,
+    "in_channels": 3,
+    "out_ch": 3,
+    "ch": 32,
+    # Four levels keep ComfyUI's fixed latent downscale ratio of 8; widths are multiples
+    # of 32 because of GroupNorm(32).
+    "ch_mult": [1, 1, 1, 1],
+    "num_res_blocks": 1,
+    "attn_resolutions": [],
+    "dropout": 0.0,
+}
+
+
+def _config_file(name: str, config: dict) -> str:
+    """Write a config where ComfyUI can open it (OLD takes only JSON paths)."""
+    directory = Path(tempfile.gettempdir()) / "comfyui_dp_adapt_tiny_configs"
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}.json"
+    text = json.dumps(config, sort_keys=True)
+    if not path.exists() or path.read_text() != text:
+        tmp = path.with_suffix(f".{id(config)}.tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+    return str(path)
+
+
+@torch.no_grad()
+def fill_deterministically(module: torch.nn.Module, seed: int) -> None:
+    """Fill every parameter and floating buffer of ``module`` from ``seed``.
+
+    Norm scales are 1, biases 0, other weights N(0, 1/fan_in) so activations keep unit
+    scale through the small networks.
+    """
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    for name, tensor in sorted(module.state_dict(keep_vars=True).items()):
+        if not torch.is_floating_point(tensor):
+            continue
+        leaf = name.rsplit(".", 1)[-1]
+        if "norm" in name and leaf == "weight":
+            value = torch.ones(tensor.shape)
+        elif leaf == "bias" or tensor.dim() == 0:
+            value = torch.zeros(tensor.shape)
+        else:
+            fan_in = max(1, math.prod(tensor.shape[1:])) if tensor.dim() > 1 else tensor.shape[0]
+            value = torch.randn(tensor.shape, generator=generator) / math.sqrt(fan_in)
+        tensor.data.copy_(value.to(dtype=tensor.dtype))
+
+
+@torch.inference_mode()
+def build_tiny_model(seed: int = 0):
+    """An SD1.x-style MODEL (``ModelPatcher``) with a ~1M-parameter UNet, eps prediction."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    config = comfy.supported_models.SD15(dict(_TINY_UNET_CONFIG))
+    # SD15.__init__ forces num_heads=8 / num_head_channels=-1 (COMFYUI_INTERNALS.md).
+    config.unet_config["num_heads"] = 4
+    config.unet_config["num_head_channels"] = -1
+    config.set_inference_dtype(torch.float32, None)
+    load_device = mm.get_torch_device()
+    offload_device = mm.unet_offload_device()
+    base = config.get_model({}, "", device=offload_device)
+    fill_deterministically(base.diffusion_model, seed)
+    # A random UNet predicts noise far larger than unit scale and sampling diverges; shrink
+    # the last convolution so the eps prediction has roughly unit scale like a trained one.
+    base.diffusion_model.out[-1].weight.mul_(0.05)
+    base.diffusion_model.requires_grad_(False)
+    base.eval()
+    return comfy.model_patcher.ModelPatcher(
+        base, load_device=load_device, offload_device=offload_device
+    )
+
+
+@torch.inference_mode()
+def build_tiny_clip(embedding_directory: str | list[str] | None = None, seed: int = 1):
+    """A CLIP (text encoder + ComfyUI's bundled SD1 tokenizer) of width ``TEXT_WIDTH``."""
+    import comfy.sd
+    import comfy.sd1_clip as sd1_clip
+
+    class TinyTokenizer(sd1_clip.SD1Tokenizer):
+        def __init__(self, embedding_directory=None, **kwargs):
+            def make_tokenizer(embedding_directory=None, **inner):
+                return sd1_clip.SDTokenizer(
+                    embedding_directory=embedding_directory,
+                    embedding_size=TEXT_WIDTH,
+                    **inner,
+                )
+
+            super().__init__(
+                embedding_directory=embedding_directory, tokenizer=make_tokenizer, **kwargs
+            )
+
+    class Target:
+        clip = sd1_clip.SD1ClipModel
+        tokenizer = TinyTokenizer
+        params = {
+            "clip_model": sd1_clip.SDClipModel,
+            "textmodel_json_config": _config_file("tiny_clip_text", _TINY_TEXT_CONFIG),
+        }
+
+    clip = comfy.sd.CLIP(Target, embedding_directory=embedding_directory)
+    fill_deterministically(clip.cond_stage_model, seed)
+    return clip
+
+
+@torch.inference_mode()
+def build_tiny_vae(seed: int = 2):
+    """A VAE (AutoencoderKL, 4 latent channels, downscale 8) with 32-channel blocks."""
+    import comfy.sd
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+
+    config = {"params": {"ddconfig": dict(_TINY_VAE_DDCONFIG), "embed_dim": 4}}
+    weights = AutoencoderKL(**config["params"])
+    fill_deterministically(weights, seed)
+    return comfy.sd.VAE(sd=weights.state_dict(), config=config)
+
+
+@torch.inference_mode()
+def build_tiny_clip_vision(seed: int = 3):
+    """A CLIP_VISION model (ViT, 224 px input, patch 32) with a ``VISION_PROJECTION`` head."""
+    import comfy.clip_vision
+
+    model = comfy.clip_vision.ClipVisionModel(_config_file("tiny_clip_vision", _TINY_VISION_CONFIG))
+    fill_deterministically(model.model, seed)
+    return model

@@ -1,0 +1,38 @@
+"""Level "registration": a real ComfyUI server loads the pack and lists every node."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from comfyui_dp_adapt.tests.support.comfy_server import PACK_LINK_NAME
+from comfyui_dp_adapt.tests.support.pack import expected_node_types
+
+pytestmark = pytest.mark.comfy_server
+
+
+def test_object_info_lists_every_node_of_the_pack(comfy_server):
+    object_info = comfy_server.get_json("/object_info")
+    missing = expected_node_types(include_testing=True) - set(object_info)
+    assert not missing, f"ComfyUI does not list {sorted(missing)}; log:\n{comfy_server.log()}"
+
+
+def test_pack_nodes_report_this_pack_as_their_module(comfy_server):
+    object_info = comfy_server.get_json("/object_info")
+    for node_type in expected_node_types(include_testing=True):
+        module = object_info[node_type].get("python_module", f"custom_nodes.{PACK_LINK_NAME}")
+        assert PACK_LINK_NAME in module, f"{node_type} registered by {module}"
+
+
+def test_log_has_no_import_failure_for_the_pack(comfy_server):
+    log = comfy_server.log()
+    failures = [
+        line
+        for line in log.splitlines()
+        if PACK_LINK_NAME in line and re.search(r"IMPORT FAILED|Cannot import|Traceback", line)
+    ]
+    assert "comfyui-dp-adapt failed to register" not in log
+    assert not failures, "\n".join(failures)
+    assert re.search(rf"custom_nodes[/\\]{re.escape(PACK_LINK_NAME)}", log), (
+        "the server log does not show the pack being loaded at all"
+    )

@@ -1,0 +1,68 @@
+"""Levels "workflow validation", "coverage" and "execution" for every shipped workflow."""
+
+from __future__ import annotations
+
+import pytest
+from comfyui_dp_adapt.tests.support import workflows as wf
+from comfyui_dp_adapt.tests.support.pack import expected_node_types, shipped_workflows
+
+pytestmark = pytest.mark.comfy_server
+WORKFLOWS = shipped_workflows()
+
+
+def _tiny_replacements():
+    from comfyui_dp_adapt.nodes.tiny_loaders import REPLACES
+
+    return REPLACES
+
+
+@pytest.fixture(scope="module")
+def object_info(comfy_server):
+    return comfy_server.get_json("/object_info")
+
+
+def test_the_pack_ships_workflows():
+    assert WORKFLOWS, "workflows/ has no *.json"
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
+def test_workflow_fits_the_nodes_comfyui_reports(path, object_info):
+    workflow = wf.load_workflow(path)
+    unknown = wf.node_types(workflow) - set(object_info)
+    assert not unknown, f"{path.name} uses node types ComfyUI does not have: {sorted(unknown)}"
+    prompt = wf.to_api_prompt(workflow, object_info)
+    assert prompt, f"{path.name} has no executable node"
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
+def test_workflow_explains_itself_to_an_artist(path):
+    workflow = wf.load_workflow(path)
+    notes = [n for n in workflow["nodes"] if n["type"] in wf.FRONTEND_ONLY_TYPES]
+    assert notes, f"{path.name} has no note explaining its steps"
+    assert all((n.get("widgets_values") or [""])[0].strip() for n in notes)
+
+
+def test_every_node_of_the_pack_is_used_by_a_shipped_workflow():
+    used = set().union(*(wf.node_types(wf.load_workflow(p)) for p in WORKFLOWS))
+    unused = expected_node_types() - used
+    assert not unused, f"no shipped workflow uses {sorted(unused)}"
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
+def test_workflow_executes_in_real_comfyui_on_tiny_models(path, comfy_server, object_info):
+    from comfyui_dp_adapt.tests.support.workflow_inputs import prepare_inputs
+
+    workflow = wf.load_workflow(path)
+    prepare_inputs(workflow, comfy_server)
+    prompt = wf.to_api_prompt(workflow, object_info, replace=_tiny_replacements())
+    entry = comfy_server.run_prompt(prompt)
+    output_nodes = [
+        node_id
+        for node_id, node in prompt.items()
+        if object_info[node["class_type"]].get("output_node")
+    ]
+    assert output_nodes
+    for node_id in output_nodes:
+        assert entry["outputs"].get(node_id), (
+            f"{path.name}: output node {node_id} ({prompt[node_id]['class_type']}) produced nothing"
+        )

@@ -1,0 +1,179 @@
+"""A real ComfyUI server process with the pack linked into its ``custom_nodes``."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PACK_LINK_NAME = "ComfyUI-DP-Adapt"
+"""Users clone under any name; a hyphenated one proves relative imports are enough."""
+
+
+def free_loopback_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class PromptFailed(RuntimeError):
+    """ComfyUI refused or failed a prompt; the message holds ComfyUI's own error text."""
+
+
+@dataclass
+class ComfyServer:
+    comfy_dir: Path
+    pack_dir: Path
+    work_dir: Path
+    extra_env: dict = field(default_factory=dict)
+    port: int = 0
+    process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.work_dir / "comfyui.log"
+
+    @property
+    def input_dir(self) -> Path:
+        return self.work_dir / "input"
+
+    @property
+    def output_dir(self) -> Path:
+        return self.work_dir / "output"
+
+    @property
+    def user_dir(self) -> Path:
+        """ComfyUI's user directory as the server sees it (fixed in old ComfyUI)."""
+        new_style = self.work_dir / "user"
+        return new_style if self._supports("--user-directory") else self.comfy_dir / "user"
+
+    @property
+    def embeddings_dir(self) -> Path:
+        return self.work_dir / "models" / "embeddings"
+
+    def _supports(self, flag: str) -> bool:
+        return flag in (self.comfy_dir / "comfy" / "cli_args.py").read_text()
+
+    def start(self, timeout: float = 180.0) -> ComfyServer:
+        custom_nodes = self.work_dir / "custom_nodes"
+        for folder in (
+            custom_nodes,
+            self.input_dir,
+            self.output_dir,
+            self.embeddings_dir,
+            self.work_dir / "models" / "checkpoints",
+            self.work_dir / "user",
+            self.work_dir / "temp",
+        ):
+            folder.mkdir(parents=True, exist_ok=True)
+        link = custom_nodes / PACK_LINK_NAME
+        if not link.exists():
+            link.symlink_to(self.pack_dir, target_is_directory=True)
+        paths = self.work_dir / "extra_model_paths.yaml"
+        paths.write_text(
+            "dp_adapt_tests:\n"
+            f"    base_path: {self.work_dir}\n"
+            "    custom_nodes: custom_nodes\n"
+            "    embeddings: models/embeddings\n"
+            "    checkpoints: models/checkpoints\n"
+        )
+        self.port = free_loopback_port()
+        command = [
+            sys.executable,
+            "main.py",
+            "--cpu",
+            "--listen",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--extra-model-paths-config",
+            str(paths),
+            "--input-directory",
+            str(self.input_dir),
+            "--output-directory",
+            str(self.output_dir),
+            "--temp-directory",
+            str(self.work_dir / "temp"),
+        ]
+        if self._supports("--user-directory"):
+            command += ["--user-directory", str(self.work_dir / "user")]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.extra_env}
+        log = self.log_path.open("wb")
+        self.process = subprocess.Popen(
+            command, cwd=self.comfy_dir, stdout=log, stderr=subprocess.STDOUT, env=env
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited at start-up:\n{self.log()}")
+            try:
+                self.get_json("/object_info/CheckpointLoaderSimple", timeout=2)
+                return self
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+                time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"ComfyUI did not answer within {timeout} s:\n{self.log()}")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def get_json(self, path: str, timeout: float = 30):
+        with urllib.request.urlopen(self.url + path, timeout=timeout) as response:
+            return json.loads(response.read())
+
+    def post_json(self, path: str, payload: dict, timeout: float = 30):
+        request = urllib.request.Request(
+            self.url + path,
+            data=json.dumps(payload).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            raise PromptFailed(error.read().decode(errors="replace")) from error
+
+    def run_prompt(self, prompt: dict, timeout: float = 600) -> dict:
+        """Queue an API-format prompt, wait for it, return its history entry.
+
+        Raises PromptFailed with ComfyUI's error text when validation or execution fails.
+        """
+        queued = self.post_json("/prompt", {"prompt": prompt, "client_id": uuid.uuid4().hex})
+        prompt_id = queued["prompt_id"]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            history = self.get_json(f"/history/{prompt_id}")
+            if prompt_id in history:
+                entry = history[prompt_id]
+                status = entry.get("status", {})
+                if status.get("status_str") == "error" or not status.get("completed", True):
+                    raise PromptFailed(json.dumps(status.get("messages", status), indent=1))
+                return entry
+            if self.process is not None and self.process.poll() is not None:
+                raise PromptFailed(f"ComfyUI died while running the prompt:\n{self.log()}")
+            time.sleep(0.25)
+        raise PromptFailed(f"prompt {prompt_id} did not finish within {timeout} s")
+
+    def interrupt(self) -> None:
+        self.post_json("/interrupt", {})
