@@ -48,3 +48,25 @@ def raise_if_cancelled() -> None:
 
 def environment_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def load_models(patchers: list) -> None:
+    """Put models on their compute device with ComfyUI's memory management."""
+    import comfy.model_management
+
+    comfy.model_management.load_models_gpu(patchers)
+
+
+def encode_latents(model, vae, images):
+    """Latents of an IMAGE batch in the model's space, as a normal (non-inference) tensor.
+
+    ``VAE.encode`` returns VAE-space latents; ``process_latent_in`` maps them into the
+    diffusion model's space (COMFYUI_INTERNALS.md, "Denoising loss on the UNet").
+    """
+    import torch
+
+    with torch.inference_mode():
+        latents = vae.encode(images[:, :, :, :3])
+    with torch.inference_mode(False):
+        latents = latents.clone()
+        return model.model.process_latent_in(latents).to(model.load_device)

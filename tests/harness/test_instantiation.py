@@ -8,7 +8,7 @@ import inspect
 import sys
 
 import pytest
-from comfyui_dp_adapt.tests.support.comfy_server import PACK_LINK_NAME
+from comfyui_dp_adapt.headless.comfy_server import PACK_LINK_NAME
 from comfyui_dp_adapt.tests.support.pack import PACK_ROOT, expected_node_types
 
 CORE_SOCKET_TYPES = {

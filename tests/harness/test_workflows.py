@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from comfyui_dp_adapt.tests.support import workflows as wf
+from comfyui_dp_adapt.headless import workflows as wf
 from comfyui_dp_adapt.tests.support.pack import expected_node_types, shipped_workflows
 
 pytestmark = pytest.mark.comfy_server
@@ -50,11 +50,13 @@ def test_every_node_of_the_pack_is_used_by_a_shipped_workflow():
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
 def test_workflow_executes_in_real_comfyui_on_tiny_models(path, comfy_server, object_info):
-    from comfyui_dp_adapt.tests.support.workflow_inputs import prepare_inputs
+    from comfyui_dp_adapt.tests.support.workflow_inputs import TINY_MODEL_OVERRIDES, prepare_inputs
 
     workflow = wf.load_workflow(path)
     prepare_inputs(workflow, comfy_server)
-    prompt = wf.to_api_prompt(workflow, object_info, replace=_tiny_replacements())
+    prompt = wf.to_api_prompt(
+        workflow, object_info, replace=_tiny_replacements(), overrides=TINY_MODEL_OVERRIDES
+    )
     entry = comfy_server.run_prompt(prompt)
     output_nodes = [
         node_id

@@ -2,13 +2,37 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 def prepare_inputs(workflow: dict, server) -> None:
-    """Create whatever the workflow's loaders read (nothing yet for budget-only workflows)."""
+    """Create whatever the workflow's loaders read from ComfyUI's input folder."""
     for node in workflow["nodes"]:
         preparer = PREPARERS.get(node["type"])
         if preparer is not None:
             preparer(node, server)
 
 
-PREPARERS: dict = {}
+def _private_image_folder(node: dict, server) -> None:
+    from comfyui_dp_adapt.demo.synthetic_images import write_synthetic_style_set
+
+    folder = Path(server.input_dir) / node["widgets_values"][0]
+    if not folder.is_dir():
+        folder.mkdir(parents=True)
+        write_synthetic_style_set(folder, count=6, size=64)
+
+
+PREPARERS = {"DPAdaptLoadPrivateImages": _private_image_folder}
+
+
+# Shipped workflows carry settings for real models; on the tiny in-code models the same
+# graph runs with small images and few steps so the whole execution takes seconds.
+TINY_MODEL_OVERRIDES = {
+    ("DPAdaptLoadPrivateImages", "resolution"): 64,
+    ("DPAdaptTextualInversionTrain", "steps"): 3,
+    ("EmptyLatentImage", "width"): 64,
+    ("EmptyLatentImage", "height"): 64,
+    ("EmptyLatentImage", "batch_size"): 1,
+    ("KSampler", "steps"): 3,
+    ("DPAdaptUniversalGuidanceSampler", "steps"): 3,
+}

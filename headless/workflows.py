@@ -43,6 +43,9 @@ def _ordered_inputs(spec: dict) -> list[tuple[str, tuple]]:
 
 def _is_widget(input_spec: tuple) -> bool:
     kind = input_spec[0]
+    options = input_spec[1] if len(input_spec) > 1 and isinstance(input_spec[1], dict) else {}
+    if options.get("forceInput"):
+        return False
     return isinstance(kind, list) or kind in WIDGET_TYPES or kind == "COMBO"
 
 
@@ -84,14 +87,21 @@ def _check_value(node_type: str, name: str, input_spec: tuple, value) -> None:
         raise WorkflowError(f"{where}: above max {options['max']}")
 
 
-def to_api_prompt(workflow: dict, object_info: dict, replace: dict | None = None) -> dict:
+def to_api_prompt(
+    workflow: dict,
+    object_info: dict,
+    replace: dict | None = None,
+    overrides: dict | None = None,
+) -> dict:
     """Validate ``workflow`` against ``object_info`` and return the API-format prompt.
 
     ``replace`` maps a node type to another with the same outputs (e.g. the checkpoint
     loader to the tiny in-code one); replaced nodes keep their links and get the
-    replacement's default widget values.
+    replacement's default widget values. ``overrides`` maps ``(node_type, input_name)`` to a
+    value that replaces the workflow's widget value (e.g. fewer steps on tiny models).
     """
     replace = replace or {}
+    overrides = overrides or {}
     links = {link[0]: link for link in workflow["links"]}
     prompt: dict = {}
     for node in workflow["nodes"]:
@@ -153,6 +163,9 @@ def to_api_prompt(workflow: dict, object_info: dict, replace: dict | None = None
             }
             prompt[str(node["id"])] = {"class_type": replacement, "inputs": defaults}
         else:
+            for (override_type, name), value in overrides.items():
+                if override_type == node_type and name not in linked:
+                    inputs[name] = value
             prompt[str(node["id"])] = {"class_type": node_type, "inputs": inputs}
     return prompt
 

@@ -34,6 +34,8 @@ class ComfyServer:
     pack_dir: Path
     work_dir: Path
     extra_env: dict = field(default_factory=dict)
+    user_dir: Path | None = None
+    extra_model_paths: dict = field(default_factory=dict)
     port: int = 0
     process: subprocess.Popen | None = None
 
@@ -54,14 +56,9 @@ class ComfyServer:
         return self.work_dir / "output"
 
     @property
-    def user_dir(self) -> Path:
-        """ComfyUI's user directory as the server sees it (fixed in old ComfyUI)."""
-        new_style = self.work_dir / "user"
-        return new_style if self._supports("--user-directory") else self.comfy_dir / "user"
-
-    @property
-    def embeddings_dir(self) -> Path:
-        return self.work_dir / "models" / "embeddings"
+    def default_embeddings_dir(self) -> Path:
+        """ComfyUI's own embeddings folder, the first one it searches (where tokens are saved)."""
+        return self.comfy_dir / "models" / "embeddings"
 
     def _supports(self, flag: str) -> bool:
         return flag in (self.comfy_dir / "comfy" / "cli_args.py").read_text()
@@ -82,13 +79,9 @@ class ComfyServer:
         if not link.exists():
             link.symlink_to(self.pack_dir, target_is_directory=True)
         paths = self.work_dir / "extra_model_paths.yaml"
-        paths.write_text(
-            "dp_adapt_tests:\n"
-            f"    base_path: {self.work_dir}\n"
-            "    custom_nodes: custom_nodes\n"
-            "    embeddings: models/embeddings\n"
-            "    checkpoints: models/checkpoints\n"
-        )
+        lines = ["dp_adapt:", f"    custom_nodes: {custom_nodes}"]
+        lines += [f"    {kind}: {Path(folder)}" for kind, folder in self.extra_model_paths.items()]
+        paths.write_text("\n".join(lines) + "\n")
         self.port = free_loopback_port()
         command = [
             sys.executable,
@@ -108,7 +101,13 @@ class ComfyServer:
             str(self.work_dir / "temp"),
         ]
         if self._supports("--user-directory"):
-            command += ["--user-directory", str(self.work_dir / "user")]
+            command += ["--user-directory", str(self.user_dir)]
+        else:  # old ComfyUI always uses ComfyUI/user
+            fixed = self.comfy_dir / "user"
+            if fixed.is_symlink() or (fixed.exists() and not any(fixed.iterdir())):
+                fixed.unlink() if fixed.is_symlink() else fixed.rmdir()
+            if not fixed.exists():
+                fixed.symlink_to(self.user_dir, target_is_directory=True)
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.extra_env}
         log = self.log_path.open("wb")
         self.process = subprocess.Popen(

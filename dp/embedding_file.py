@@ -1,0 +1,129 @@
+"""Textual-inversion embedding files: safetensors only, written atomically (DP_SPEC 3.4).
+
+The file is what ComfyUI loads for ``embedding:NAME`` and diffusers for
+``load_textual_inversion``: key ``emb_params`` of shape (k, d). Its metadata holds the
+release's DpEvent and public parameters, never anything per image.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from .errors import DpAdaptError, InvalidParameterError
+
+SUFFIX = ".safetensors"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class EmbeddingExistsError(DpAdaptError):
+    """An embedding with this name exists and overwriting was not asked for."""
+
+
+def validate_embedding_name(name: str) -> str:
+    """The name as given, if it is a plain file stem that cannot leave the embeddings folder.
+
+    Allowed: 1-64 letters, digits, ``_``, ``-`` and ``.``, starting with a letter or digit,
+    no ``..``. Anything else is refused rather than silently rewritten, so the token a user
+    types in prompts is exactly the name they chose.
+    """
+    stem = name[: -len(SUFFIX)] if isinstance(name, str) and name.endswith(SUFFIX) else name
+    if not isinstance(stem, str) or not _NAME.fullmatch(stem) or ".." in stem:
+        raise InvalidParameterError(
+            f"embedding name must be 1-64 letters, digits, '_', '-' or '.', starting with a letter "
+            f"or digit and without '..' or path separators, got name={name!r}."
+        )
+    return stem
+
+
+def embedding_path(directory: Path, name: str) -> Path:
+    """``directory / NAME.safetensors``, guaranteed to stay inside ``directory``."""
+    stem = validate_embedding_name(name)
+    directory = Path(directory).resolve()
+    path = (directory / f"{stem}{SUFFIX}").resolve()
+    if path.parent != directory:
+        raise InvalidParameterError(f"embedding name {name!r} would leave the embeddings folder.")
+    return path
+
+
+def check_writable(directory: Path, name: str, *, overwrite: bool) -> Path:
+    """Fail early (before any training or budget is spent) if the file cannot be written."""
+    path = embedding_path(directory, name)
+    if not Path(directory).is_dir():
+        raise InvalidParameterError(f"embeddings folder {directory} does not exist.")
+    if path.exists() and not overwrite:
+        raise EmbeddingExistsError(
+            f"an embedding named {path.stem!r} already exists in {directory}; choose another name "
+            "or enable overwrite."
+        )
+    if not os.access(directory, os.W_OK):
+        raise InvalidParameterError(f"embeddings folder {directory} is not writable.")
+    return path
+
+
+def save_embedding(
+    directory: Path,
+    name: str,
+    tensors: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str],
+    *,
+    overwrite: bool,
+) -> Path:
+    """Write ``NAME.safetensors`` atomically: temp file, fsync, then link/rename into place.
+
+    Without ``overwrite``, the final step is a hard link, which fails if the name appeared
+    meanwhile, so an existing file is never replaced; either the whole file is there or none.
+    """
+    from safetensors.torch import save_file
+
+    path = check_writable(directory, name, overwrite=overwrite)
+    for key, value in metadata.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise InvalidParameterError(
+                f"metadata must map str to str, got {key!r}: {type(value).__name__}."
+            )
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp")
+    try:
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+            str(tmp),
+            metadata=dict(metadata),
+        )
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)
+            except FileExistsError as error:
+                raise EmbeddingExistsError(
+                    f"an embedding named {path.stem!r} appeared while saving."
+                ) from error
+        _fsync_directory(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def read_embedding(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a safetensors embedding (no pickle is ever loaded)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return {k: handle.get_tensor(k) for k in handle.keys()}, dict(handle.metadata() or {})
+
+
+def _fsync_directory(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # directories cannot be opened on Windows; rename is durable enough there
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,180 @@
+"""Per-image textual inversion, many images per forward/backward pass (DP_SPEC section 3).
+
+Each private image ``i`` gets its own ``k x d`` embedding ``e_i``, learned on image ``i``
+alone. Images are batched for speed, but nothing couples them (DP_SPEC 3.2), which is what
+makes the later aggregate's sensitivity analysis hold (one image changes one ``e_i``):
+
+- every image has its own random generator (timesteps, noise, templates);
+- the loss is a SUM of per-image losses, so d(loss)/d(e_i) = d(loss_i)/d(e_i);
+- Adam's update is element-wise, so its state for ``e_i`` depends on ``e_i``'s gradients
+  only; no weight decay, no gradient clipping, no normalisation across tokens;
+- every image takes exactly ``steps`` optimiser steps, whatever the others do.
+
+The model-specific parts (text encoder with injected vectors, denoiser) arrive as callables,
+so this module stays free of ComfyUI and is testable on its own.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .errors import InvalidParameterError
+
+TextForward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""``(token_ids (B, L) long, placeholder_mask (B, L) bool, vectors (B, k, d)) -> context``.
+
+Returns the text encoder's output (B, L, d_ctx) for prompts whose placeholder positions
+(``k`` per row, in order) take the given vectors instead of token embeddings."""
+
+DenoiseLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""``(latents (B, C, H, W), context (B, L, d_ctx), timesteps (B,), noise) -> loss (B,)``.
+
+The model's standard denoising loss per row (mean over latent elements, a fixed count)."""
+
+
+@dataclass(frozen=True)
+class InversionConfig:
+    """Public hyperparameters of the per-image inversion (all may be published)."""
+
+    steps: int
+    learning_rate: float
+    images_per_batch: int
+    num_timesteps: int = 1000
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "images_per_batch", "num_timesteps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidParameterError(
+                    f"{name} must be a positive integer, got {name}={value!r}."
+                )
+        lr = self.learning_rate
+        if (
+            isinstance(lr, bool)
+            or not isinstance(lr, (int, float))
+            or not math.isfinite(lr)
+            or lr <= 0
+        ):
+            raise InvalidParameterError(
+                f"learning_rate must be a finite number > 0, got learning_rate={lr!r}."
+            )
+
+
+@dataclass(frozen=True)
+class PromptTokens:
+    """Tokenised public templates: ``ids`` (T, L) and the placeholder positions ``mask``."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.ids.shape != self.mask.shape or self.ids.dim() != 2 or self.ids.shape[0] < 1:
+            raise InvalidParameterError(
+                f"prompt ids and mask must both be (templates, length), got {tuple(self.ids.shape)} "
+                f"and {tuple(self.mask.shape)}."
+            )
+        per_row = self.mask.sum(dim=1)
+        if not bool((per_row == per_row[0]).all()) or int(per_row[0]) < 1:
+            raise InvalidParameterError(
+                "every template needs the same, non-zero number of placeholders."
+            )
+
+    @property
+    def num_vectors(self) -> int:
+        return int(self.mask[0].sum())
+
+
+def train_per_image_embeddings(
+    latents: torch.Tensor,
+    *,
+    initial: torch.Tensor,
+    prompts: PromptTokens,
+    config: InversionConfig,
+    seeds: Sequence[int],
+    text_forward: TextForward,
+    denoise_loss: DenoiseLoss,
+    on_step: Callable[[int, int], None] | None = None,
+) -> torch.Tensor:
+    """Learn one embedding per image; returns a float32 CPU tensor (m, k, d).
+
+    Args:
+        latents: (m, C, H, W) cached latents of the m images to invert, in the model's space.
+        initial: (k, d) starting vectors (the public initializer embedding, repeated).
+        prompts: tokenised public templates, each with ``k`` placeholder positions.
+        config: steps, learning rate, images per forward/backward pass.
+        seeds: one seed per image for its own generator (timesteps, noise, templates).
+        text_forward, denoise_loss: the model, see ``TextForward`` and ``DenoiseLoss``.
+        on_step: called as ``on_step(done, total)`` after every optimiser step of a chunk;
+            it may raise to cancel (nothing is returned then).
+    """
+    m = latents.shape[0]
+    if latents.dim() != 4 or m < 1:
+        raise InvalidParameterError(
+            f"latents must be (m >= 1, C, H, W), got {tuple(latents.shape)}."
+        )
+    if len(seeds) != m:
+        raise InvalidParameterError(f"need one seed per image: {m} images, {len(seeds)} seeds.")
+    k = prompts.num_vectors
+    if initial.dim() != 2 or initial.shape[0] != k:
+        raise InvalidParameterError(
+            f"initial vectors must be ({k}, d) to match the templates' {k} placeholders, "
+            f"got {tuple(initial.shape)}."
+        )
+    device = latents.device
+    ids = prompts.ids.to(device)
+    mask = prompts.mask.to(device)
+    results = torch.empty((m, k, initial.shape[1]), dtype=torch.float32)
+    total = math.ceil(m / config.images_per_batch) * config.steps
+    done = 0
+
+    def tick() -> None:
+        nonlocal done
+        done += 1
+        if on_step is not None:
+            on_step(done, total)
+
+    for start in range(0, m, config.images_per_batch):
+        chunk = slice(start, min(m, start + config.images_per_batch))
+        generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds[chunk]]
+        vectors = _train_chunk(
+            latents[chunk], initial, ids, mask, config, generators, text_forward, denoise_loss, tick
+        )
+        results[chunk] = vectors.detach().float().cpu()
+    return results
+
+
+def _train_chunk(latents, initial, ids, mask, config, generators, text_forward, denoise_loss, tick):
+    b = latents.shape[0]
+    vectors = initial.detach().float().to(latents.device).unsqueeze(0).repeat(b, 1, 1)
+    vectors.requires_grad_(True)
+    # Adam is element-wise: the state and update of e_i only see e_i's gradient (DP_SPEC 3.2).
+    optimizer = torch.optim.Adam([vectors], lr=config.learning_rate, weight_decay=0.0)
+    for _ in range(config.steps):
+        template_idx, timesteps, noise = _draw_per_image(latents, ids.shape[0], config, generators)
+        optimizer.zero_grad(set_to_none=True)
+        context = text_forward(ids[template_idx], mask[template_idx], vectors)
+        losses = denoise_loss(latents, context, timesteps, noise)
+        # A sum, never a mean over a data-dependent count: d(sum)/d(e_i) = d(loss_i)/d(e_i).
+        losses.sum().backward()
+        optimizer.step()
+        tick()
+    return vectors
+
+
+def _draw_per_image(latents, num_templates, config, generators):
+    """Each image's template, timestep and noise, from that image's own generator only."""
+    template_idx, timesteps, noise = [], [], []
+    for row, generator in enumerate(generators):
+        template_idx.append(int(torch.randint(num_templates, (1,), generator=generator)))
+        timesteps.append(int(torch.randint(config.num_timesteps, (1,), generator=generator)))
+        noise.append(torch.randn(latents[row].shape, generator=generator, dtype=torch.float32))
+    device = latents.device
+    return (
+        torch.tensor(template_idx, device=device),
+        torch.tensor(timesteps, device=device, dtype=torch.float32),
+        torch.stack(noise).to(device=device, dtype=latents.dtype),
+    )

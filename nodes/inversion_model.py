@@ -1,0 +1,256 @@
+"""ComfyUI's MODEL / CLIP / VAE turned into the callables ``dp.inversion`` trains through.
+
+Facts this relies on are in COMFYUI_INTERNALS.md ("Gradients inside a node", "Text side of
+textual inversion", "Denoising loss on the UNet"), checked on both supported ComfyUI copies.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from ..dp.errors import InvalidParameterError
+from ..dp.inversion import PromptTokens
+from ..dp.templates import split_template
+
+
+class UnsupportedModelError(InvalidParameterError):
+    """The checkpoint's family has no textual-inversion support here."""
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """What differs between supported checkpoint families (DP_SPEC section 3.4)."""
+
+    name: str
+    encoder_attribute: str  # attribute of the CLIP's cond_stage_model holding SDClipModel
+    file_key: str  # key of the embedding tensor in the saved .safetensors
+
+
+SD1 = ModelFamily("SD1.x", "clip_l", "emb_params")
+SD2 = ModelFamily("SD2.x", "clip_h", "emb_params")
+_FAMILIES = {"SD15": SD1, "SD20": SD2}
+_KNOWN_UNSUPPORTED = {
+    "SDXL": "SDXL has two text encoders; this version trains SD1.x and SD2.x tokens only",
+    "SDXLRefiner": "the SDXL refiner has no CLIP-L/H token space to invert into",
+    "SSD1B": "SSD-1B is SDXL-based (two text encoders); only SD1.x and SD2.x are supported",
+}
+
+
+def detect_family(model, clip) -> ModelFamily:
+    """The family of the MODEL + CLIP pair, or a clear refusal."""
+    config_name = type(model.model.model_config).__name__
+    family = _FAMILIES.get(config_name)
+    if family is None:
+        reason = _KNOWN_UNSUPPORTED.get(
+            config_name, "it is not a Stable Diffusion 1.x or 2.x checkpoint"
+        )
+        raise UnsupportedModelError(
+            f"DP Textual Inversion cannot train for model family {config_name!r}: {reason}. "
+            "Use an SD1.x or SD2.x checkpoint."
+        )
+    if not hasattr(clip.cond_stage_model, family.encoder_attribute):
+        raise UnsupportedModelError(
+            f"the CLIP input does not match the {family.name} model (no "
+            f"{family.encoder_attribute} text encoder); connect the CLIP output of the same "
+            "checkpoint loader."
+        )
+    return family
+
+
+def text_encoder(clip, family: ModelFamily):
+    return getattr(clip.cond_stage_model, family.encoder_attribute)
+
+
+def tokenizer(clip, family: ModelFamily):
+    return getattr(clip.tokenizer, family.encoder_attribute)
+
+
+@torch.no_grad()
+def token_vectors(clip, family: ModelFamily, word: str) -> torch.Tensor:
+    """Token embedding(s) (t, d) of a public word, float32 on CPU."""
+    tok = tokenizer(clip, family)
+    ids = tok.tokenizer(word)["input_ids"][1:-1]
+    if not ids:
+        raise InvalidParameterError(
+            f"initializer word {word!r} has no tokens; use a plain word like 'painting'."
+        )
+    table = text_encoder(clip, family).transformer.get_input_embeddings().weight
+    return table[torch.tensor(ids, device=table.device)].float().cpu().clone()
+
+
+@torch.no_grad()
+def mean_token_norm(clip, family: ModelFamily) -> float:
+    """Mean L2 norm of the vocabulary's token embeddings: a public target norm for DP_SPEC 2.5."""
+    table = text_encoder(clip, family).transformer.get_input_embeddings().weight
+    return float(table.float().norm(dim=1).mean())
+
+
+def tokenize_templates(clip, family: ModelFamily, templates, num_vectors: int) -> PromptTokens:
+    """Ids of every template with ``num_vectors`` placeholder slots where ``{}`` stands."""
+    tok = tokenizer(clip, family)
+    length = tok.max_length
+    pad = tok.end_token if getattr(tok, "pad_with_end", True) else getattr(tok, "pad_token", 0) or 0
+    rows, masks = [], []
+    for template in templates:
+        before, after = split_template(template)
+        words_before = tok.tokenizer(before)["input_ids"][1:-1] if before else []
+        words_after = tok.tokenizer(after)["input_ids"][1:-1] if after else []
+        # The placeholder slots hold the start token only as a stand-in; they are replaced.
+        ids = [
+            tok.start_token,
+            *words_before,
+            *([tok.start_token] * num_vectors),
+            *words_after,
+            tok.end_token,
+        ]
+        if len(ids) > length:
+            raise InvalidParameterError(
+                f"template {template!r} with {num_vectors} vectors exceeds {length} tokens."
+            )
+        mask = (
+            [False] * (1 + len(words_before))
+            + [True] * num_vectors
+            + [False] * (len(ids) - 1 - len(words_before) - num_vectors)
+        )
+        rows.append(ids + [pad] * (length - len(ids)))
+        masks.append(mask + [False] * (length - len(mask)))
+    return PromptTokens(
+        ids=torch.tensor(rows, dtype=torch.long), mask=torch.tensor(masks, dtype=torch.bool)
+    )
+
+
+def make_autograd_safe(module: torch.nn.Module) -> None:
+    """Replace inference-mode parameters and buffers by normal tensors with the same values.
+
+    Loader nodes create weights under ``torch.inference_mode()``; autograd refuses to save
+    such tensors for backward even when they need no gradient (COMFYUI_INTERNALS.md). The
+    clones are equal in value, so the model keeps working everywhere else.
+    """
+    with torch.inference_mode(False):
+        for sub in module.modules():
+            for name, param in list(sub._parameters.items()):
+                if param is not None and param.is_inference():
+                    sub._parameters[name] = torch.nn.Parameter(param.clone(), requires_grad=False)
+            for name, buffer in list(sub._buffers.items()):
+                if buffer is not None and buffer.is_inference():
+                    sub._buffers[name] = buffer.clone()
+        module.requires_grad_(False)
+
+
+def _effective_layer(clip, encoder) -> tuple[str, int | None]:
+    """Which hidden state the CLIP hands to the UNet, honouring "CLIP Set Last Layer"."""
+    if getattr(clip, "layer_idx", None) is not None:
+        return "hidden", clip.layer_idx
+    layer, layer_idx = getattr(encoder, "options_default", (encoder.layer, encoder.layer_idx))[:2]
+    return layer, layer_idx
+
+
+def make_text_forward(clip, family: ModelFamily):
+    """``TextForward`` running the CLIP text transformer with injected placeholder vectors.
+
+    The transformer's own pieces are run here (token + position embeddings, each layer's
+    norms, attention projections and MLP, the final norm) with out-of-place residual adds, so
+    a batch of different vectors trains in one pass on both ComfyUI copies; the output equals
+    ``encode_from_tokens`` for the same tokens (tested).
+    """
+    encoder = text_encoder(clip, family)
+    text_model = encoder.transformer.text_model
+    make_autograd_safe(text_model)
+    layers = list(text_model.encoder.layers)
+    layer, layer_idx = _effective_layer(clip, encoder)
+    stop = len(layers) if layer == "last" else (layer_idx % len(layers)) + 1
+    final_norm = layer == "last" or getattr(encoder, "layer_norm_hidden_state", True)
+    heads = layers[0].self_attn.heads
+
+    def forward(ids: torch.Tensor, mask: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+        device = text_model.embeddings.position_embedding.weight.device
+        ids, mask = ids.to(device), mask.to(device)
+        tokens = text_model.embeddings.token_embedding(ids).float()
+        x = tokens.masked_scatter(
+            mask.unsqueeze(-1), vectors.to(device=device, dtype=torch.float32)
+        )
+        length = ids.shape[1]
+        x = x + text_model.embeddings.position_embedding.weight[:length].to(torch.float32)
+        causal = torch.full((length, length), float("-inf"), device=device).triu(1)
+        for block in layers[:stop]:
+            x = x + _attention(block.self_attn, block.layer_norm1(x), causal, heads)
+            x = x + block.mlp(block.layer_norm2(x))
+        if final_norm:
+            x = text_model.final_layer_norm(x)
+        return x.float()
+
+    return forward
+
+
+def _attention(attn, x, mask, heads):
+    b, length, width = x.shape
+    q, k, v = (
+        proj(x).view(b, length, heads, width // heads).transpose(1, 2)
+        for proj in (attn.q_proj, attn.k_proj, attn.v_proj)
+    )
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype))
+    return attn.out_proj(out.transpose(1, 2).reshape(b, length, width))
+
+
+def make_denoise_loss(model):
+    """``DenoiseLoss`` of a ComfyUI MODEL: eps-MSE at a timestep, per row.
+
+    ComfyUI's sigma parametrisation: x_t = x_0 + sigma * eps, and ``apply_model`` returns the
+    denoised prediction for every model type, so eps_hat = (x_t - denoised) / sigma.
+    """
+    base = model.model
+    make_autograd_safe(base.diffusion_model)
+    sampling = base.model_sampling
+    clone_saved = _in_place_residuals(base)
+
+    def loss(latents, context, timesteps, noise):
+        sigma = sampling.sigma(timesteps).to(latents.device)
+        view = sigma.view(-1, 1, 1, 1)
+        x_t = sampling.noise_scaling(view, noise, latents)
+        context = context.to(latents.device)
+        with _saved_tensor_clones(clone_saved):
+            denoised = base.apply_model(x_t, sigma, c_crossattn=context, transformer_options={})
+        eps = (x_t - denoised.float()) / view
+        return ((eps - noise.float()) ** 2).mean(dim=(1, 2, 3))
+
+    return loss
+
+
+def _in_place_residuals(base) -> bool:
+    """Old ComfyUI's transformer block does ``x += n``, which breaks backward."""
+    import inspect
+
+    from comfy.ldm.modules import attention
+
+    try:
+        return "x += n" in inspect.getsource(attention.BasicTransformerBlock)
+    except (OSError, TypeError):
+        return True
+
+
+@contextmanager
+def _saved_tensor_clones(enabled: bool):
+    """Clone activations autograd saves, so later in-place adds cannot invalidate them."""
+    if not enabled:
+        yield
+        return
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t):
+        yield
+
+
+def check_embedding_width(clip, family: ModelFamily, width: int) -> None:
+    expected = text_encoder(clip, family).transformer.get_input_embeddings().weight.shape[1]
+    if width != expected:
+        raise InvalidParameterError(
+            f"embedding width {width} does not match the text encoder width {expected}."
+        )
+
+
+def seeds_from_entropy(count: int) -> list[int]:
+    """Per-image training seeds from OS entropy (never from the workflow seed, DP_SPEC 6)."""
+    import secrets
+
+    return [secrets.randbits(63) for _ in range(count)]

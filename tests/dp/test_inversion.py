@@ -1,0 +1,187 @@
+"""Per-image inversion without coupling (DP_SPEC 3.2), on a small differentiable toy model.
+
+The toy "text encoder" mixes the placeholder vectors into every position and the toy
+"denoiser" is a nonlinear function of latents, context, timestep and noise, so gradients
+really flow through both; the real ComfyUI models are covered in tests/nodes.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from comfyui_dp_adapt.dp.errors import InvalidParameterError
+from comfyui_dp_adapt.dp.inversion import (
+    InversionConfig,
+    PromptTokens,
+    train_per_image_embeddings,
+)
+
+K, D, L, CTX = 2, 8, 6, 8
+
+
+def toy_prompts(templates: int = 3) -> PromptTokens:
+    ids = torch.arange(templates * L).reshape(templates, L) % 11
+    mask = torch.zeros(templates, L, dtype=torch.bool)
+    mask[:, 2 : 2 + K] = True
+    return PromptTokens(ids=ids, mask=mask)
+
+
+def toy_model(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    table = torch.randn(11, D, generator=g)
+    mix = torch.randn(D, CTX, generator=g) / D**0.5
+    proj = torch.randn(CTX, 4, generator=g) / CTX**0.5
+    calls = {"rows": []}
+
+    def text_forward(ids, mask, vectors):
+        x = table[ids].masked_scatter(mask.unsqueeze(-1), vectors)
+        return torch.tanh(x @ mix)
+
+    def denoise_loss(latents, context, timesteps, noise):
+        calls["rows"].append(latents.shape[0])
+        pooled = context.mean(dim=1) @ proj  # (B, 4)
+        scale = (timesteps / 1000.0).view(-1, 1, 1, 1)
+        pred = torch.sin(latents * pooled.view(-1, 4, 1, 1)) + scale * noise
+        return ((pred - noise) ** 2).mean(dim=(1, 2, 3))
+
+    return text_forward, denoise_loss, calls
+
+
+def train(latents, seeds, config=None, model_seed=0, **kwargs):
+    text_forward, denoise_loss, calls = toy_model(model_seed)
+    config = config or InversionConfig(steps=5, learning_rate=0.05, images_per_batch=2)
+    out = train_per_image_embeddings(
+        latents,
+        initial=torch.zeros(K, D) + 0.1,
+        prompts=toy_prompts(),
+        config=config,
+        seeds=seeds,
+        text_forward=text_forward,
+        denoise_loss=denoise_loss,
+        **kwargs,
+    )
+    return out, calls
+
+
+def latents_for(m: int, seed: int = 1) -> torch.Tensor:
+    return torch.randn(m, 4, 3, 3, generator=torch.Generator().manual_seed(seed))
+
+
+def test_changing_one_image_leaves_every_other_embedding_bitwise_identical():
+    latents = latents_for(5)
+    seeds = [11, 12, 13, 14, 15]
+    before, _ = train(latents, seeds)
+    for j in range(5):
+        changed = latents.clone()
+        changed[j] = torch.randn(4, 3, 3, generator=torch.Generator().manual_seed(100 + j))
+        after, _ = train(changed, seeds)
+        for i in range(5):
+            if i != j:
+                assert torch.equal(before[i], after[i]), f"image {j} changed embedding {i}"
+        assert not torch.equal(before[j], after[j]), "the changed image's own embedding must move"
+
+
+def test_removing_an_image_does_not_change_the_others():
+    latents = latents_for(4)
+    full, _ = train(
+        latents, [1, 2, 3, 4], InversionConfig(steps=4, learning_rate=0.05, images_per_batch=1)
+    )
+    fewer, _ = train(
+        latents[[0, 2, 3]],
+        [1, 3, 4],
+        InversionConfig(steps=4, learning_rate=0.05, images_per_batch=1),
+    )
+    assert torch.equal(full[[0, 2, 3]], fewer)
+
+
+def test_batching_changes_speed_not_results_beyond_float_rounding():
+    latents = latents_for(4)
+    one, _ = train(
+        latents, [5, 6, 7, 8], InversionConfig(steps=4, learning_rate=0.05, images_per_batch=1)
+    )
+    four, calls = train(
+        latents, [5, 6, 7, 8], InversionConfig(steps=4, learning_rate=0.05, images_per_batch=4)
+    )
+    assert calls["rows"] == [4] * 4, "all four images should share every forward pass"
+    torch.testing.assert_close(one, four, rtol=1e-5, atol=1e-6)
+
+
+def test_each_image_gets_exactly_the_configured_number_of_steps():
+    steps = []
+    out, calls = train(
+        latents_for(5),
+        [1, 2, 3, 4, 5],
+        InversionConfig(steps=3, learning_rate=0.05, images_per_batch=2),
+        on_step=lambda done, total: steps.append((done, total)),
+    )
+    assert calls["rows"] == [2, 2, 2, 2, 2, 2, 1, 1, 1]
+    assert steps == [(i, 9) for i in range(1, 10)]
+    assert out.shape == (5, K, D) and out.dtype == torch.float32
+
+
+def test_training_moves_the_embeddings_away_from_the_initializer():
+    out, _ = train(latents_for(3), [1, 2, 3])
+    assert (out - 0.1).abs().amax(dim=(1, 2)).min() > 0
+
+
+def test_per_image_seeds_drive_the_randomness():
+    latents = latents_for(2)
+    a, _ = train(latents, [1, 2])
+    b, _ = train(latents, [1, 3])
+    assert torch.equal(a[0], b[0]) and not torch.equal(a[1], b[1])
+
+
+def test_cancel_from_the_progress_callback_stops_training():
+    class Cancelled(Exception):
+        pass
+
+    def cancel(done, total):
+        if done == 2:
+            raise Cancelled
+
+    with pytest.raises(Cancelled):
+        train(latents_for(3), [1, 2, 3], on_step=cancel)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"steps": 0, "learning_rate": 0.1, "images_per_batch": 1},
+        {"steps": 1, "learning_rate": 0.0, "images_per_batch": 1},
+        {"steps": 1, "learning_rate": float("nan"), "images_per_batch": 1},
+        {"steps": 1, "learning_rate": 0.1, "images_per_batch": 0},
+        {"steps": True, "learning_rate": 0.1, "images_per_batch": 1},
+    ],
+)
+def test_bad_hyperparameters_are_refused_with_their_name(kwargs):
+    with pytest.raises(InvalidParameterError) as error:
+        InversionConfig(**kwargs)
+    bad = next(
+        name for name, value in kwargs.items() if not (value and value == value) or value is True
+    )
+    assert bad in str(error.value)
+
+
+def test_seed_count_and_initializer_shape_are_checked():
+    text_forward, denoise_loss, _ = toy_model()
+    config = InversionConfig(steps=1, learning_rate=0.1, images_per_batch=1)
+    with pytest.raises(InvalidParameterError, match="one seed per image"):
+        train_per_image_embeddings(
+            latents_for(2),
+            initial=torch.zeros(K, D),
+            prompts=toy_prompts(),
+            config=config,
+            seeds=[1],
+            text_forward=text_forward,
+            denoise_loss=denoise_loss,
+        )
+    with pytest.raises(InvalidParameterError, match="placeholders"):
+        train_per_image_embeddings(
+            latents_for(2),
+            initial=torch.zeros(K + 1, D),
+            prompts=toy_prompts(),
+            config=config,
+            seeds=[1, 2],
+            text_forward=text_forward,
+            denoise_loss=denoise_loss,
+        )
