@@ -71,8 +71,8 @@ def make_scratch_comfyui(destination: Path, source: Path | None = None) -> Path:
     return destination
 
 
-def import_comfyui_in_process(comfy_dir: Path) -> None:
-    """Make ``comfy``, ``nodes``, ``folder_paths`` importable here, running on the CPU.
+def import_comfyui_in_process(comfy_dir: Path, *, cpu: bool = True) -> None:
+    """Make ``comfy``, ``nodes``, ``folder_paths`` importable here.
 
     ``comfy.cli_args`` only parses the command line when ComfyUI's ``main.py`` asks it to, so
     the equivalent of ``--cpu`` is set on its argument object before model management loads.
@@ -81,4 +81,4 @@ def import_comfyui_in_process(comfy_dir: Path) -> None:
         sys.path.insert(0, str(comfy_dir))
     import comfy.cli_args
 
-    comfy.cli_args.args.cpu = True
+    comfy.cli_args.args.cpu = cpu

@@ -65,13 +65,14 @@ class ComfyServer:
 
     def start(self, timeout: float = 180.0) -> ComfyServer:
         custom_nodes = self.work_dir / "custom_nodes"
+        if self.user_dir is None:
+            self.user_dir = self.work_dir / "user"
         for folder in (
             custom_nodes,
             self.input_dir,
             self.output_dir,
-            self.embeddings_dir,
-            self.work_dir / "models" / "checkpoints",
-            self.work_dir / "user",
+            self.default_embeddings_dir,
+            self.user_dir,
             self.work_dir / "temp",
         ):
             folder.mkdir(parents=True, exist_ok=True)

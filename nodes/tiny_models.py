@@ -141,15 +141,18 @@ def fill_deterministically(module: torch.nn.Module, seed: int) -> None:
 
 
 @torch.inference_mode()
-def build_tiny_model(seed: int = 0):
-    """An SD1.x-style MODEL (``ModelPatcher``) with a ~1M-parameter UNet, eps prediction."""
+def build_tiny_model(seed: int = 0, unet_overrides: dict | None = None):
+    """An SD1.x-style MODEL (``ModelPatcher``) with a ~1M-parameter UNet, eps prediction.
+
+    ``unet_overrides`` changes the UNet config (benchmarks use it for SD1.5-sized widths).
+    """
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.supported_models
 
-    config = comfy.supported_models.SD15(dict(_TINY_UNET_CONFIG))
+    config = comfy.supported_models.SD15({**_TINY_UNET_CONFIG, **(unet_overrides or {})})
     # SD15.__init__ forces num_heads=8 / num_head_channels=-1 (COMFYUI_INTERNALS.md).
-    config.unet_config["num_heads"] = 4
+    config.unet_config["num_heads"] = 8 if unet_overrides else 4
     config.unet_config["num_head_channels"] = -1
     config.set_inference_dtype(torch.float32, None)
     load_device = mm.get_torch_device()
@@ -167,17 +170,27 @@ def build_tiny_model(seed: int = 0):
 
 
 @torch.inference_mode()
-def build_tiny_clip(embedding_directory: str | list[str] | None = None, seed: int = 1):
-    """A CLIP (text encoder + ComfyUI's bundled SD1 tokenizer) of width ``TEXT_WIDTH``."""
+def build_tiny_clip(
+    embedding_directory: str | list[str] | None = None,
+    seed: int = 1,
+    text_overrides: dict | None = None,
+):
+    """A CLIP (text encoder + ComfyUI's bundled SD1 tokenizer) of width ``TEXT_WIDTH``.
+
+    ``text_overrides`` changes the text config (benchmarks use SD1.5's CLIP-L sizes).
+    """
     import comfy.sd
     import comfy.sd1_clip as sd1_clip
+
+    text_config = {**_TINY_TEXT_CONFIG, **(text_overrides or {})}
+    config_name = "tiny_clip_text" if not text_overrides else f"clip_text_{text_config['hidden_size']}"
 
     class TinyTokenizer(sd1_clip.SD1Tokenizer):
         def __init__(self, embedding_directory=None, **kwargs):
             def make_tokenizer(embedding_directory=None, **inner):
                 return sd1_clip.SDTokenizer(
                     embedding_directory=embedding_directory,
-                    embedding_size=TEXT_WIDTH,
+                    embedding_size=text_config["hidden_size"],
                     **inner,
                 )
 
@@ -190,7 +203,7 @@ def build_tiny_clip(embedding_directory: str | list[str] | None = None, seed: in
         tokenizer = TinyTokenizer
         params = {
             "clip_model": sd1_clip.SDClipModel,
-            "textmodel_json_config": _config_file("tiny_clip_text", _TINY_TEXT_CONFIG),
+            "textmodel_json_config": _config_file(config_name, text_config),
         }
 
     clip = comfy.sd.CLIP(Target, embedding_directory=embedding_directory)

@@ -1,0 +1,160 @@
+"""Per-image textual inversion the paper's way vs this pack's batched trainer, side by side.
+
+    python bench/bench_textual_inversion.py [--images 8] [--steps 10] [--batch 8]
+
+Both arms train the same images for the same number of steps on the same model:
+- "separate": one independent training run per image (a fresh optimiser and one image per
+  forward/backward), as the paper describes DPAgg-TI;
+- "batched": this pack's trainer, ``--batch`` images per forward/backward pass.
+Both produce the same embeddings up to float rounding (tests/dp/test_inversion.py).
+Reported: image-steps per second, the ratio, and peak memory of each arm (each arm runs in
+its own process so peaks do not mix). On the CPU the model is the tiny in-code SD1.x model at
+64 px; with a CUDA GPU it is an SD1.5-sized UNet with random weights at 512 px.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = "comfyui_dp_adapt"
+
+SD15_UNET = {
+    "model_channels": 320,
+    "channel_mult": [1, 2, 4, 4],
+    "num_res_blocks": [2, 2, 2, 2],
+    "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
+    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+    "transformer_depth_middle": 1,
+    "context_dim": 768,
+}
+SD15_TEXT = {"hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12,
+             "num_hidden_layers": 12, "projection_dim": 768}
+
+
+def _bootstrap_pack():
+    if PACKAGE not in sys.modules:
+        package = types.ModuleType(PACKAGE)
+        package.__path__ = [str(ROOT)]
+        sys.modules[PACKAGE] = package
+
+
+def _components(device_is_cuda: bool):
+    import tempfile
+
+    from comfyui_dp_adapt.headless import comfy_env
+
+    comfy_dir = comfy_env.make_scratch_comfyui(Path(tempfile.mkdtemp(prefix="bench_ti_")) / "ComfyUI")
+    comfy_env.import_comfyui_in_process(comfy_dir, cpu=not device_is_cuda)
+    from comfyui_dp_adapt.nodes import comfy_compat, tiny_models
+
+    if device_is_cuda:
+        model = tiny_models.build_tiny_model(unet_overrides=SD15_UNET)
+        clip = tiny_models.build_tiny_clip(text_overrides=SD15_TEXT)
+        resolution = 512
+    else:
+        model = tiny_models.build_tiny_model()
+        clip = tiny_models.build_tiny_clip()
+        resolution = 64
+    vae = tiny_models.build_tiny_vae()
+    comfy_compat.load_models([model, clip.patcher])
+    return model, clip, vae, resolution
+
+
+def run_arm(arm: str, images: int, steps: int, batch: int) -> dict:
+    """One arm in this process; returns its measurements."""
+    import torch
+
+    _bootstrap_pack()
+    cuda = torch.cuda.is_available()
+    model, clip, vae, resolution = _components(cuda)
+    from comfyui_dp_adapt.dp.inversion import InversionConfig, train_per_image_embeddings
+    from comfyui_dp_adapt.dp.templates import STYLE_TEMPLATES
+    from comfyui_dp_adapt.nodes import comfy_compat
+    from comfyui_dp_adapt.nodes import inversion_model as im
+
+    family = im.detect_family(model, clip)
+    pixels = torch.rand(images, resolution, resolution, 3, generator=torch.Generator().manual_seed(0))
+    latents = comfy_compat.encode_latents(model, vae, pixels)
+    prompts = im.tokenize_templates(clip, family, STYLE_TEMPLATES, 1)
+    initial = im.token_vectors(clip, family, "painting")
+    seeds = list(range(images))
+    with torch.inference_mode(False), torch.enable_grad():
+        text_forward = im.make_text_forward(clip, family)
+        denoise_loss = im.make_denoise_loss(model)
+
+        def train(lat, seed_list, per_pass):
+            config = InversionConfig(steps=steps, learning_rate=0.005, images_per_batch=per_pass)
+            return train_per_image_embeddings(
+                lat, initial=initial, prompts=prompts, config=config, seeds=seed_list,
+                text_forward=text_forward, denoise_loss=denoise_loss,
+            )
+
+        train(latents[:1], seeds[:1], 1)  # warm-up (allocator, kernels)
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        started = time.perf_counter()
+        if arm == "separate":
+            for i in range(images):
+                train(latents[i : i + 1], seeds[i : i + 1], 1)
+        else:
+            train(latents, seeds, batch)
+        if cuda:
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - started
+    peak = torch.cuda.max_memory_allocated() if cuda else _peak_rss()
+    return {
+        "arm": arm,
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "resolution": resolution,
+        "image_steps_per_s": images * steps / elapsed,
+        "seconds": elapsed,
+        "peak_memory_mib": peak / 2**20,
+        "peak_kind": "cuda max_memory_allocated" if cuda else "process peak RSS",
+    }
+
+
+def _peak_rss() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--arm", choices=["separate", "batched"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.arm:
+        print(json.dumps(run_arm(args.arm, args.images, args.steps, args.batch)))
+        return
+    results = {}
+    for arm in ("separate", "batched"):
+        out = subprocess.run(
+            [sys.executable, __file__, "--arm", arm, "--images", str(args.images),
+             "--steps", str(args.steps), "--batch", str(args.batch)],
+            check=True, capture_output=True, text=True,
+        )
+        results[arm] = json.loads(out.stdout.strip().splitlines()[-1])
+    sep, bat = results["separate"], results["batched"]
+    print(f"device: {sep['device']}, {sep['resolution']} px, {args.images} images x {args.steps} steps, "
+          f"batch {args.batch}")
+    print(f"{'arm':<10} {'image-steps/s':>14} {'seconds':>9} {'peak MiB':>10}")
+    for row in (sep, bat):
+        print(f"{row['arm']:<10} {row['image_steps_per_s']:>14.2f} {row['seconds']:>9.2f} "
+              f"{row['peak_memory_mib']:>10.0f}")
+    print(f"speed-up batched/separate: {bat['image_steps_per_s'] / sep['image_steps_per_s']:.2f}x; "
+          f"memory ratio: {bat['peak_memory_mib'] / sep['peak_memory_mib']:.2f}x ({sep['peak_kind']})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""A released token file loads in diffusers' ``load_textual_inversion`` too (DP_SPEC 3.4).
+
+The pipeline is built from tiny random "dummy components" the way diffusers' own tests do;
+its tokenizer is ComfyUI's bundled SD1 CLIP tokenizer (local files, no download).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from comfyui_dp_adapt.dp.embedding_file import save_embedding
+
+WIDTH = 32
+
+
+@pytest.fixture(scope="module")
+def pipeline(comfy_dir):
+    diffusers = pytest.importorskip("diffusers")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4,
+        out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=WIDTH,
+        attention_head_dim=4, norm_num_groups=32,
+    )
+    vae = diffusers.AutoencoderKL(
+        block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), norm_num_groups=32,
+    )
+    text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        hidden_size=WIDTH, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
+        vocab_size=49408, max_position_embeddings=77, projection_dim=WIDTH,
+    ))
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(str(comfy_dir / "comfy" / "sd1_tokenizer"))
+    return diffusers.StableDiffusionPipeline(
+        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+        scheduler=diffusers.DDIMScheduler(clip_sample=False), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def test_released_file_loads_with_diffusers_load_textual_inversion(pipeline, tmp_path):
+    vectors = torch.randn(2, WIDTH, generator=torch.Generator().manual_seed(1))
+    path = save_embedding(
+        tmp_path, "dp_style", {"emb_params": vectors}, {"dp_adapt.epsilon": "1.0"}, overwrite=False
+    )
+    pipeline.load_textual_inversion(str(path), token="<dp-style>")
+    tokens = ["<dp-style>", "<dp-style>_1"]
+    ids = pipeline.tokenizer.convert_tokens_to_ids(tokens)
+    assert all(i != pipeline.tokenizer.unk_token_id for i in ids)
+    table = pipeline.text_encoder.get_input_embeddings().weight.detach()
+    torch.testing.assert_close(table[ids], vectors)

@@ -1,0 +1,114 @@
+"""The ComfyUI adapters of DPAgg-TI on real (tiny, in-code) ComfyUI models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from comfyui_dp_adapt.dp.embedding_file import save_embedding
+from comfyui_dp_adapt.dp.inversion import InversionConfig, train_per_image_embeddings
+from comfyui_dp_adapt.dp.templates import STYLE_TEMPLATES
+
+
+@pytest.fixture(scope="module")
+def tiny(comfy):
+    from comfyui_dp_adapt.nodes import comfy_compat, tiny_models
+
+    import folder_paths
+
+    embeddings = [str(p) for p in folder_paths.get_folder_paths("embeddings")]
+    model = tiny_models.build_tiny_model()
+    clip = tiny_models.build_tiny_clip(embedding_directory=embeddings)
+    vae = tiny_models.build_tiny_vae()
+    comfy_compat.load_models([model, clip.patcher])
+    return model, clip, vae
+
+
+@pytest.fixture(scope="module")
+def im(comfy):
+    from comfyui_dp_adapt.nodes import inversion_model
+
+    return inversion_model
+
+
+def _encode(clip, text):
+    with torch.inference_mode():
+        return clip.encode_from_tokens(clip.tokenize(text)).float().clone()
+
+
+@pytest.mark.parametrize("clip_skip", [None, -2])
+def test_text_forward_equals_comfyui_encoding(tiny, im, clip_skip):
+    _, clip, _ = tiny
+    clip = clip.clone()
+    if clip_skip is not None:
+        clip.clip_layer(clip_skip)
+    family = im.detect_family(tiny[0], clip)
+    prompts = im.tokenize_templates(clip, family, STYLE_TEMPLATES[:1], 2)
+    init = im.token_vectors(clip, family, "painting")
+    with torch.inference_mode(False):
+        ours = im.make_text_forward(clip, family)(prompts.ids, prompts.mask, init.repeat(2, 1)[None])
+    reference = _encode(clip, STYLE_TEMPLATES[0].format("painting painting"))
+    torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_saved_token_loads_as_embedding_name_and_matches_injection(tiny, im, tmp_path):
+    import folder_paths
+
+    _, clip, _ = tiny
+    family = im.detect_family(tiny[0], clip)
+    vectors = torch.randn(2, 32, generator=torch.Generator().manual_seed(0)) * 0.1
+    directory = folder_paths.get_folder_paths("embeddings")[0]
+    import os
+
+    os.makedirs(directory, exist_ok=True)
+    path = save_embedding(directory, "adapter_test_token", {"emb_params": vectors}, {}, overwrite=True)
+    try:
+        via_comfy = _encode(clip, "a painting in the style of embedding:adapter_test_token")
+        prompts = im.tokenize_templates(clip, family, STYLE_TEMPLATES[:1], 2)
+        with torch.inference_mode(False):
+            injected = im.make_text_forward(clip, family)(prompts.ids, prompts.mask, vectors[None])
+        torch.testing.assert_close(injected, via_comfy, rtol=1e-4, atol=1e-4)
+    finally:
+        path.unlink()
+
+
+def test_real_models_train_without_coupling_bitwise(tiny, im):
+    from comfyui_dp_adapt.nodes import comfy_compat
+
+    model, clip, vae = tiny
+    family = im.detect_family(model, clip)
+    images = torch.rand(3, 64, 64, 3, generator=torch.Generator().manual_seed(0))
+    latents = comfy_compat.encode_latents(model, vae, images)
+    prompts = im.tokenize_templates(clip, family, STYLE_TEMPLATES, 1)
+    init = im.token_vectors(clip, family, "painting")
+    config = InversionConfig(steps=3, learning_rate=0.01, images_per_batch=3)
+
+    def run(lat):
+        with torch.inference_mode(False), torch.enable_grad():
+            return train_per_image_embeddings(
+                lat, initial=init, prompts=prompts, config=config, seeds=[7, 8, 9],
+                text_forward=im.make_text_forward(clip, family), denoise_loss=im.make_denoise_loss(model),
+            )
+
+    first = run(latents)
+    changed = latents.clone()
+    changed[1] = torch.randn_like(changed[1])
+    second = run(changed)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[2], second[2])
+    assert not torch.equal(first[1], second[1])
+    assert (first - init).abs().amax() > 0, "training must move the embeddings"
+
+
+def test_unsupported_families_are_refused_by_name(tiny, im):
+    import comfy.supported_models
+
+    model, clip, _ = tiny
+    sdxl = model.clone()
+    original = sdxl.model.model_config
+    try:
+        sdxl.model.model_config = comfy.supported_models.SDXL(dict(original.unet_config))
+        with pytest.raises(im.UnsupportedModelError, match="SDXL"):
+            im.detect_family(sdxl, clip)
+    finally:
+        sdxl.model.model_config = original
+    assert im.detect_family(model, clip).name == "SD1.x"

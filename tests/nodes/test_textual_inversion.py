@@ -1,0 +1,204 @@
+"""The DP Textual Inversion Train node in a real (in-process) ComfyUI on tiny models."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+
+from comfyui_dp_adapt.dp.embedding_file import read_embedding
+from comfyui_dp_adapt.dp.errors import BudgetExceededError, DpAdaptError, InvalidParameterError
+
+N_IMAGES = 4
+
+
+@pytest.fixture(scope="module")
+def env(comfy):
+    import folder_paths
+
+    from comfyui_dp_adapt.nodes import comfy_compat, tiny_models
+    from comfyui_dp_adapt.nodes.textual_inversion import DPTextualInversionTrainNode
+
+    embeddings = Path(folder_paths.get_folder_paths("embeddings")[0])
+    embeddings.mkdir(parents=True, exist_ok=True)
+    model = tiny_models.build_tiny_model()
+    clip = tiny_models.build_tiny_clip(embedding_directory=[str(embeddings)])
+    vae = tiny_models.build_tiny_vae()
+    comfy_compat.load_models([model, clip.patcher])
+    images = torch.rand(N_IMAGES, 64, 64, 3, generator=torch.Generator().manual_seed(0))
+    return {
+        "node": DPTextualInversionTrainNode(),
+        "model": model,
+        "clip": clip,
+        "vae": vae,
+        "images": images,
+        "embeddings": embeddings,
+        "ledgers": comfy_compat.user_directory() / "dp_adapt" / "ledgers",
+    }
+
+
+def make_budget(env, *, name=None, epsilon=1.0, total=8.0):
+    from comfyui_dp_adapt.dp.budget import PrivacyBudget
+    from comfyui_dp_adapt.dp.ledger import TotalBudget
+
+    return PrivacyBudget(
+        epsilon=epsilon,
+        delta=1e-5,
+        total=TotalBudget(epsilon=total, delta=1e-5),
+        ledger_name=name or f"test-{uuid.uuid4().hex[:8]}",
+        ledger_directory=env["ledgers"],
+    )
+
+
+def train(env, budget, name, **overrides):
+    kwargs = dict(
+        model=env["model"], clip=env["clip"], vae=env["vae"], images=env["images"],
+        dataset_size=N_IMAGES, fingerprint="sha256:test-images", budget=budget,
+        embedding_name=name, num_vectors=2, initializer_word="painting", template_set="style",
+        steps=2, learning_rate=0.01, images_per_batch=2, sampling_rate=1.0, clip_norm=0.5,
+        bound_mode="clip", overwrite=False,
+    )
+    kwargs.update(overrides)
+    with torch.inference_mode():  # as ComfyUI's executor runs every node
+        return env["node"].train(**kwargs)
+
+
+def ledger_records(budget) -> int:
+    path = budget.ledger_path
+    if not path.exists():
+        return 0
+    data = json.loads(path.read_text())
+    return sum(len(d["releases"]) for d in data["datasets"].values())
+
+
+def test_release_writes_file_ledger_entry_and_token(env):
+    budget = make_budget(env)
+    name = f"tok_{uuid.uuid4().hex[:6]}"
+    out = train(env, budget, name)
+    token, report = out["result"]
+    assert token == f"embedding:{name}"
+    path = env["embeddings"] / f"{name}.safetensors"
+    tensors, metadata = read_embedding(path)
+    assert tensors["emb_params"].shape == (2, 32)
+    assert torch.isfinite(tensors["emb_params"]).all()
+    assert ledger_records(budget) == 1
+    assert "epsilon" in report and budget.ledger_name in report
+
+
+def test_metadata_holds_the_dp_event_and_public_parameters_only(env):
+    from comfyui_dp_adapt.dp.accounting import event_from_dict, release_event
+
+    budget = make_budget(env)
+    name = f"meta_{uuid.uuid4().hex[:6]}"
+    train(env, budget, name)
+    _, metadata = read_embedding(env["embeddings"] / f"{name}.safetensors")
+    event = event_from_dict(json.loads(metadata["dp_adapt.dp_event"]))
+    z = float(metadata["dp_adapt.noise_multiplier"])
+    assert event == release_event(noise_multiplier=z, sampling_rate=1.0)
+    assert float(metadata["dp_adapt.epsilon"]) <= 1.0
+    assert metadata["dp_adapt.dataset_size"] == str(N_IMAGES)
+    allowed = {
+        "method", "dp_event", "epsilon", "epsilon_target", "delta", "adjacency", "sampling_rate",
+        "dataset_size", "clip_norm", "noise_multiplier", "bound_mode", "num_vectors", "steps",
+        "learning_rate", "initializer_word", "template_set", "model_family", "package_version",
+    }
+    assert {key.removeprefix("dp_adapt.") for key in metadata} == allowed
+    assert "sha256:test-images" not in json.dumps(metadata), "the fingerprint stays in the ledger"
+
+
+def test_the_released_token_differs_between_identical_runs(env):
+    budget = make_budget(env)
+    torch.manual_seed(0)
+    train(env, budget, "same_a")
+    torch.manual_seed(0)
+    train(env, budget, "same_b")
+    a = read_embedding(env["embeddings"] / "same_a.safetensors")[0]["emb_params"]
+    b = read_embedding(env["embeddings"] / "same_b.safetensors")[0]["emb_params"]
+    assert not torch.equal(a, b), "DP noise must come from OS entropy, not the workflow seed"
+
+
+def test_cancel_mid_training_writes_nothing_and_spends_nothing(env):
+    import comfy.model_management
+    import comfy.utils
+
+    budget = make_budget(env)
+    name = f"cancel_{uuid.uuid4().hex[:6]}"
+    seen = []
+
+    def hook(value, total, preview, *args, **kwargs):
+        seen.append(value)
+        if value == 2:
+            comfy.model_management.interrupt_current_processing(True)
+
+    comfy.utils.set_progress_bar_global_hook(hook)
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            train(env, budget, name, steps=10)
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+        comfy.model_management.interrupt_current_processing(False)
+    assert 2 in seen, "training had started"
+    assert not (env["embeddings"] / f"{name}.safetensors").exists()
+    assert ledger_records(budget) == 0
+    assert budget.ledger().spent(budget.ledger_name, "sha256:test-images", delta=1e-5) == 0
+
+
+def test_exhausted_budget_is_refused_before_training(env):
+    budget = make_budget(env, epsilon=1.0, total=1.0)
+    train(env, budget, f"first_{uuid.uuid4().hex[:6]}")
+    name = f"second_{uuid.uuid4().hex[:6]}"
+    with pytest.raises(BudgetExceededError, match="spent") as error:
+        train(env, budget, name)
+    assert "total" in str(error.value)
+    assert not (env["embeddings"] / f"{name}.safetensors").exists()
+    assert ledger_records(budget) == 1
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"embedding_name": "../escape"}, "embedding name"),
+        ({"steps": 0}, "steps"),
+        ({"dataset_size": 1, "images": None}, "more than one private image"),
+        ({"dataset_size": 3}, "dataset_size"),
+        ({"clip_norm": 0.0}, "clip_norm"),
+        ({"sampling_rate": 0.0}, "sampling"),
+        ({"fingerprint": ""}, "fingerprint"),
+    ],
+)
+def test_bad_inputs_fail_clearly_and_write_nothing(env, overrides, message):
+    budget = make_budget(env)
+    if overrides.get("images", 0) is None:
+        overrides["images"] = env["images"][:1]
+    before = sorted(p.name for p in env["embeddings"].iterdir())
+    with pytest.raises(DpAdaptError, match=message):
+        train(env, budget, overrides.pop("embedding_name", f"bad_{uuid.uuid4().hex[:6]}"), **overrides)
+    assert sorted(p.name for p in env["embeddings"].iterdir()) == before
+    assert ledger_records(budget) == 0
+
+
+def test_existing_name_is_refused_before_spending(env):
+    budget = make_budget(env)
+    name = f"exists_{uuid.uuid4().hex[:6]}"
+    train(env, budget, name)
+    with pytest.raises(DpAdaptError, match="already exists"):
+        train(env, budget, name)
+    assert ledger_records(budget) == 1
+
+
+def test_unknown_model_family_is_refused(env):
+    import comfy.supported_models
+
+    budget = make_budget(env)
+    model = env["model"].clone()
+    original = model.model.model_config
+    model.model.model_config = comfy.supported_models.SDXL(dict(original.unet_config))
+    try:
+        with pytest.raises(InvalidParameterError, match="SDXL"):
+            train(env, budget, f"fam_{uuid.uuid4().hex[:6]}", model=model)
+    finally:
+        model.model.model_config = original
+    assert ledger_records(budget) == 0
