@@ -34,8 +34,13 @@ SD15_UNET = {
     "transformer_depth_middle": 1,
     "context_dim": 768,
 }
-SD15_TEXT = {"hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12,
-             "num_hidden_layers": 12, "projection_dim": 768}
+SD15_TEXT = {
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_attention_heads": 12,
+    "num_hidden_layers": 12,
+    "projection_dim": 768,
+}
 
 
 def _bootstrap_pack():
@@ -46,11 +51,15 @@ def _bootstrap_pack():
 
 
 def _components(device_is_cuda: bool):
+    import atexit
+    import shutil
     import tempfile
 
     from comfyui_dp_adapt.headless import comfy_env
 
-    comfy_dir = comfy_env.make_scratch_comfyui(Path(tempfile.mkdtemp(prefix="bench_ti_")) / "ComfyUI")
+    scratch = Path(tempfile.mkdtemp(prefix="bench_ti_"))
+    atexit.register(shutil.rmtree, scratch, ignore_errors=True)
+    comfy_dir = comfy_env.make_scratch_comfyui(scratch / "ComfyUI")
     comfy_env.import_comfyui_in_process(comfy_dir, cpu=not device_is_cuda)
     from comfyui_dp_adapt.nodes import comfy_compat, tiny_models
 
@@ -80,7 +89,9 @@ def run_arm(arm: str, images: int, steps: int, batch: int) -> dict:
     from comfyui_dp_adapt.nodes import inversion_model as im
 
     family = im.detect_family(model, clip)
-    pixels = torch.rand(images, resolution, resolution, 3, generator=torch.Generator().manual_seed(0))
+    pixels = torch.rand(
+        images, resolution, resolution, 3, generator=torch.Generator().manual_seed(0)
+    )
     latents = comfy_compat.encode_latents(model, vae, pixels)
     prompts = im.tokenize_templates(clip, family, STYLE_TEMPLATES, 1)
     initial = im.token_vectors(clip, family, "painting")
@@ -92,8 +103,13 @@ def run_arm(arm: str, images: int, steps: int, batch: int) -> dict:
         def train(lat, seed_list, per_pass):
             config = InversionConfig(steps=steps, learning_rate=0.005, images_per_batch=per_pass)
             return train_per_image_embeddings(
-                lat, initial=initial, prompts=prompts, config=config, seeds=seed_list,
-                text_forward=text_forward, denoise_loss=denoise_loss,
+                lat,
+                initial=initial,
+                prompts=prompts,
+                config=config,
+                seeds=seed_list,
+                text_forward=text_forward,
+                denoise_loss=denoise_loss,
             )
 
         train(latents[:1], seeds[:1], 1)  # warm-up (allocator, kernels)
@@ -128,7 +144,9 @@ def _peak_rss() -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--images", type=int, default=8)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--batch", type=int, default=8)
@@ -140,20 +158,38 @@ def main() -> None:
     results = {}
     for arm in ("separate", "batched"):
         out = subprocess.run(
-            [sys.executable, __file__, "--arm", arm, "--images", str(args.images),
-             "--steps", str(args.steps), "--batch", str(args.batch)],
-            check=True, capture_output=True, text=True,
+            [
+                sys.executable,
+                __file__,
+                "--arm",
+                arm,
+                "--images",
+                str(args.images),
+                "--steps",
+                str(args.steps),
+                "--batch",
+                str(args.batch),
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
         )
         results[arm] = json.loads(out.stdout.strip().splitlines()[-1])
     sep, bat = results["separate"], results["batched"]
-    print(f"device: {sep['device']}, {sep['resolution']} px, {args.images} images x {args.steps} steps, "
-          f"batch {args.batch}")
+    print(
+        f"device: {sep['device']}, {sep['resolution']} px, {args.images} images x {args.steps} steps, "
+        f"batch {args.batch}"
+    )
     print(f"{'arm':<10} {'image-steps/s':>14} {'seconds':>9} {'peak MiB':>10}")
     for row in (sep, bat):
-        print(f"{row['arm']:<10} {row['image_steps_per_s']:>14.2f} {row['seconds']:>9.2f} "
-              f"{row['peak_memory_mib']:>10.0f}")
-    print(f"speed-up batched/separate: {bat['image_steps_per_s'] / sep['image_steps_per_s']:.2f}x; "
-          f"memory ratio: {bat['peak_memory_mib'] / sep['peak_memory_mib']:.2f}x ({sep['peak_kind']})")
+        print(
+            f"{row['arm']:<10} {row['image_steps_per_s']:>14.2f} {row['seconds']:>9.2f} "
+            f"{row['peak_memory_mib']:>10.0f}"
+        )
+    print(
+        f"speed-up batched/separate: {bat['image_steps_per_s'] / sep['image_steps_per_s']:.2f}x; "
+        f"memory ratio: {bat['peak_memory_mib'] / sep['peak_memory_mib']:.2f}x ({sep['peak_kind']})"
+    )
 
 
 if __name__ == "__main__":

@@ -183,7 +183,9 @@ def build_tiny_clip(
     import comfy.sd1_clip as sd1_clip
 
     text_config = {**_TINY_TEXT_CONFIG, **(text_overrides or {})}
-    config_name = "tiny_clip_text" if not text_overrides else f"clip_text_{text_config['hidden_size']}"
+    config_name = (
+        "tiny_clip_text" if not text_overrides else f"clip_text_{text_config['hidden_size']}"
+    )
 
     class TinyTokenizer(sd1_clip.SD1Tokenizer):
         def __init__(self, embedding_directory=None, **kwargs):

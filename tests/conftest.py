@@ -30,8 +30,8 @@ _register_pack_package()
 
 # --- real ComfyUI fixtures (see tests/support/) -------------------------------------------
 import pytest  # noqa: E402
-from comfyui_dp_adapt.tests.support import comfy_env  # noqa: E402
-from comfyui_dp_adapt.tests.support.comfy_server import ComfyServer  # noqa: E402
+from comfyui_dp_adapt.headless import comfy_env  # noqa: E402
+from comfyui_dp_adapt.headless.comfy_server import ComfyServer  # noqa: E402
 
 TINY_MODELS_ENV = {"COMFYUI_DP_ADAPT_TINY_MODELS": "1"}
 

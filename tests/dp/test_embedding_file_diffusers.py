@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from comfyui_dp_adapt.dp.embedding_file import save_embedding
 
 WIDTH = 32
@@ -20,24 +19,48 @@ def pipeline(comfy_dir):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     unet = diffusers.UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4,
-        out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=WIDTH,
-        attention_head_dim=4, norm_num_groups=32,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=WIDTH,
+        attention_head_dim=4,
+        norm_num_groups=32,
     )
     vae = diffusers.AutoencoderKL(
-        block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4,
+        block_out_channels=(32, 64),
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), norm_num_groups=32,
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        norm_num_groups=32,
     )
-    text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(
-        hidden_size=WIDTH, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
-        vocab_size=49408, max_position_embeddings=77, projection_dim=WIDTH,
-    ))
-    tokenizer = transformers.CLIPTokenizer.from_pretrained(str(comfy_dir / "comfy" / "sd1_tokenizer"))
+    text_encoder = transformers.CLIPTextModel(
+        transformers.CLIPTextConfig(
+            hidden_size=WIDTH,
+            intermediate_size=64,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            vocab_size=49408,
+            max_position_embeddings=77,
+            projection_dim=WIDTH,
+        )
+    )
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(
+        str(comfy_dir / "comfy" / "sd1_tokenizer")
+    )
     return diffusers.StableDiffusionPipeline(
-        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-        scheduler=diffusers.DDIMScheduler(clip_sample=False), safety_checker=None, feature_extractor=None,
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=diffusers.DDIMScheduler(clip_sample=False),
+        safety_checker=None,
+        feature_extractor=None,
         requires_safety_checker=False,
     )
 

@@ -43,7 +43,9 @@ def loaded_pack(comfy, monkeypatch_module):
     if inspect.iscoroutine(result):
         result = asyncio.run(result)
     assert result is not False, "ComfyUI's load_custom_node could not import the pack"
-    module = sys.modules[PACK_LINK_NAME]
+    # Old ComfyUI names the module after the folder, new ComfyUI after its whole path.
+    init = str(link / "__init__.py")
+    module = next(m for m in list(sys.modules.values()) if getattr(m, "__file__", None) == init)
     return nodes, module
 
 

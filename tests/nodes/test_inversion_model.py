@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from comfyui_dp_adapt.dp.embedding_file import save_embedding
 from comfyui_dp_adapt.dp.inversion import InversionConfig, train_per_image_embeddings
 from comfyui_dp_adapt.dp.templates import STYLE_TEMPLATES
@@ -12,9 +11,8 @@ from comfyui_dp_adapt.dp.templates import STYLE_TEMPLATES
 
 @pytest.fixture(scope="module")
 def tiny(comfy):
-    from comfyui_dp_adapt.nodes import comfy_compat, tiny_models
-
     import folder_paths
+    from comfyui_dp_adapt.nodes import comfy_compat, tiny_models
 
     embeddings = [str(p) for p in folder_paths.get_folder_paths("embeddings")]
     model = tiny_models.build_tiny_model()
@@ -46,7 +44,9 @@ def test_text_forward_equals_comfyui_encoding(tiny, im, clip_skip):
     prompts = im.tokenize_templates(clip, family, STYLE_TEMPLATES[:1], 2)
     init = im.token_vectors(clip, family, "painting")
     with torch.inference_mode(False):
-        ours = im.make_text_forward(clip, family)(prompts.ids, prompts.mask, init.repeat(2, 1)[None])
+        ours = im.make_text_forward(clip, family)(
+            prompts.ids, prompts.mask, init.repeat(2, 1)[None]
+        )
     reference = _encode(clip, STYLE_TEMPLATES[0].format("painting painting"))
     torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-4)
 
@@ -61,7 +61,9 @@ def test_saved_token_loads_as_embedding_name_and_matches_injection(tiny, im, tmp
     import os
 
     os.makedirs(directory, exist_ok=True)
-    path = save_embedding(directory, "adapter_test_token", {"emb_params": vectors}, {}, overwrite=True)
+    path = save_embedding(
+        directory, "adapter_test_token", {"emb_params": vectors}, {}, overwrite=True
+    )
     try:
         via_comfy = _encode(clip, "a painting in the style of embedding:adapter_test_token")
         prompts = im.tokenize_templates(clip, family, STYLE_TEMPLATES[:1], 2)
@@ -86,8 +88,13 @@ def test_real_models_train_without_coupling_bitwise(tiny, im):
     def run(lat):
         with torch.inference_mode(False), torch.enable_grad():
             return train_per_image_embeddings(
-                lat, initial=init, prompts=prompts, config=config, seeds=[7, 8, 9],
-                text_forward=im.make_text_forward(clip, family), denoise_loss=im.make_denoise_loss(model),
+                lat,
+                initial=init,
+                prompts=prompts,
+                config=config,
+                seeds=[7, 8, 9],
+                text_forward=im.make_text_forward(clip, family),
+                denoise_loss=im.make_denoise_loss(model),
             )
 
     first = run(latents)

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from comfyui_dp_adapt.dp.embedding_file import read_embedding
 from comfyui_dp_adapt.dp.errors import BudgetExceededError, DpAdaptError, InvalidParameterError
 
@@ -18,7 +17,6 @@ N_IMAGES = 4
 @pytest.fixture(scope="module")
 def env(comfy):
     import folder_paths
-
     from comfyui_dp_adapt.nodes import comfy_compat, tiny_models
     from comfyui_dp_adapt.nodes.textual_inversion import DPTextualInversionTrainNode
 
@@ -55,11 +53,24 @@ def make_budget(env, *, name=None, epsilon=1.0, total=8.0):
 
 def train(env, budget, name, **overrides):
     kwargs = dict(
-        model=env["model"], clip=env["clip"], vae=env["vae"], images=env["images"],
-        dataset_size=N_IMAGES, fingerprint="sha256:test-images", budget=budget,
-        embedding_name=name, num_vectors=2, initializer_word="painting", template_set="style",
-        steps=2, learning_rate=0.01, images_per_batch=2, sampling_rate=1.0, clip_norm=0.5,
-        bound_mode="clip", overwrite=False,
+        model=env["model"],
+        clip=env["clip"],
+        vae=env["vae"],
+        images=env["images"],
+        dataset_size=N_IMAGES,
+        fingerprint="sha256:test-images",
+        budget=budget,
+        embedding_name=name,
+        num_vectors=2,
+        initializer_word="painting",
+        template_set="style",
+        steps=2,
+        learning_rate=0.01,
+        images_per_batch=2,
+        sampling_rate=1.0,
+        clip_norm=0.5,
+        bound_mode="clip",
+        overwrite=False,
     )
     kwargs.update(overrides)
     with torch.inference_mode():  # as ComfyUI's executor runs every node
@@ -81,7 +92,7 @@ def test_release_writes_file_ledger_entry_and_token(env):
     token, report = out["result"]
     assert token == f"embedding:{name}"
     path = env["embeddings"] / f"{name}.safetensors"
-    tensors, metadata = read_embedding(path)
+    tensors, _metadata = read_embedding(path)
     assert tensors["emb_params"].shape == (2, 32)
     assert torch.isfinite(tensors["emb_params"]).all()
     assert ledger_records(budget) == 1
@@ -101,9 +112,24 @@ def test_metadata_holds_the_dp_event_and_public_parameters_only(env):
     assert float(metadata["dp_adapt.epsilon"]) <= 1.0
     assert metadata["dp_adapt.dataset_size"] == str(N_IMAGES)
     allowed = {
-        "method", "dp_event", "epsilon", "epsilon_target", "delta", "adjacency", "sampling_rate",
-        "dataset_size", "clip_norm", "noise_multiplier", "bound_mode", "num_vectors", "steps",
-        "learning_rate", "initializer_word", "template_set", "model_family", "package_version",
+        "method",
+        "dp_event",
+        "epsilon",
+        "epsilon_target",
+        "delta",
+        "adjacency",
+        "sampling_rate",
+        "dataset_size",
+        "clip_norm",
+        "noise_multiplier",
+        "bound_mode",
+        "num_vectors",
+        "steps",
+        "learning_rate",
+        "initializer_word",
+        "template_set",
+        "model_family",
+        "package_version",
     }
     assert {key.removeprefix("dp_adapt.") for key in metadata} == allowed
     assert "sha256:test-images" not in json.dumps(metadata), "the fingerprint stays in the ledger"
@@ -175,7 +201,9 @@ def test_bad_inputs_fail_clearly_and_write_nothing(env, overrides, message):
         overrides["images"] = env["images"][:1]
     before = sorted(p.name for p in env["embeddings"].iterdir())
     with pytest.raises(DpAdaptError, match=message):
-        train(env, budget, overrides.pop("embedding_name", f"bad_{uuid.uuid4().hex[:6]}"), **overrides)
+        train(
+            env, budget, overrides.pop("embedding_name", f"bad_{uuid.uuid4().hex[:6]}"), **overrides
+        )
     assert sorted(p.name for p in env["embeddings"].iterdir()) == before
     assert ledger_records(budget) == 0
 
