@@ -11,9 +11,9 @@ logger = logging.getLogger(__name__)
 
 
 def _node_modules():
-    from . import budget, style_prompt, textual_inversion
+    from . import budget, private_images, style_prompt, textual_inversion
 
-    return [budget, textual_inversion, style_prompt]
+    return [private_images, budget, textual_inversion, style_prompt]
 
 
 def build_mappings() -> tuple[dict, dict]:
