@@ -70,3 +70,193 @@ def encode_latents(model, vae, images):
     with torch.inference_mode(False):
         latents = latents.clone()
         return model.model.process_latent_in(latents).to(model.load_device)
+
+
+# --- universal guidance and CLIP vision (nodes/guidance_sampler.py, nodes/clip_aggregate.py) ---
+
+
+def load_models_fully(patchers: list) -> None:
+    """Load models completely on their devices (new ComfyUI may otherwise load partially,
+    which code calling a module's forward directly must not meet)."""
+    import inspect
+
+    import comfy.model_management
+
+    load = comfy.model_management.load_models_gpu
+    if "force_full_load" in inspect.signature(load).parameters:
+        load(patchers, force_full_load=True)
+    else:
+        load(patchers)
+
+
+def sampler_names() -> list[str]:
+    import comfy.samplers
+
+    return list(comfy.samplers.KSampler.SAMPLERS)
+
+
+def scheduler_names() -> list[str]:
+    import comfy.samplers
+
+    return list(comfy.samplers.KSampler.SCHEDULERS)
+
+
+def model_sampling(model):
+    """The MODEL's sampling object, honouring object patches (e.g. ModelSamplingDiscrete)."""
+    if hasattr(model, "get_model_object"):
+        return model.get_model_object("model_sampling")
+    return model.object_patches.get("model_sampling", model.model.model_sampling)
+
+
+def has_sigma_parametrisation(model) -> bool:
+    """Whether the model samples ``x = x0 + sigma * eps`` (eps-, v- and x0-prediction).
+
+    Flow models (SD3, Flux: ``x = (1 - sigma) x0 + sigma * eps``) do not.
+    """
+    import comfy.model_sampling
+
+    return isinstance(model_sampling(model), comfy.model_sampling.EPS)
+
+
+def sampling_sigmas(model, *, steps: int, sampler_name: str, scheduler: str, denoise: float):
+    """The sigma schedule ``KSampler`` uses for these settings, (steps + 1,) float64 on CPU.
+
+    Old ComfyUI's ``KSampler`` reads ``model_sampling`` from the inner model it is given, new
+    ComfyUI from the ModelPatcher.
+    """
+    import types
+
+    import comfy.samplers
+    import torch
+
+    if hasattr(comfy.samplers, "calculate_sigmas"):
+        owner = model
+    else:
+        owner = types.SimpleNamespace(model_sampling=model_sampling(model))
+    sampler = comfy.samplers.KSampler(
+        owner,
+        steps=steps,
+        device="cpu",
+        sampler=sampler_name,
+        scheduler=scheduler,
+        denoise=denoise,
+        model_options=model.model_options,
+    )
+    return sampler.sigmas.detach().to("cpu", torch.float64)
+
+
+def fix_empty_latent_channels(model, latent_image):
+    """New ComfyUI adapts an empty latent's channel count to the model; old has no such step."""
+    import comfy.sample
+
+    fix = getattr(comfy.sample, "fix_empty_latent_channels", None)
+    return latent_image if fix is None else fix(model, latent_image)
+
+
+def sampling_callback(model, total_steps: int):
+    """ComfyUI's own per-step callback (progress bar and latent previews), ``(step, x0, x, total)``."""
+    import latent_preview
+
+    return latent_preview.prepare_callback(model, total_steps)
+
+
+def cfg_denoiser(args: dict, own_function, cond_scale: float):
+    """From a post-CFG hook's ``args``: ``x -> denoised`` at the same sigma, with autograd.
+
+    Re-runs ComfyUI's own ``sampling_function`` (conditioning batches, areas, ControlNets,
+    CFG and any ``sampler_cfg_function``) with the post-CFG hooks that ran before
+    ``own_function`` only, so the result equals the ``denoised`` the hook received. Old
+    ComfyUI passes no ``cond_scale`` in ``args``; the node's own cfg is used then.
+    """
+    import comfy.samplers
+
+    options = dict(args["model_options"])
+    hooks = list(options.get("sampler_post_cfg_function", []))
+    if own_function in hooks:
+        hooks = hooks[: hooks.index(own_function)]
+    options["sampler_post_cfg_function"] = hooks
+    model, sigma = args["model"], args["sigma"]
+    cond, uncond = args["cond"], args["uncond"]
+    scale = args.get("cond_scale", cond_scale)
+
+    def denoise(x):
+        return comfy.samplers.sampling_function(
+            model, x, sigma, uncond, cond, scale, model_options=options
+        )
+
+    return denoise
+
+
+def transformer_blocks_add_in_place() -> bool:
+    """Old ComfyUI's ``BasicTransformerBlock`` does ``x += n``, which breaks backward."""
+    import inspect
+
+    from comfy.ldm.modules import attention
+
+    try:
+        return "x += n" in inspect.getsource(attention.BasicTransformerBlock)
+    except (OSError, TypeError):
+        return True
+
+
+def clip_vision_settings(clip_vision) -> tuple[int, tuple[float, ...], tuple[float, ...]]:
+    """``(image_size, mean, std)`` of a CLIP_VISION model's preprocessing.
+
+    New ComfyUI reads them from the model's config; old ComfyUI always uses 224 px and
+    OpenAI CLIP's mean and std.
+    """
+    from ..dp.guidance import CLIP_MEAN, CLIP_STD
+
+    size = int(getattr(clip_vision, "image_size", 224))
+    mean = tuple(float(v) for v in getattr(clip_vision, "image_mean", CLIP_MEAN))
+    std = tuple(float(v) for v in getattr(clip_vision, "image_std", CLIP_STD))
+    return size, mean, std
+
+
+def clip_vision_image_embeds(clip_vision, pixel_values):
+    """Projected image embeddings (B, D) of preprocessed pixels, differentiable.
+
+    The model returns 3 values in old ComfyUI and 4 in new; the projection is the third.
+    """
+    out = clip_vision.model(pixel_values=pixel_values, intermediate_output=None)
+    return out[2]
+
+
+def clip_vision_width(clip_vision) -> int:
+    """Width of a CLIP_VISION model's image embedding (its projection's output size)."""
+    model = clip_vision.model
+    projection = getattr(model, "visual_projection", None)
+    width = getattr(projection, "out_features", None)
+    if width is None:
+        width = model.vision_model.post_layernorm.weight.shape[0]
+    return int(width)
+
+
+def clip_vision_encode(clip_vision, images):
+    """``clip_vision.encode_image`` (ComfyUI's own preprocessing): IMAGE (B, H, W, C) -> (B, D)."""
+    return clip_vision.encode_image(images[:, :, :, :3]).image_embeds
+
+
+def clip_vision_output(image_embeds):
+    """ComfyUI's own ``CLIP_VISION_OUTPUT`` object holding ``image_embeds`` (B, D) only."""
+    import comfy.clip_vision
+
+    output = comfy.clip_vision.Output()
+    output["image_embeds"] = image_embeds
+    return output
+
+
+def vae_decode_differentiable(vae, latents):
+    """VAE-space latents (B, C, h, w) -> images (B, 3, H, W) in [0, 1], with autograd.
+
+    Calls ``first_stage_model.decode`` directly: ``VAE.decode`` runs an inference-mode tiled
+    fallback on out-of-memory and writes into a preallocated buffer, both cutting the graph.
+    """
+    import torch
+
+    samples = latents.to(device=vae.device, dtype=vae.vae_dtype)
+    decoded = vae.first_stage_model.decode(samples).float()
+    process = getattr(vae, "process_output", None)
+    if process is None:
+        return torch.clamp((decoded + 1.0) / 2.0, min=0.0, max=1.0)
+    return process(decoded)

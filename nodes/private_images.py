@@ -2,9 +2,9 @@
 
 Private per DP_SPEC section 1: the pixels and the file names. This node shows no preview,
 writes no temporary file and returns no "ui" images; it logs counts only. Its outputs are
-the batch (for DP nodes only), n (public) and the dataset's content fingerprint (the
-ledger's key; an exact hash of the private files, so keep it local: it is not protected
-by differential privacy).
+the batch (for DP nodes only), n (public) and the dataset's fingerprint (the ledger's
+key): a keyed hash (HMAC) of the files' contents under a key kept in ComfyUI's user folder,
+so nobody without that key can test a candidate collection against it.
 """
 
 from __future__ import annotations
@@ -57,8 +57,8 @@ class DPLoadPrivateImagesNode:
         "The private images as one batch (n, resolution, resolution, 3). Connect it ONLY to "
         "DP nodes: anything else (preview, save) leaks the images.",
         "Number of images n. Public under the privacy guarantee; connect it to the DP node.",
-        "Content fingerprint of the folder (identifies the dataset in the budget ledger). "
-        "An exact hash of the private files: connect it to the DP node, do not publish it.",
+        "Fingerprint of the folder's contents (identifies the dataset in the budget ledger): a "
+        "keyed hash, testable only with this installation's key. Connect it to the DP node.",
     )
     FUNCTION = "load"
     DESCRIPTION = (
@@ -117,7 +117,15 @@ class DPLoadPrivateImagesNode:
         loaded = load_image_folder(
             resolve_folder(folder), resolution=resolution, on_progress=on_progress
         )
-        return (loaded.images, loaded.count, loaded.fingerprint)
+        return (loaded.images, loaded.count, published_fingerprint(loaded.fingerprint))
+
+
+def published_fingerprint(content_fingerprint: str) -> str:
+    """The keyed fingerprint (``dp/fingerprint.py``) under this installation's key."""
+    from ..dp.fingerprint import keyed_fingerprint, load_or_create_key
+
+    key_path = comfy_compat.user_directory() / "dp_adapt" / "fingerprint.key"
+    return keyed_fingerprint(content_fingerprint, load_or_create_key(key_path))
 
 
 NODE_CLASS_MAPPINGS = {"DPAdaptLoadPrivateImages": DPLoadPrivateImagesNode}

@@ -30,6 +30,7 @@ _register_pack_package()
 
 # --- real ComfyUI fixtures (see tests/support/) -------------------------------------------
 import pytest  # noqa: E402
+
 from comfyui_dp_adapt.headless import comfy_env  # noqa: E402
 from comfyui_dp_adapt.headless.comfy_server import ComfyServer  # noqa: E402
 

@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+
 from comfyui_dp_adapt.dp.embedding_file import (
     EmbeddingExistsError,
     check_writable,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from comfyui_dp_adapt.dp.embedding_file import save_embedding
 
 WIDTH = 32

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from comfyui_dp_adapt.dp.errors import InvalidParameterError
 from comfyui_dp_adapt.dp.inversion import (
     InversionConfig,

@@ -8,6 +8,7 @@ import inspect
 import sys
 
 import pytest
+
 from comfyui_dp_adapt.headless.comfy_server import PACK_LINK_NAME
 from comfyui_dp_adapt.tests.support.pack import PACK_ROOT, expected_node_types
 

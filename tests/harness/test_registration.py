@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
+
 from comfyui_dp_adapt.headless.comfy_server import PACK_LINK_NAME
 from comfyui_dp_adapt.tests.support.pack import expected_node_types
 

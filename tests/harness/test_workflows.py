@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from comfyui_dp_adapt.headless import workflows as wf
 from comfyui_dp_adapt.tests.support.pack import expected_node_types, shipped_workflows
 

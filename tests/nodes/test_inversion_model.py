@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from comfyui_dp_adapt.dp.embedding_file import save_embedding
 from comfyui_dp_adapt.dp.inversion import InversionConfig, train_per_image_embeddings
 from comfyui_dp_adapt.dp.templates import STYLE_TEMPLATES
@@ -12,6 +13,7 @@ from comfyui_dp_adapt.dp.templates import STYLE_TEMPLATES
 @pytest.fixture(scope="module")
 def tiny(comfy):
     import folder_paths
+
     from comfyui_dp_adapt.nodes import comfy_compat, tiny_models
 
     embeddings = [str(p) for p in folder_paths.get_folder_paths("embeddings")]

@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from comfyui_dp_adapt.dp.images import ImageFolderError, folder_fingerprint
 from PIL import Image
+
+from comfyui_dp_adapt.dp.images import ImageFolderError, folder_fingerprint
 
 R = 64
 
@@ -64,7 +65,10 @@ def test_reads_a_folder_relative_to_the_input_directory(node, input_subfolder):
     images, dataset_size, fingerprint = result
     _assert_comfy_image(images, 3)
     assert dataset_size == 3
-    assert fingerprint == folder_fingerprint(input_subfolder)
+    raw = folder_fingerprint(input_subfolder)
+    assert fingerprint.startswith("hmac-sha256:")
+    assert raw.split(":", 1)[1] not in fingerprint, "the raw content hash is never output"
+    assert node().load(folder=input_subfolder.name, resolution=R)[2] == fingerprint, "stable key"
 
 
 def test_reads_an_absolute_path(node, tmp_path):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from comfyui_dp_adapt.dp.embedding_file import read_embedding
 from comfyui_dp_adapt.dp.errors import BudgetExceededError, DpAdaptError, InvalidParameterError
 
@@ -17,6 +18,7 @@ N_IMAGES = 4
 @pytest.fixture(scope="module")
 def env(comfy):
     import folder_paths
+
     from comfyui_dp_adapt.nodes import comfy_compat, tiny_models
     from comfyui_dp_adapt.nodes.textual_inversion import DPTextualInversionTrainNode
 

@@ -1,0 +1,449 @@
+"""The "Universal Guidance Sampler" node: ComfyUI's own sampling, guided towards a DP CLIP target.
+
+The maths (forward universal guidance in ComfyUI's sigma form, self-recurrence) is in
+``dp/guidance.py``; this module only wires ComfyUI's pieces into it:
+
+- Guidance is a post-CFG hook on a clone of the MODEL (``set_model_sampler_post_cfg_function``):
+  every sampler and scheduler ComfyUI has consumes the corrected ``denoised``, and the user's
+  MODEL is not changed.
+- The hook runs under the executor's inference mode; it leaves it, swaps inference weights of
+  the VAE, the CLIP vision model (and, in mode ``full``, the diffusion model) for normal
+  clones while the node runs (``dp.guidance.WeightSwap``) and puts the originals back after.
+- Decoding calls ``vae.first_stage_model.decode`` after ``process_latent_out``; CLIP's
+  preprocessing is ``dp.guidance.preprocess_for_clip`` because ComfyUI's rounds to 8 bits
+  and has zero gradient (COMFYUI_INTERNALS.md, "Guidance hooks").
+
+Self-recurrence on top of arbitrary samplers: with ``self_recurrence = k > 0`` the node runs
+ComfyUI's sampler one step at a time (``comfy.sample.sample`` with ``start_step = i``,
+``last_step = i + 1``), and after each step re-noises from ``sigma_{i+1}`` back to
+``sigma_i`` (``dp.guidance.renoise``) and repeats the step, k times, before moving on: Algorithm
+1 of Bansal et al. 2023. Samplers that keep a history between steps (dpmpp_2m, uni_pc, ...)
+then restart it at every step, i.e. run as their one-step form; ancestral samplers draw new
+noise at every call. With k = 0 the whole schedule runs in one call, exactly as KSampler.
+
+The target is only read: sampling is post-processing of a DP release and never touches the
+privacy ledger.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from . import comfy_compat
+
+logger = logging.getLogger(__name__)
+
+TARGET_TYPE = "DP_CLIP_TARGET"
+MODES = ["full", "x0"]
+SEED_MODULUS = 2**64
+
+
+class UniversalGuidanceSamplerNode:
+    CATEGORY = "DP Adapt"
+    RETURN_TYPES = ("LATENT",)
+    RETURN_NAMES = ("latent",)
+    OUTPUT_TOOLTIPS = ("The guided latent: decode it with VAE Decode.",)
+    FUNCTION = "sample"
+    DESCRIPTION = (
+        "KSampler with universal guidance (Bansal et al. 2023): at every step the predicted "
+        "image is decoded, embedded with CLIP vision and nudged towards the DP style target from "
+        "DP Aggregate CLIP Embeddings. Works with every sampler and scheduler. Reads the target "
+        "only: no privacy budget is spent here."
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        from ..dp.guidance import MAX_GUIDANCE_STRENGTH, MAX_SELF_RECURRENCE
+
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The diffusion model (SD1.x / SD2.x / SDXL)."}),
+                "positive": ("CONDITIONING", {"tooltip": "What to draw (CLIP Text Encode)."}),
+                "negative": ("CONDITIONING", {"tooltip": "What to avoid (CLIP Text Encode)."}),
+                "latent_image": (
+                    "LATENT",
+                    {"tooltip": "The latent to denoise, e.g. from Empty Latent Image."},
+                ),
+                "vae": (
+                    "VAE",
+                    {"tooltip": "The checkpoint's VAE: decodes each step's prediction for CLIP."},
+                ),
+                "clip_vision": (
+                    "CLIP_VISION",
+                    {
+                        "tooltip": "The CLIP vision model the target was made with (Load CLIP Vision)."
+                    },
+                ),
+                "target": (
+                    TARGET_TYPE,
+                    {"tooltip": "The DP style target, from DP Aggregate CLIP Embeddings."},
+                ),
+                "seed": (
+                    "INT",
+                    {
+                        "default": 0,
+                        "min": 0,
+                        "max": 0xFFFFFFFFFFFFFFFF,
+                        "control_after_generate": True,
+                        "tooltip": "Seed of the sampling noise (public; not the DP noise).",
+                    },
+                ),
+                "steps": (
+                    "INT",
+                    {"default": 30, "min": 1, "max": 10000, "tooltip": "Sampling steps."},
+                ),
+                "cfg": (
+                    "FLOAT",
+                    {
+                        "default": 7.0,
+                        "min": 0.0,
+                        "max": 100.0,
+                        "step": 0.1,
+                        "round": 0.01,
+                        "tooltip": "Classifier-free guidance scale, as in KSampler.",
+                    },
+                ),
+                "sampler_name": (
+                    comfy_compat.sampler_names(),
+                    {"tooltip": "ComfyUI's samplers; all of them work with guidance."},
+                ),
+                "scheduler": (comfy_compat.scheduler_names(), {"tooltip": "Noise schedule."}),
+                "denoise": (
+                    "FLOAT",
+                    {
+                        "default": 1.0,
+                        "min": 0.0,
+                        "max": 1.0,
+                        "step": 0.01,
+                        "tooltip": "How much of the schedule to run (below 1 for image-to-image).",
+                    },
+                ),
+                "guidance_strength": (
+                    "FLOAT",
+                    {
+                        "default": 1.0,
+                        "min": 0.0,
+                        "max": MAX_GUIDANCE_STRENGTH,
+                        "step": 0.1,
+                        "round": False,
+                        "tooltip": "How hard each step is pushed towards the style target (s in "
+                        "denoised - s * sigma^2 * grad). 0 = plain KSampler. Too high breaks the image.",
+                    },
+                ),
+                "self_recurrence": (
+                    "INT",
+                    {
+                        "default": 0,
+                        "min": 0,
+                        "max": MAX_SELF_RECURRENCE,
+                        "tooltip": "Repeat each step k more times after re-noising (Bansal et al.). "
+                        "Stronger style, k+1 times the cost. Multistep samplers (dpmpp_2m, uni_pc) run "
+                        "one step at a time then; euler or ddim suit recurrence best.",
+                    },
+                ),
+                "mode": (
+                    MODES,
+                    {
+                        "default": "full",
+                        "tooltip": "full: gradient through the diffusion model, as in the paper. "
+                        "x0: gradient on the predicted image only; cheaper, a little weaker.",
+                    },
+                ),
+            }
+        }
+
+    def sample(
+        self,
+        model,
+        positive,
+        negative,
+        latent_image,
+        vae,
+        clip_vision,
+        target,
+        seed,
+        steps,
+        cfg,
+        sampler_name,
+        scheduler,
+        denoise,
+        guidance_strength,
+        self_recurrence,
+        mode,
+    ):
+        from ..dp.guidance import GuidanceConfig, GuidanceError, WeightSwap
+
+        config = GuidanceConfig(
+            strength=guidance_strength, mode=mode, self_recurrence=self_recurrence
+        )
+        _validate(model, latent_image, vae, clip_vision, target, steps, sampler_name, scheduler)
+        if self_recurrence > 0 and "noise_mask" in latent_image:
+            raise GuidanceError(
+                "self_recurrence > 0 does not support a latent with a noise mask (inpainting): "
+                "set self_recurrence to 0."
+            )
+
+        weights = WeightSwap()
+        guide = _GuidanceHook(model, vae, clip_vision, target, config, cfg, weights)
+        guided = model.clone()
+        guided.set_model_sampler_post_cfg_function(guide)
+        comfy_compat.load_models_fully([vae.patcher, clip_vision.patcher])
+        try:
+            samples = _run_sampler(
+                guided,
+                positive,
+                negative,
+                latent_image,
+                seed=seed,
+                steps=steps,
+                cfg=cfg,
+                sampler_name=sampler_name,
+                scheduler=scheduler,
+                denoise=denoise,
+                recurrence=config.self_recurrence,
+                after_each_call=weights.restore,
+            )
+        finally:
+            weights.restore()
+        logger.info(
+            "Universal guidance: %d guided model evaluations, mode %s, strength %g, loss %s",
+            guide.calls,
+            config.mode.value,
+            config.strength,
+            guide.loss_summary(),
+        )
+        out = latent_image.copy()
+        out["samples"] = samples
+        return (out,)
+
+
+def _validate(model, latent, vae, clip_vision, target, steps, sampler_name, scheduler) -> None:
+    from ..dp.guidance import ClipTarget, GuidanceError, check_target_width
+
+    if clip_vision is None:
+        raise GuidanceError(
+            "clip_vision is missing: connect Load CLIP Vision, the same CLIP vision model that "
+            "made the target in DP Aggregate CLIP Embeddings."
+        )
+    if vae is None:
+        raise GuidanceError("vae is missing: connect the checkpoint's VAE.")
+    if not isinstance(target, ClipTarget):
+        raise GuidanceError(
+            f"target must be the DP_CLIP_TARGET output of DP Aggregate CLIP Embeddings, got "
+            f"{type(target).__name__}."
+        )
+    check_target_width(target, comfy_compat.clip_vision_width(clip_vision))
+    if not comfy_compat.has_sigma_parametrisation(model):
+        raise GuidanceError(
+            "this model does not sample with x = x0 + sigma * eps (a flow-matching model such as "
+            "SD3 or Flux); universal guidance here supports SD1.x, SD2.x and SDXL models."
+        )
+    if not isinstance(latent, dict) or not isinstance(latent.get("samples"), torch.Tensor):
+        raise GuidanceError("latent_image must be a LATENT (e.g. from Empty Latent Image).")
+    if latent["samples"].dim() != 4 or latent["samples"].shape[0] < 1:
+        raise GuidanceError(
+            f"latent_image must hold a batch of image latents (B, C, h, w), got shape "
+            f"{tuple(latent['samples'].shape)}."
+        )
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise GuidanceError(f"steps must be a positive integer, got steps={steps!r}.")
+    if sampler_name not in comfy_compat.sampler_names():
+        raise GuidanceError(f"unknown sampler_name={sampler_name!r}.")
+    if scheduler not in comfy_compat.scheduler_names():
+        raise GuidanceError(f"unknown scheduler={scheduler!r}.")
+
+
+class _GuidanceHook:
+    """The post-CFG function: corrects ``denoised`` by eq. (2) of ``dp/guidance.py``."""
+
+    def __init__(self, model, vae, clip_vision, target, config, cfg, weights) -> None:
+        from ..dp.guidance import make_guidance_loss
+
+        self.config = config
+        self.cfg = cfg
+        self.weights = weights
+        self.vae = vae
+        self.clip_vision = clip_vision
+        self.unet_in_place = comfy_compat.transformer_blocks_add_in_place()
+        self.calls = 0
+        self.losses: list[float] = []
+        size, mean, std = comfy_compat.clip_vision_settings(clip_vision)
+        latent_out = model.model.process_latent_out
+        device = clip_vision.load_device
+
+        def decode(denoised: torch.Tensor) -> torch.Tensor:
+            return comfy_compat.vae_decode_differentiable(vae, latent_out(denoised))
+
+        def embed(images: torch.Tensor) -> torch.Tensor:
+            from ..dp.guidance import clone_saved_tensors, preprocess_for_clip
+
+            pixels = preprocess_for_clip(
+                images.to(device=device, dtype=torch.float32), size=size, mean=mean, std=std
+            )
+            # CLIP layers add residuals in place (both ComfyUI versions).
+            with clone_saved_tensors():
+                return comfy_compat.clip_vision_image_embeds(clip_vision, pixels)
+
+        self.loss_fn = make_guidance_loss(decode=decode, embed=embed, target=target.embedding)
+
+    def __call__(self, args: dict) -> torch.Tensor:
+        from ..dp.guidance import (
+            GuidanceError,
+            GuidanceMode,
+            clone_saved_tensors,
+            guided_prediction,
+        )
+
+        comfy_compat.raise_if_cancelled()
+        denoised = args["denoised"]
+        if self.config.strength == 0:
+            return denoised
+        full = self.config.mode is GuidanceMode.FULL
+        with torch.inference_mode(False), torch.enable_grad():
+            modules = [self.vae.first_stage_model, self.clip_vision.model]
+            if full:
+                modules.append(args["model"])
+            self.weights.swap(modules)
+            x = args["input"].clone()
+            sigma = args["sigma"].clone()
+            base = denoised.clone()
+            denoiser = None
+            if full:
+                inner = comfy_compat.cfg_denoiser(args, self, self.cfg)
+
+                def denoiser(z: torch.Tensor) -> torch.Tensor:
+                    with clone_saved_tensors(self.unet_in_place):
+                        return inner(z)
+
+            try:
+                step = guided_prediction(
+                    x,
+                    sigma,
+                    base,
+                    loss_fn=self.loss_fn,
+                    strength=self.config.strength,
+                    mode=self.config.mode,
+                    denoiser=denoiser,
+                )
+            except RuntimeError as error:
+                if "nference tensor" in str(error):
+                    raise GuidanceError(
+                        "mode 'full' cannot back-propagate through a model patch or ControlNet "
+                        "that holds inference-mode weights; use mode 'x0' with it."
+                    ) from error
+                raise
+        if not torch.isfinite(step.gradient).all():
+            raise GuidanceError(
+                f"the guidance gradient is not finite at sigma={float(sigma.flatten()[0]):.4g} "
+                "(half-precision overflow in the VAE or CLIP?). Try mode 'x0', a lower "
+                "guidance_strength, or a float32 VAE."
+            )
+        self.calls += 1
+        self.losses.append(float(step.loss.mean()))
+        return step.denoised.to(device=denoised.device, dtype=denoised.dtype)
+
+    def loss_summary(self) -> str:
+        if not self.losses:
+            return "n/a"
+        return f"{self.losses[0]:.4f} -> {self.losses[-1]:.4f}"
+
+
+def _run_sampler(
+    model,
+    positive,
+    negative,
+    latent: dict,
+    *,
+    seed: int,
+    steps: int,
+    cfg: float,
+    sampler_name: str,
+    scheduler: str,
+    denoise: float,
+    recurrence: int,
+    after_each_call,
+) -> torch.Tensor:
+    """ComfyUI's sampling with ``model`` (already guided); self-recurrence as in the module doc.
+
+    Returns the sampled latent (VAE space, like KSampler's output).
+    """
+    import comfy.sample
+    import comfy.utils
+
+    from ..dp.guidance import renoise
+
+    latent_image = comfy_compat.fix_empty_latent_channels(model, latent["samples"])
+    noise = comfy.sample.prepare_noise(latent_image, seed, latent.get("batch_index"))
+    common = dict(
+        model=model,
+        steps=steps,
+        cfg=cfg,
+        sampler_name=sampler_name,
+        scheduler=scheduler,
+        positive=positive,
+        negative=negative,
+        denoise=denoise,
+    )
+    if recurrence == 0:
+        callback = comfy_compat.sampling_callback(model, steps)
+        try:
+            return comfy.sample.sample(
+                noise=noise,
+                latent_image=latent_image,
+                noise_mask=latent.get("noise_mask"),
+                callback=callback,
+                disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED,
+                seed=seed,
+                **common,
+            )
+        finally:
+            after_each_call()
+
+    sigmas = comfy_compat.sampling_sigmas(
+        model, steps=steps, sampler_name=sampler_name, scheduler=scheduler, denoise=denoise
+    )
+    step_count = len(sigmas) - 1
+    total = step_count * (recurrence + 1)
+    preview = comfy_compat.sampling_callback(model, total)
+    # The re-noising noise is public sampling randomness, reproducible from the workflow seed.
+    generator = torch.Generator(device="cpu").manual_seed(seed % SEED_MODULUS)
+    latent_in = model.model.process_latent_in
+    latent_out = model.model.process_latent_out
+    zeros = torch.zeros_like(noise)
+    x = latent_image
+    done = 0
+    for i in range(step_count):
+        for repeat in range(recurrence + 1):
+
+            def callback(step, x0, x_now, _total, _offset=done):
+                preview(_offset + step, x0, x_now, total)
+
+            try:
+                x_next = comfy.sample.sample(
+                    noise=noise if (i == 0 and repeat == 0) else zeros,
+                    latent_image=x,
+                    disable_noise=not (i == 0 and repeat == 0),
+                    start_step=i,
+                    last_step=i + 1,
+                    callback=callback,
+                    disable_pbar=True,
+                    seed=(seed + done) % SEED_MODULUS,
+                    **common,
+                )
+            finally:
+                after_each_call()
+            done += 1
+            if repeat < recurrence:
+                fresh = torch.randn(x_next.shape, generator=generator, dtype=torch.float32)
+                noisy = renoise(
+                    latent_in(x_next.float()),
+                    float(sigmas[i + 1]),
+                    float(sigmas[i]),
+                    fresh.to(x_next.device),
+                )
+                x = latent_out(noisy).to(x_next.dtype)
+            else:
+                x = x_next
+    return x
