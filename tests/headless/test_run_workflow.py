@@ -1,0 +1,60 @@
+"""The README's first command: the DP textual-inversion workflow, headless, no download."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from comfyui_dp_adapt.dp.embedding_file import read_embedding
+from comfyui_dp_adapt.tests.support.pack import PACK_ROOT
+
+pytestmark = [pytest.mark.slow, pytest.mark.comfy_server]
+
+FAST = [
+    "DPAdaptLoadPrivateImages.resolution=64",
+    "DPAdaptTextualInversionTrain.steps=2",
+    "EmptyLatentImage.width=64",
+    "EmptyLatentImage.height=64",
+    "KSampler.steps=2",
+]
+
+
+def run(out, *extra):
+    command = [
+        sys.executable,
+        str(PACK_ROOT / "run_workflow.py"),
+        str(PACK_ROOT / "workflows" / "dp_textual_inversion.json"),
+        "--out",
+        str(out),
+    ]
+    for item in FAST:
+        command += ["--set", item]
+    return subprocess.run(command + list(extra), capture_output=True, text=True, timeout=900)
+
+
+def test_readme_command_writes_embedding_images_report_and_ledger(tmp_path):
+    out = tmp_path / "demo"
+    done = run(out)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    embeddings = list((out / "embeddings").glob("*.safetensors"))
+    assert [p.name for p in embeddings] == ["dp_style.safetensors"]
+    tensors, metadata = read_embedding(embeddings[0])
+    assert "dp_adapt.dp_event" in metadata
+    assert len(list((out / "images").glob("*.png"))) == 2
+    report = (out / "privacy_report.txt").read_text()
+    assert "noise multiplier" in report and "ledger" in report
+    ledgers = list((out / "user").rglob("*.json"))
+    assert any(json.loads(p.read_text()).get("datasets") for p in ledgers)
+
+
+def test_points_at_a_real_image_folder(tmp_path):
+    from comfyui_dp_adapt.demo.synthetic_images import write_synthetic_style_set
+
+    images = tmp_path / "mine"
+    write_synthetic_style_set(images, count=3, size=64, seed=5)
+    done = run(tmp_path / "out", "--images", str(images))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "dataset size n = 3" in (tmp_path / "out" / "privacy_report.txt").read_text()
