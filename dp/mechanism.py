@@ -105,9 +105,10 @@ def bound_contributions(
             norms > 0, c / torch.clamp(norms, min=torch.finfo(torch.float64).tiny), 0.0
         )
     bounded = diff * scale
-    # Rounding can leave a norm a hair above C; scale those back so the bound is exact.
+    # Rounding can leave a norm a few ulps above C; pull those just inside so the bound is
+    # strict (the sensitivity argument needs ||u_i|| <= C exactly).
     over = bounded.norm(dim=1, keepdim=True)
-    return torch.where(over > c, bounded * (c / over), bounded)
+    return torch.where(over > c, bounded * (c * (1 - 1e-12) / over), bounded)
 
 
 @dataclass(frozen=True)
