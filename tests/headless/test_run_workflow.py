@@ -41,7 +41,7 @@ def test_readme_command_writes_embedding_images_report_and_ledger(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     embeddings = list((out / "embeddings").glob("*.safetensors"))
     assert [p.name for p in embeddings] == ["dp_style.safetensors"]
-    tensors, metadata = read_embedding(embeddings[0])
+    _, metadata = read_embedding(embeddings[0])
     assert "dp_adapt.dp_event" in metadata
     assert len(list((out / "images").glob("*.png"))) == 2
     report = (out / "privacy_report.txt").read_text()
