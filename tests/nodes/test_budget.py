@@ -1,0 +1,83 @@
+"""The Privacy Budget node in a real (in-process) ComfyUI."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+import torch
+
+from comfyui_dp_adapt.dp.errors import DpAdaptError
+
+DEFAULTS = dict(
+    epsilon=1.0,
+    delta=1e-5,
+    total_epsilon=4.0,
+    total_delta=1e-5,
+    report_dataset_size=100,
+    report_dimension=768,
+    report_sampling_rate=1.0,
+)
+
+
+@pytest.fixture(scope="module")
+def node(comfy):
+    from comfyui_dp_adapt.nodes.budget import PrivacyBudgetNode
+
+    return PrivacyBudgetNode()
+
+
+def run(node, **overrides):
+    kwargs = {"ledger_name": f"budget-{uuid.uuid4().hex[:8]}", **DEFAULTS, **overrides}
+    with torch.inference_mode():
+        return node.make_budget(**kwargs)
+
+
+def test_outputs_a_budget_and_a_report_with_the_calibrated_noise(node):
+    from comfyui_dp_adapt.dp.accounting import calibrate_noise_multiplier
+    from comfyui_dp_adapt.dp.budget import PrivacyBudget
+
+    out = run(node)
+    budget, report = out["result"]
+    assert isinstance(budget, PrivacyBudget)
+    assert out["ui"]["text"] == [report]
+    z = calibrate_noise_multiplier(epsilon=1.0, delta=1e-5, sampling_rate=1.0).noise_multiplier
+    assert f"{z:.4g}" in report
+    assert "paper" in report and "no release recorded yet" in report
+    assert budget.ledger_path.parent.name == "ledgers"
+    assert not budget.ledger_path.exists(), "planning a budget records nothing"
+
+
+def test_report_warns_when_delta_is_not_below_one_over_n(node):
+    _, report = run(node, delta=0.02, total_delta=0.02, report_dataset_size=100)["result"]
+    assert "WARNING" in report and "1/n" in report
+    _, quiet = run(node)["result"]
+    assert "1/n" not in quiet
+
+
+def test_report_shows_spending_and_warns_when_nearly_spent(node):
+    from comfyui_dp_adapt.dp.accounting import calibrate_noise_multiplier
+
+    name = f"spent-{uuid.uuid4().hex[:8]}"
+    budget, _ = run(node, ledger_name=name, total_epsilon=1.1)["result"]
+    event = calibrate_noise_multiplier(epsilon=1.0, delta=1e-5, sampling_rate=1.0).event
+    budget.ledger().record(name, "hmac-sha256:x", event, total=budget.total)
+    _, report = run(node, ledger_name=name, total_epsilon=1.1)["result"]
+    assert "1 release(s)" in report and "nearly spent" in report
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"epsilon": 0.0}, "epsilon"),
+        ({"epsilon": float("nan")}, "epsilon"),
+        ({"delta": 0.0}, "delta"),
+        ({"delta": 1.0}, "delta"),
+        ({"total_epsilon": 0.5}, "larger than the dataset's total"),
+        ({"report_sampling_rate": 0.0}, "sampling_rate"),
+        ({"ledger_name": "../escape"}, "ledger name"),
+    ],
+)
+def test_bad_inputs_are_refused_clearly(node, overrides, message):
+    with pytest.raises(DpAdaptError, match=message):
+        run(node, **overrides)
