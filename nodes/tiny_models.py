@@ -141,23 +141,35 @@ def fill_deterministically(module: torch.nn.Module, seed: int) -> None:
 
 
 @torch.inference_mode()
-def build_tiny_model(seed: int = 0, unet_overrides: dict | None = None):
+def build_tiny_model(seed: int = 0, unet_overrides: dict | None = None, family: str = "sd1"):
     """An SD1.x-style MODEL (``ModelPatcher``) with a ~1M-parameter UNet, eps prediction.
 
-    ``unet_overrides`` changes the UNet config (benchmarks use it for SD1.5-sized widths).
+    ``family="sd2"`` gives ComfyUI's SD2.x model class (linear projections in the
+    transformers, as SD2 has); ``unet_overrides`` changes the UNet config (benchmarks use it
+    for SD1.5-sized widths).
     """
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.supported_models
 
-    config = comfy.supported_models.SD15({**_TINY_UNET_CONFIG, **(unet_overrides or {})})
+    unet = {**_TINY_UNET_CONFIG, **(unet_overrides or {})}
+    if family == "sd2":
+        config = comfy.supported_models.SD20({**unet, "use_linear_in_transformer": True})
+    else:
+        config = comfy.supported_models.SD15(unet)
     # SD15.__init__ forces num_heads=8 / num_head_channels=-1 (COMFYUI_INTERNALS.md).
     config.unet_config["num_heads"] = 8 if unet_overrides else 4
     config.unet_config["num_head_channels"] = -1
     config.set_inference_dtype(torch.float32, None)
     load_device = mm.get_torch_device()
     offload_device = mm.unet_offload_device()
-    base = config.get_model({}, "", device=offload_device)
+    # SD2's model class picks v-prediction (as SD2.x-768-v) from this weight's spread.
+    probe = (
+        {"output_blocks.11.1.transformer_blocks.0.norm1.bias": torch.arange(8.0)}
+        if family == "sd2"
+        else {}
+    )
+    base = config.get_model(probe, "", device=offload_device)
     fill_deterministically(base.diffusion_model, seed)
     # A random UNet predicts noise far larger than unit scale and sampling diverges; shrink
     # the last convolution so the eps prediction has roughly unit scale like a trained one.
@@ -174,18 +186,28 @@ def build_tiny_clip(
     embedding_directory: str | list[str] | None = None,
     seed: int = 1,
     text_overrides: dict | None = None,
+    family: str = "sd1",
 ):
     """A CLIP (text encoder + ComfyUI's bundled SD1 tokenizer) of width ``TEXT_WIDTH``.
 
+    ``family="sd2"`` builds it the way ComfyUI's SD2 text encoder is set up (encoder named
+    ``clip_h``, penultimate layer, padding with token 0) from ComfyUI's generic CLIP classes;
     ``text_overrides`` changes the text config (benchmarks use SD1.5's CLIP-L sizes).
     """
     import comfy.sd
     import comfy.sd1_clip as sd1_clip
 
-    text_config = {**_TINY_TEXT_CONFIG, **(text_overrides or {})}
-    config_name = (
-        "tiny_clip_text" if not text_overrides else f"clip_text_{text_config['hidden_size']}"
-    )
+    sd2 = family == "sd2"
+    # SD2 reads the penultimate layer, which needs more than two layers.
+    text_config = {
+        **_TINY_TEXT_CONFIG,
+        **({"num_hidden_layers": 3} if sd2 else {}),
+        **(text_overrides or {}),
+    }
+    config_name = "clip_text_{hidden_size}_{num_hidden_layers}".format(**text_config)
+
+    name = "h" if sd2 else "l"
+    tokenizer_options = {"pad_with_end": False, "embedding_key": "clip_h"} if sd2 else {}
 
     class TinyTokenizer(sd1_clip.SD1Tokenizer):
         def __init__(self, embedding_directory=None, **kwargs):
@@ -193,11 +215,15 @@ def build_tiny_clip(
                 return sd1_clip.SDTokenizer(
                     embedding_directory=embedding_directory,
                     embedding_size=text_config["hidden_size"],
+                    **tokenizer_options,
                     **inner,
                 )
 
             super().__init__(
-                embedding_directory=embedding_directory, tokenizer=make_tokenizer, **kwargs
+                embedding_directory=embedding_directory,
+                clip_name=name,
+                tokenizer=make_tokenizer,
+                **kwargs,
             )
 
     class Target:
@@ -206,7 +232,14 @@ def build_tiny_clip(
         params = {
             "clip_model": sd1_clip.SDClipModel,
             "textmodel_json_config": _config_file(config_name, text_config),
+            "clip_name": name,
         }
+        if sd2:  # ComfyUI's SD2ClipHModel: penultimate layer, pad token 0
+            params.update(
+                layer="hidden",
+                layer_idx=-2,
+                special_tokens={"start": 49406, "end": 49407, "pad": 0},
+            )
 
     clip = comfy.sd.CLIP(Target, embedding_directory=embedding_directory)
     fill_deterministically(clip.cond_stage_model, seed)
