@@ -6,9 +6,10 @@ import itertools
 
 import numpy as np
 import pytest
+from PIL import Image
+
 from comfyui_dp_adapt.demo.synthetic_images import main, write_synthetic_style_set
 from comfyui_dp_adapt.dp.images import load_image_folder
-from PIL import Image
 
 
 def _pixels(paths) -> list[np.ndarray]:

@@ -12,13 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image, ImageFile
+
 from comfyui_dp_adapt.dp.errors import InvalidParameterError
 from comfyui_dp_adapt.dp.images import (
     ImageFolderError,
     folder_fingerprint,
     load_image_folder,
 )
-from PIL import Image, ImageFile
 
 R = 64
 RED, GREEN, BLUE = (220, 30, 40), (30, 200, 60), (40, 50, 210)
