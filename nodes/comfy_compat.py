@@ -75,20 +75,6 @@ def encode_latents(model, vae, images):
 # --- universal guidance and CLIP vision (nodes/guidance_sampler.py, nodes/clip_aggregate.py) ---
 
 
-def load_models_fully(patchers: list) -> None:
-    """Load models completely on their devices (new ComfyUI may otherwise load partially,
-    which code calling a module's forward directly must not meet)."""
-    import inspect
-
-    import comfy.model_management
-
-    load = comfy.model_management.load_models_gpu
-    if "force_full_load" in inspect.signature(load).parameters:
-        load(patchers, force_full_load=True)
-    else:
-        load(patchers)
-
-
 def sampler_names() -> list[str]:
     import comfy.samplers
 

@@ -38,6 +38,8 @@ logger = logging.getLogger(__name__)
 TARGET_TYPE = "DP_CLIP_TARGET"
 MODES = ["full", "x0"]
 SEED_MODULUS = 2**64
+DEFAULT_STRENGTH = 600.0
+"""Bansal et al.'s style transfer (weight 6 on a loss of -100 x cosine) in this node's units."""
 
 
 class UniversalGuidanceSamplerNode:
@@ -123,13 +125,14 @@ class UniversalGuidanceSamplerNode:
                 "guidance_strength": (
                     "FLOAT",
                     {
-                        "default": 1.0,
+                        "default": DEFAULT_STRENGTH,
                         "min": 0.0,
                         "max": MAX_GUIDANCE_STRENGTH,
-                        "step": 0.1,
+                        "step": 10.0,
                         "round": False,
-                        "tooltip": "How hard each step is pushed towards the style target (s in "
-                        "denoised - s * sigma^2 * grad). 0 = plain KSampler. Too high breaks the image.",
+                        "tooltip": "How hard each step is pushed towards the style target: s in "
+                        "denoised - s * sigma^2 * grad(-cosine). 0 = plain KSampler. Bansal et al.'s "
+                        "style setting equals about 600 here. Too high breaks the image.",
                     },
                 ),
                 "self_recurrence": (
@@ -138,7 +141,8 @@ class UniversalGuidanceSamplerNode:
                         "default": 0,
                         "min": 0,
                         "max": MAX_SELF_RECURRENCE,
-                        "tooltip": "Repeat each step k more times after re-noising (Bansal et al.). "
+                        "tooltip": "Repeat each step k more times after re-noising (Bansal et al.; their "
+                        "'recurrent steps' = k + 1). "
                         "Stronger style, k+1 times the cost. Multistep samplers (dpmpp_2m, uni_pc) run "
                         "one step at a time then; euler or ddim suit recurrence best.",
                     },
@@ -148,7 +152,8 @@ class UniversalGuidanceSamplerNode:
                     {
                         "default": "full",
                         "tooltip": "full: gradient through the diffusion model, as in the paper. "
-                        "x0: gradient on the predicted image only; cheaper, a little weaker.",
+                        "x0: gradient on the predicted clean image only, no backward pass through the model: "
+                        "several times cheaper in time and GPU memory.",
                     },
                 ),
             }
@@ -179,6 +184,14 @@ class UniversalGuidanceSamplerNode:
             strength=guidance_strength, mode=mode, self_recurrence=self_recurrence
         )
         _validate(model, latent_image, vae, clip_vision, target, steps, sampler_name, scheduler)
+        if (
+            isinstance(denoise, bool)
+            or not isinstance(denoise, (int, float))
+            or not 0 <= denoise <= 1
+        ):
+            raise GuidanceError(f"denoise must be a number in [0, 1], got denoise={denoise!r}.")
+        if denoise == 0:  # nothing to denoise (new ComfyUI's KSampler returns the input too)
+            return (latent_image.copy(),)
         if self_recurrence > 0 and "noise_mask" in latent_image:
             raise GuidanceError(
                 "self_recurrence > 0 does not support a latent with a noise mask (inpainting): "
@@ -189,7 +202,9 @@ class UniversalGuidanceSamplerNode:
         guide = _GuidanceHook(model, vae, clip_vision, target, config, cfg, weights)
         guided = model.clone()
         guided.set_model_sampler_post_cfg_function(guide)
-        comfy_compat.load_models_fully([vae.patcher, clip_vision.patcher])
+        # One load for all three, so that sampling's own load of the MODEL evicts neither the
+        # VAE nor CLIP vision, which the hook calls directly at every step.
+        comfy_compat.load_models([guided, vae.patcher, clip_vision.patcher])
         try:
             samples = _run_sampler(
                 guided,
@@ -286,7 +301,9 @@ class _GuidanceHook:
             with clone_saved_tensors():
                 return comfy_compat.clip_vision_image_embeds(clip_vision, pixels)
 
-        self.loss_fn = make_guidance_loss(decode=decode, embed=embed, target=target.embedding)
+        with torch.inference_mode(False):  # autograd saves the target in the loss's product
+            direction = target.embedding.clone()
+        self.loss_fn = make_guidance_loss(decode=decode, embed=embed, target=direction)
 
     def __call__(self, args: dict) -> torch.Tensor:
         from ..dp.guidance import (
@@ -328,7 +345,7 @@ class _GuidanceHook:
                     denoiser=denoiser,
                 )
             except RuntimeError as error:
-                if "nference tensor" in str(error):
+                if full and "nference tensor" in str(error):
                     raise GuidanceError(
                         "mode 'full' cannot back-propagate through a model patch or ControlNet "
                         "that holds inference-mode weights; use mode 'x0' with it."
@@ -447,3 +464,7 @@ def _run_sampler(
             else:
                 x = x_next
     return x
+
+
+NODE_CLASS_MAPPINGS = {"DPAdaptUniversalGuidanceSampler": UniversalGuidanceSamplerNode}
+NODE_DISPLAY_NAME_MAPPINGS = {"DPAdaptUniversalGuidanceSampler": "Universal Guidance Sampler"}

@@ -11,9 +11,23 @@ logger = logging.getLogger(__name__)
 
 
 def _node_modules():
-    from . import budget, private_images, style_prompt, textual_inversion
+    from . import (
+        budget,
+        clip_aggregate,
+        guidance_sampler,
+        private_images,
+        style_prompt,
+        textual_inversion,
+    )
 
-    return [private_images, budget, textual_inversion, style_prompt]
+    return [
+        private_images,
+        budget,
+        textual_inversion,
+        style_prompt,
+        clip_aggregate,
+        guidance_sampler,
+    ]
 
 
 def build_mappings() -> tuple[dict, dict]:

@@ -1,0 +1,421 @@
+"""Forward universal guidance towards a CLIP image embedding (DP_SPEC section 5).
+
+Bansal et al. 2023, "Universal Guidance for Diffusion Models" (arXiv 2302.07121), Algorithm 1,
+with the loss of the DP universal-guidance method of arXiv 2411.14639: the target ``y`` is a
+unit-norm CLIP image embedding released by mechanism M1, and
+
+    l(z0) = -<normalize(f(D(z0))), y>                                        (per image)
+
+with ``D`` the VAE decoder and ``f`` the CLIP image encoder. Sampling only reads ``y``: it is
+post-processing of a DP release and costs no privacy.
+
+Everything here is pure torch; the model pieces (denoiser, decoder, image encoder) arrive as
+callables, so the maths is testable without ComfyUI.
+
+The correction in ComfyUI's parametrisation
+-------------------------------------------
+Paper (DDPM, eps-prediction): ``z_t = sqrt(abar) z0 + sqrt(1 - abar) eps`` and forward
+universal guidance replaces the noise prediction by
+
+    eps_hat = eps + s * sqrt(1 - abar) * grad_{z_t} l(z0_hat(z_t)).                   (1)
+
+ComfyUI (k-diffusion) samples the variance-exploding variable ``x = z_t / sqrt(abar)``:
+``x = x0 + sigma * eps`` with ``sigma^2 = (1 - abar) / abar`` and ``denoised = x - sigma * eps``.
+
+1. Chain rule: ``x = z_t / sqrt(abar)``, so ``grad_{z_t} l = grad_x l / sqrt(abar)``.
+2. Put this in (1): ``eps_hat = eps + s * sqrt(1 - abar) / sqrt(abar) * grad_x l
+   = eps + s * sigma * grad_x l``.
+3. The denoised prediction the sampler sees: ``denoised' = x - sigma * eps_hat``, so
+
+       denoised' = denoised - s * sigma^2 * grad_x l.                                  (2)
+
+The guidance strength ``s`` is the same number in both forms (tested numerically against
+(1) on a tiny model). Every ComfyUI sampler consumes ``denoised``, so correcting it in a
+post-CFG hook guides every sampler and scheduler. (2) holds for every model ComfyUI runs
+with ``x = x0 + sigma * eps`` (eps- and v-prediction alike: v-models' ``denoised`` has the
+same relation to their implied eps); flow models (``x = (1 - sigma) x0 + sigma eps``) differ.
+
+Two modes
+---------
+``full``: ``grad_x l(denoised(x))`` through the denoiser, as in the paper.
+``x0``: the gradient with respect to the predicted clean latent only, ``grad_{denoised} l``,
+i.e. (1) with ``eps`` held fixed: ``z0_hat = (z_t - sqrt(1 - abar) eps) / sqrt(abar)`` gives
+``grad_{z_t} l = grad_{z0_hat} l / sqrt(abar)`` and (2) becomes
+``denoised' = denoised - s * sigma^2 * grad_{denoised} l``. No backward pass through the
+denoiser (the cheaper variant of DP_SPEC section 5).
+
+Self-recurrence (Algorithm 1, inner loop)
+-----------------------------------------
+After a step from ``t`` to ``t-1`` the paper re-noises
+``z_t = sqrt(abar_t / abar_{t-1}) z_{t-1} + sqrt(1 - abar_t / abar_{t-1}) eps'`` and repeats the
+step. Dividing by ``sqrt(abar_t)`` (and ``1 / abar = 1 + sigma^2``) gives, in ComfyUI's
+variable, ``x_t = x_{t-1} + sqrt(sigma_t^2 - sigma_{t-1}^2) eps'``: the variance-exploding
+forward step, see :func:`renoise`. ``self_recurrence = k`` runs every step k + 1 times (the
+authors' code calls k + 1 "optim_num_steps").
+
+Strength
+--------
+The authors' style-transfer setting (weight 6 on a loss of -100 x cosine, github
+arpitbansal297/Universal-Guided-Diffusion, stable-diffusion-guided/scripts/style_transfer.py)
+is ``s = 600`` for the loss ``-cosine`` used here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+import torch
+
+from .errors import InvalidParameterError
+
+MAX_SELF_RECURRENCE = 10
+"""Upper bound on the self-recurrence count ``k``: each unit multiplies the sampling cost
+(Bansal et al. report gains up to k = 10; beyond, cost grows with little benefit)."""
+
+MAX_GUIDANCE_STRENGTH = 10_000.0
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+Denoiser = Callable[[torch.Tensor], torch.Tensor]
+"""``x (B, C, h, w) at a fixed sigma -> denoised (B, C, h, w)``, differentiable."""
+
+GuidanceLoss = Callable[[torch.Tensor], torch.Tensor]
+"""``denoised latents (B, C, h, w) -> loss (B,)``, differentiable; one value per image."""
+
+
+class GuidanceMode(str, Enum):
+    """Where the guidance gradient is taken (see the module docstring)."""
+
+    FULL = "full"
+    X0 = "x0"
+
+
+class GuidanceError(InvalidParameterError):
+    """Bad input to the universal guidance sampler."""
+
+
+@dataclass(frozen=True)
+class GuidanceConfig:
+    """Public settings of one guided sampling run."""
+
+    strength: float
+    mode: GuidanceMode = GuidanceMode.FULL
+    self_recurrence: int = 0
+
+    def __post_init__(self) -> None:
+        s = self.strength
+        if (
+            isinstance(s, bool)
+            or not isinstance(s, (int, float))
+            or not math.isfinite(s)
+            or not 0 <= s <= MAX_GUIDANCE_STRENGTH
+        ):
+            raise GuidanceError(
+                f"guidance_strength must be a finite number in [0, {MAX_GUIDANCE_STRENGTH:g}], "
+                f"got guidance_strength={s!r}."
+            )
+        try:
+            object.__setattr__(self, "mode", GuidanceMode(self.mode))
+        except ValueError:
+            allowed = ", ".join(repr(m.value) for m in GuidanceMode)
+            raise GuidanceError(f"mode must be one of {allowed}, got mode={self.mode!r}.") from None
+        k = self.self_recurrence
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= MAX_SELF_RECURRENCE:
+            raise GuidanceError(
+                f"self_recurrence must be an integer in [0, {MAX_SELF_RECURRENCE}], got "
+                f"self_recurrence={k!r}. Each repeat re-runs every sampling step; "
+                f"{MAX_SELF_RECURRENCE} is the most this node allows."
+            )
+
+
+@dataclass(frozen=True, eq=False)
+class ClipTarget:
+    """A DP release of a mean CLIP image embedding, as a guidance target (``DP_CLIP_TARGET``).
+
+    ``embedding`` (D,) float32 on CPU, unit norm (renormalising is post-processing). ``event``
+    is the release's dp_accounting DpEvent; every other field is a public parameter of the
+    release (DP_SPEC section 1). Nothing per image is held.
+    """
+
+    embedding: torch.Tensor
+    event: Any
+    epsilon: float
+    delta: float
+    noise_multiplier: float
+    sampling_rate: float
+    dataset_size: int
+    clip_norm: float = 1.0
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        e = self.embedding
+        if not isinstance(e, torch.Tensor) or e.dim() != 1 or e.numel() < 1:
+            raise GuidanceError(
+                "a CLIP target embedding must be one vector (D,), got "
+                f"{tuple(e.shape) if isinstance(e, torch.Tensor) else type(e).__name__}."
+            )
+        if not torch.isfinite(e).all():
+            raise GuidanceError("the CLIP target embedding holds NaN or infinite values.")
+        # A normal tensor even when built inside ComfyUI's inference mode: the guidance loss
+        # differentiates through a product with it.
+        with torch.inference_mode(False):
+            emb = e.detach().to(device="cpu", dtype=torch.float32).clone()
+        norm = float(emb.norm())
+        if not math.isclose(norm, 1.0, rel_tol=1e-4):
+            raise GuidanceError(f"the CLIP target embedding must have unit norm, got {norm:.6g}.")
+        object.__setattr__(self, "embedding", emb)
+
+    @property
+    def width(self) -> int:
+        return int(self.embedding.shape[0])
+
+
+@dataclass(frozen=True)
+class GuidedPrediction:
+    """Result of one guidance correction."""
+
+    denoised: torch.Tensor
+    """(B, C, h, w) corrected denoised prediction, eq. (2)."""
+    loss: torch.Tensor
+    """(B,) guidance loss of the uncorrected prediction (detached)."""
+    gradient: torch.Tensor
+    """(B, C, h, w) grad_x l (``full``) or grad_{denoised} l (``x0``), detached."""
+
+
+def check_target_width(target: ClipTarget, width: int) -> None:
+    """Refuse a target released in another CLIP embedding space."""
+    if target.width != width:
+        raise GuidanceError(
+            f"the DP CLIP target has width {target.width} but the CLIP_VISION model embeds "
+            f"images in width {width}. Aggregate the private images with the same CLIP vision "
+            "model that guides the sampler."
+        )
+
+
+def preprocess_for_clip(
+    images: torch.Tensor,
+    *,
+    size: int,
+    mean: Sequence[float] = CLIP_MEAN,
+    std: Sequence[float] = CLIP_STD,
+    crop: bool = True,
+) -> torch.Tensor:
+    """Differentiable twin of ComfyUI's ``clip_preprocess``: (B, 3, H, W) in [0, 1] -> (B, 3, size, size).
+
+    Bicubic antialiased resize of the shortest side to ``size`` (or of both sides when
+    ``crop`` is False), centre crop, clamp to [0, 1], then CLIP's normalisation. ComfyUI's version also
+    rounds to 8 bits, which makes its gradient zero everywhere; this one does not round.
+    """
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise GuidanceError(f"expected images (B, 3, H, W), got {tuple(images.shape)}.")
+    height, width = images.shape[-2:]
+    if (height, width) != (size, size):
+        if crop:
+            scale = size / min(height, width)
+            target = (round(scale * height), round(scale * width))
+        else:
+            target = (size, size)
+        images = torch.nn.functional.interpolate(
+            images, size=target, mode="bicubic", antialias=True, align_corners=False
+        )
+        top = (images.shape[-2] - size) // 2
+        left = (images.shape[-1] - size) // 2
+        images = images[:, :, top : top + size, left : left + size]
+    images = images.clamp(0.0, 1.0)  # as ComfyUI's (bicubic overshoots)
+    m = torch.tensor(mean, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+    return (images - m) / s
+
+
+def clip_guidance_loss(embeddings: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``-<normalize(f), y>`` per image: embeddings (B, D), target (D,) unit norm -> (B,)."""
+    if embeddings.dim() != 2 or embeddings.shape[1] != target.shape[-1]:
+        raise GuidanceError(
+            f"image embeddings {tuple(embeddings.shape)} do not match the target width "
+            f"{target.shape[-1]}."
+        )
+    unit = torch.nn.functional.normalize(embeddings.float(), dim=1)
+    return -(unit @ target.to(device=unit.device, dtype=unit.dtype))
+
+
+def make_guidance_loss(
+    *,
+    decode: Callable[[torch.Tensor], torch.Tensor],
+    embed: Callable[[torch.Tensor], torch.Tensor],
+    target: torch.Tensor,
+) -> GuidanceLoss:
+    """``l(z0) = -<normalize(embed(decode(z0))), y>`` per image, as one callable.
+
+    ``decode``: denoised latents -> images (B, 3, H, W) in [0, 1]; ``embed``: such images ->
+    image embeddings (B, D), both differentiable.
+    """
+
+    def loss(denoised: torch.Tensor) -> torch.Tensor:
+        return clip_guidance_loss(embed(decode(denoised)), target)
+
+    return loss
+
+
+def _as_batch_view(sigma: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
+    sigma = torch.as_tensor(sigma, device=like.device, dtype=like.dtype)
+    if sigma.dim() == 0:
+        sigma = sigma.expand(like.shape[0])
+    return sigma.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def sigma_form_correction(
+    denoised: torch.Tensor, gradient: torch.Tensor, sigma: torch.Tensor | float, strength: float
+) -> torch.Tensor:
+    """Eq. (2): ``denoised - s * sigma^2 * grad``; ``sigma`` scalar or (B,)."""
+    view = _as_batch_view(sigma, denoised)
+    return denoised - strength * view.square() * gradient.to(denoised.dtype)
+
+
+def guided_prediction(
+    x: torch.Tensor,
+    sigma: torch.Tensor | float,
+    denoised: torch.Tensor,
+    *,
+    loss_fn: GuidanceLoss,
+    strength: float,
+    mode: GuidanceMode,
+    denoiser: Denoiser | None = None,
+) -> GuidedPrediction:
+    """One forward-universal-guidance correction in ComfyUI's sigma form, eq. (2).
+
+    x (B, C, h, w): the sampler's current latent at noise level ``sigma`` (scalar or (B,));
+    denoised: the sampler's (CFG-combined) prediction of the clean latent at ``x``.
+    ``full`` re-evaluates ``denoiser(x)`` with autograd and differentiates the loss through
+    it; ``x0`` differentiates with respect to ``denoised`` only. The loss is summed over the
+    batch, so each image's gradient depends on that image alone. Call with gradients
+    enabled (outside ``torch.inference_mode``).
+    """
+    mode = GuidanceMode(mode)
+    if mode is GuidanceMode.FULL:
+        if denoiser is None:
+            raise GuidanceError("mode 'full' needs the denoiser to differentiate through.")
+        leaf = x.detach().clone().requires_grad_(True)
+        prediction = denoiser(leaf)
+    else:
+        leaf = denoised.detach().clone().requires_grad_(True)
+        prediction = leaf
+    losses = loss_fn(prediction)
+    (gradient,) = torch.autograd.grad(losses.sum(), leaf)
+    corrected = sigma_form_correction(denoised, gradient, sigma, strength)
+    return GuidedPrediction(
+        denoised=corrected.detach(), loss=losses.detach(), gradient=gradient.detach()
+    )
+
+
+def eps_form_prediction(
+    z_t: torch.Tensor,
+    alpha_bar: float,
+    *,
+    eps_fn: Callable[[torch.Tensor], torch.Tensor],
+    loss_fn: GuidanceLoss,
+    strength: float,
+    mode: GuidanceMode,
+) -> torch.Tensor:
+    """The paper's form, eq. (1), as a reference: the guided ``z0_hat`` in DDPM variables.
+
+    ``eps_fn(z_t)`` predicts the noise; ``z0_hat = (z_t - sqrt(1 - abar) eps) / sqrt(abar)``.
+    ``full`` takes ``grad_{z_t} l(z0_hat(z_t))`` through ``eps_fn``; ``x0`` holds ``eps`` fixed.
+    Returns ``(z_t - sqrt(1 - abar) eps_hat) / sqrt(abar)`` with
+    ``eps_hat = eps + s sqrt(1 - abar) grad_{z_t} l``; used by the tests to check eq. (2).
+    """
+    a = torch.as_tensor(alpha_bar, dtype=z_t.dtype, device=z_t.device)
+    root_a, root_1ma = a.sqrt(), (1 - a).sqrt()
+    leaf = z_t.detach().clone().requires_grad_(True)
+    if GuidanceMode(mode) is GuidanceMode.X0:
+        with torch.no_grad():
+            eps = eps_fn(leaf)
+    else:
+        eps = eps_fn(leaf)
+    z0_hat = (leaf - root_1ma * eps) / root_a
+    (grad_zt,) = torch.autograd.grad(loss_fn(z0_hat).sum(), leaf)
+    eps_hat = eps.detach() + strength * root_1ma * grad_zt
+    return (z_t - root_1ma * eps_hat) / root_a
+
+
+def renoise(
+    x: torch.Tensor, sigma_from: float, sigma_to: float, noise: torch.Tensor
+) -> torch.Tensor:
+    """Self-recurrence's re-noising from ``sigma_from`` back up to ``sigma_to >= sigma_from``.
+
+    Algorithm 1 of Bansal et al. in ComfyUI's variable (module docstring):
+    ``x + sqrt(sigma_to^2 - sigma_from^2) * noise``.
+    """
+    if sigma_to < sigma_from:
+        raise GuidanceError(
+            f"re-noising goes up in noise level, got sigma_from={sigma_from} > sigma_to={sigma_to}."
+        )
+    return x + math.sqrt(sigma_to**2 - sigma_from**2) * noise.to(x.dtype)
+
+
+class WeightSwap:
+    """Temporarily replaces inference-mode parameters and buffers by equal normal tensors.
+
+    Loader nodes create weights under ``torch.inference_mode()`` and autograd refuses to save
+    such tensors for backward. :meth:`swap` gives the modules normal clones (frozen, same
+    values, same devices); it can be called again and only swaps what is still an inference
+    tensor (e.g. weights ComfyUI patched in the meantime). :meth:`restore` puts every original
+    object back where the clone still sits, so the caller's model is left as it was.
+    """
+
+    def __init__(self) -> None:
+        self._swapped: list[tuple[dict, str, torch.Tensor, torch.Tensor]] = []
+
+    def swap(self, modules: Sequence[torch.nn.Module]) -> None:
+        with torch.inference_mode(False):
+            for module in modules:
+                for sub in module.modules():
+                    for store, is_param in ((sub._parameters, True), (sub._buffers, False)):
+                        for name, tensor in list(store.items()):
+                            if tensor is None or not tensor.is_inference():
+                                continue
+                            clone = tensor.detach().clone()
+                            if is_param:
+                                clone = torch.nn.Parameter(clone, requires_grad=False)
+                            store[name] = clone
+                            self._swapped.append((store, name, tensor, clone))
+
+    def restore(self) -> None:
+        for store, name, original, clone in reversed(self._swapped):
+            if store.get(name) is clone:
+                store[name] = original
+        self._swapped.clear()
+
+    @property
+    def count(self) -> int:
+        return len(self._swapped)
+
+
+@contextmanager
+def autograd_weights(modules: Sequence[torch.nn.Module]) -> Iterator[WeightSwap]:
+    """``WeightSwap`` of ``modules`` for the duration of the context."""
+    swap = WeightSwap()
+    try:
+        swap.swap(modules)
+        yield swap
+    finally:
+        swap.restore()
+
+
+@contextmanager
+def clone_saved_tensors(enabled: bool = True) -> Iterator[None]:
+    """Clone every tensor autograd saves, so later in-place adds cannot invalidate it.
+
+    ComfyUI's CLIP layers (and old ComfyUI's transformer blocks) add residuals in place;
+    cloning the saved activations makes backward work without touching ComfyUI.
+    """
+    if not enabled:
+        yield
+        return
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t):
+        yield

@@ -1,0 +1,319 @@
+"""The Universal Guidance Sampler in a real (in-process) ComfyUI on tiny models."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from comfyui_dp_adapt.dp.errors import DpAdaptError
+from comfyui_dp_adapt.dp.guidance import MAX_SELF_RECURRENCE, ClipTarget
+
+CFG = 3.0
+SAMPLERS = ["euler", "euler_ancestral", "dpmpp_2m", "ddim", "uni_pc"]
+
+
+@pytest.fixture(scope="module")
+def env(comfy):
+    from comfyui_dp_adapt.nodes import comfy_compat, tiny_models
+    from comfyui_dp_adapt.nodes.guidance_sampler import UniversalGuidanceSamplerNode
+
+    model = tiny_models.build_tiny_model()
+    clip = tiny_models.build_tiny_clip()
+    vae = tiny_models.build_tiny_vae()
+    clip_vision = tiny_models.build_tiny_clip_vision()
+    with torch.inference_mode():
+        positive = _encode(clip, "a painting")
+        negative = _encode(clip, "")
+        # A public reference image stands in for the DP estimate: the sampler only reads it.
+        reference = torch.zeros(1, 64, 64, 3)
+        reference[..., 0] = 1.0
+        reference[:, :32, :, 2] = 1.0
+        # built in inference mode, as the aggregate node builds it inside ComfyUI's executor
+        target = make_target(comfy_compat.clip_vision_encode(clip_vision, reference)[0])
+    return {
+        "node": UniversalGuidanceSamplerNode(),
+        "model": model,
+        "vae": vae,
+        "clip_vision": clip_vision,
+        "positive": positive,
+        "negative": negative,
+        "target": target,
+    }
+
+
+def _encode(clip, text):
+    cond, pooled = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
+    return [[cond, {"pooled_output": pooled}]]
+
+
+def make_target(vector: torch.Tensor) -> ClipTarget:
+    return ClipTarget(
+        embedding=torch.nn.functional.normalize(vector.float(), dim=0),
+        event=None,
+        epsilon=1.0,
+        delta=1e-5,
+        noise_multiplier=1.0,
+        sampling_rate=1.0,
+        dataset_size=10,
+    )
+
+
+def sample(env, **overrides):
+    kwargs = dict(
+        model=env["model"],
+        positive=env["positive"],
+        negative=env["negative"],
+        latent_image={"samples": torch.zeros(2, 4, 8, 8)},
+        vae=env["vae"],
+        clip_vision=env["clip_vision"],
+        target=env["target"],
+        seed=7,
+        steps=3,
+        cfg=CFG,
+        sampler_name="euler",
+        scheduler="normal",
+        denoise=1.0,
+        guidance_strength=20.0,
+        self_recurrence=0,
+        mode="x0",
+    )
+    kwargs.update(overrides)
+    with torch.inference_mode():  # as ComfyUI's executor runs every node
+        (latent,) = env["node"].sample(**kwargs)
+    return latent["samples"]
+
+
+def cosine_to_target(env, samples):
+    from comfyui_dp_adapt.nodes import comfy_compat
+
+    with torch.inference_mode():
+        images = env["vae"].decode(samples)
+        embeds = comfy_compat.clip_vision_encode(env["clip_vision"], images)
+    return torch.nn.functional.normalize(embeds.float(), dim=1) @ env["target"].embedding
+
+
+@pytest.fixture
+def spy_hook(monkeypatch):
+    """Records every call of the guidance hook: its args and what it returned."""
+    from comfyui_dp_adapt.nodes import guidance_sampler
+
+    calls = []
+    original = guidance_sampler._GuidanceHook.__call__
+
+    def spy(self, args):
+        out = original(self, args)
+        calls.append({"hook": self, "args": args, "out": out})
+        return out
+
+    monkeypatch.setattr(guidance_sampler._GuidanceHook, "__call__", spy)
+    return calls
+
+
+@pytest.mark.parametrize("mode", ["full", "x0"])
+def test_hooks_sigma_form_equals_the_papers_eps_form(env, mode, monkeypatch):
+    """Inside a real sampling run, the node's correction denoised - s*sigma^2*grad equals the
+    paper's eps_hat = eps + s*sqrt(1 - abar)*grad_{z_t} l, with z_t = sqrt(abar) x."""
+    from comfyui_dp_adapt.dp.guidance import clone_saved_tensors, eps_form_prediction
+    from comfyui_dp_adapt.nodes import comfy_compat, guidance_sampler
+
+    strength = 5.0
+    checked = []
+    original = guidance_sampler._GuidanceHook.__call__
+
+    def compare(self, args):
+        out = original(self, args)
+        with torch.inference_mode(False), torch.enable_grad():
+            x = args["input"].clone()
+            sigma = float(args["sigma"].flatten()[0])
+            alpha_bar = 1.0 / (1.0 + sigma**2)
+            denoise = comfy_compat.cfg_denoiser(args, self, CFG)
+
+            def eps_fn(z_t):
+                x_ = z_t / math.sqrt(alpha_bar)
+                with clone_saved_tensors():
+                    return (x_ - denoise(x_)) / sigma
+
+            paper = eps_form_prediction(
+                x * math.sqrt(alpha_bar),
+                alpha_bar,
+                eps_fn=eps_fn,
+                loss_fn=self.loss_fn,
+                strength=strength,
+                mode=mode,
+            )
+        correction = out - args["denoised"]
+        checked.append((sigma, float(correction.abs().max())))
+        # Compare the corrections themselves, to float32 precision of the latents' scale:
+        # the paper's form goes through z_t and eps and rounds at that scale.
+        rounding = 8 * torch.finfo(torch.float32).eps * float(args["denoised"].abs().max())
+        torch.testing.assert_close(
+            correction, (paper - args["denoised"]).to(out.dtype), rtol=1e-3, atol=rounding
+        )
+        return out
+
+    monkeypatch.setattr(guidance_sampler._GuidanceHook, "__call__", compare)
+    sample(env, mode=mode, guidance_strength=strength, steps=2)
+    assert len(checked) == 2 and checked[0][0] > checked[1][0] > 0
+    assert checked[0][1] > 0.1, f"the guidance must change the prediction: {checked}"
+
+
+@pytest.mark.parametrize("mode", ["full", "x0"])
+def test_strong_guidance_pulls_the_image_towards_the_target(env, mode):
+    plain = cosine_to_target(env, sample(env, guidance_strength=0.0, steps=4))
+    guided = cosine_to_target(env, sample(env, guidance_strength=20.0, steps=4, mode=mode))
+    assert (guided > plain + 0.02).all(), f"unguided {plain.tolist()}, guided {guided.tolist()}"
+
+
+@pytest.mark.parametrize("sampler_name", SAMPLERS)
+def test_every_sampler_runs_guided(env, sampler_name, spy_hook):
+    plain = sample(env, sampler_name=sampler_name, guidance_strength=0.0)
+    spy_hook.clear()
+    guided = sample(env, sampler_name=sampler_name, guidance_strength=20.0)
+    assert len(spy_hook) >= 3, "the hook runs at every model evaluation"
+    assert torch.isfinite(guided).all()
+    assert not torch.allclose(guided, plain), "guidance changed the result"
+    assert (cosine_to_target(env, guided) > cosine_to_target(env, plain)).all()
+
+
+def test_self_recurrence_repeats_every_step(env, spy_hook):
+    import comfy.utils
+
+    progress = []
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, *a, **k: progress.append(total))
+    try:
+        out = sample(env, self_recurrence=2, steps=3, sampler_name="euler")
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+    assert len(spy_hook) == 3 * (2 + 1), "euler evaluates once per step, (k + 1) times"
+    sigmas = [float(c["args"]["sigma"].flatten()[0]) for c in spy_hook]
+    assert sigmas[0] == sigmas[1] == sigmas[2] > sigmas[3] == sigmas[4] == sigmas[5]
+    assert set(progress) == {9}, "one progress bar over every repeated step"
+    assert torch.isfinite(out).all()
+
+
+def test_partial_denoise_starts_lower_and_zero_denoise_returns_the_input(env, spy_hook):
+    latent = {"samples": torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))}
+    sample(env, latent_image=latent, steps=2)
+    sigma_max = float(spy_hook[0]["args"]["sigma"].flatten()[0])
+    spy_hook.clear()
+    out = sample(env, latent_image=latent, steps=2, denoise=0.5, self_recurrence=1)
+    assert len(spy_hook) == 2 * 2
+    assert float(spy_hook[0]["args"]["sigma"].flatten()[0]) < sigma_max
+    assert torch.isfinite(out).all()
+    assert torch.equal(sample(env, latent_image=latent, denoise=0.0), latent["samples"])
+
+
+def test_self_recurrence_zero_is_plain_comfyui_sampling(env):
+    """With guidance off and no recurrence the node reproduces KSampler bit for bit."""
+    import nodes
+
+    latent = {"samples": torch.zeros(1, 4, 8, 8)}
+    with torch.inference_mode():
+        (expected,) = nodes.common_ksampler(
+            env["model"], 7, 3, CFG, "dpmpp_2m", "karras", env["positive"], env["negative"], latent
+        )
+    ours = sample(
+        env,
+        latent_image=latent,
+        sampler_name="dpmpp_2m",
+        scheduler="karras",
+        guidance_strength=0.0,
+    )
+    assert torch.equal(ours, expected["samples"])
+
+
+def test_the_users_model_and_encoders_are_left_unchanged(env):
+    def state():
+        return {
+            name: (id(t), t.is_inference())
+            for part in (
+                env["model"].model,
+                env["vae"].first_stage_model,
+                env["clip_vision"].model,
+            )
+            for name, t in [*part.named_parameters(), *part.named_buffers()]
+        }
+
+    before = state()
+    options_before = repr(env["model"].model_options)
+    sample(env, mode="full")
+    assert state() == before
+    assert repr(env["model"].model_options) == options_before
+
+
+def test_cancel_stops_sampling(env):
+    import comfy.model_management
+    import comfy.utils
+
+    def hook(value, total, *args, **kwargs):
+        if value == 1:
+            comfy.model_management.interrupt_current_processing(True)
+
+    comfy.utils.set_progress_bar_global_hook(hook)
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            sample(env, steps=4, self_recurrence=1)
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+        comfy.model_management.interrupt_current_processing(False)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"clip_vision": None}, "clip_vision is missing"),
+        ({"target": "not a target"}, "DP_CLIP_TARGET"),
+        ({"target": make_target(torch.ones(16))}, r"width 16 .* width 32"),
+        ({"guidance_strength": float("nan")}, "guidance_strength"),
+        ({"guidance_strength": -1.0}, "guidance_strength"),
+        ({"self_recurrence": MAX_SELF_RECURRENCE + 1}, "self_recurrence"),
+        ({"mode": "both"}, "mode"),
+        ({"steps": 0}, "steps"),
+        ({"denoise": float("nan")}, "denoise"),
+        ({"latent_image": {"samples": torch.zeros(0, 4, 8, 8)}}, "latent_image"),
+        (
+            {
+                "self_recurrence": 1,
+                "latent_image": {
+                    "samples": torch.zeros(1, 4, 8, 8),
+                    "noise_mask": torch.ones(1, 8, 8),
+                },
+            },
+            "noise mask",
+        ),
+    ],
+)
+def test_bad_inputs_fail_clearly_before_sampling(env, overrides, message, spy_hook):
+    with pytest.raises(DpAdaptError, match=message):
+        sample(env, **overrides)
+    assert not spy_hook, "nothing was sampled"
+
+
+def test_flow_models_are_refused(env):
+    import comfy.model_sampling
+
+    if not hasattr(comfy.model_sampling, "CONST"):
+        pytest.skip("this ComfyUI has no flow models")
+
+    class Flow(comfy.model_sampling.ModelSamplingDiscreteFlow, comfy.model_sampling.CONST):
+        pass
+
+    model = env["model"].clone()
+    model.add_object_patch("model_sampling", Flow())
+    with pytest.raises(DpAdaptError, match="flow"):
+        sample(env, model=model)
+
+
+def test_differentiable_preprocessing_matches_comfyuis_up_to_8_bit_rounding(comfy):
+    import comfy.clip_vision
+
+    from comfyui_dp_adapt.dp.guidance import CLIP_STD, preprocess_for_clip
+
+    images = torch.rand(2, 72, 96, 3, generator=torch.Generator().manual_seed(0))
+    expected = comfy.clip_vision.clip_preprocess(images, size=64)
+    ours = preprocess_for_clip(images.movedim(-1, 1), size=64)
+    assert ours.shape == expected.shape
+    step = 1.0 / 255 / min(CLIP_STD)
+    assert (ours - expected).abs().max() <= step / 2 + 1e-3
