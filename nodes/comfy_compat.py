@@ -51,10 +51,21 @@ def environment_flag(name: str) -> bool:
 
 
 def load_models(patchers: list) -> None:
-    """Put models on their compute device with ComfyUI's memory management."""
+    """Put models fully on their compute device with ComfyUI's memory management.
+
+    New ComfyUI may load a model partially in low VRAM; code that runs a module's forward
+    and backward itself must not meet half-loaded weights, so it asks for a full load
+    (``force_full_load``, new ComfyUI only; old ComfyUI always loads fully when it can).
+    """
+    import inspect
+
     import comfy.model_management
 
-    comfy.model_management.load_models_gpu(patchers)
+    load = comfy.model_management.load_models_gpu
+    if "force_full_load" in inspect.signature(load).parameters:
+        load(patchers, force_full_load=True)
+    else:
+        load(patchers)
 
 
 def encode_latents(model, vae, images):

@@ -14,6 +14,7 @@ import torch
 from ..dp.errors import InvalidParameterError
 from ..dp.inversion import PromptTokens
 from ..dp.templates import split_template
+from . import comfy_compat
 
 
 class UnsupportedModelError(InvalidParameterError):
@@ -204,7 +205,7 @@ def make_denoise_loss(model):
     base = model.model
     make_autograd_safe(base.diffusion_model)
     sampling = base.model_sampling
-    clone_saved = _in_place_residuals(base)
+    clone_saved = comfy_compat.transformer_blocks_add_in_place()
 
     def loss(latents, context, timesteps, noise):
         sigma = sampling.sigma(timesteps).to(latents.device)
@@ -217,18 +218,6 @@ def make_denoise_loss(model):
         return ((eps - noise.float()) ** 2).mean(dim=(1, 2, 3))
 
     return loss
-
-
-def _in_place_residuals(base) -> bool:
-    """Old ComfyUI's transformer block does ``x += n``, which breaks backward."""
-    import inspect
-
-    from comfy.ldm.modules import attention
-
-    try:
-        return "x += n" in inspect.getsource(attention.BasicTransformerBlock)
-    except (OSError, TypeError):
-        return True
 
 
 @contextmanager

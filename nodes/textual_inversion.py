@@ -252,13 +252,14 @@ class DPTextualInversionTrainNode:
         target_norm = im.mean_token_norm(clip, family)
 
         kept = poisson_sample(dataset_size, sampling_rate=sampling_rate)
-        progress = comfy_compat.progress_bar(
-            max(1, math.ceil(len(kept.indices) / images_per_batch) * steps)
-        )
+        # The bar's total is public (it assumes all n images); the number kept by Poisson
+        # sampling is private and is not shown (the run's duration still hints at it).
+        public_total = math.ceil(dataset_size / images_per_batch) * steps
+        progress = comfy_compat.progress_bar(public_total)
 
         def on_step(done: int, total: int) -> None:
             comfy_compat.raise_if_cancelled()
-            progress.update_absolute(done, total)
+            progress.update_absolute(min(done, public_total), public_total)
 
         width = initial.shape[1]
         if len(kept.indices) > 0:
