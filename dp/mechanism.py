@@ -3,18 +3,24 @@
 Adjacency: add or remove one image. Each image i contributes one vector v_i computed from
 image i alone; it is bounded around a public centre c to norm at most C, so adding or
 removing one image changes the float64 sum by at most C (L2 sensitivity C). The sum gets
-isotropic Gaussian noise N(0, (z C)^2 I) -- the Gaussian mechanism -- and is divided by the
-public q n. With Poisson sampling at rate q the release is the Poisson-subsampled Gaussian;
-its DpEvent is ``accounting.release_event``. Randomness (sampling and noise) comes from OS
-entropy, fresh per release, never from a workflow seed (DP_SPEC 6).
+isotropic Gaussian noise N(0, (z C)^2 I_D) (the Gaussian mechanism) and is divided by the
+public q n. With Poisson sampling at rate q the release is the Poisson-subsampled Gaussian
+mechanism, whose DpEvent is ``accounting.release_event``. Sampling and noise draw their
+seeds from OS entropy, fresh per release, never from a workflow seed or torch's global RNG
+(DP_SPEC 6).
+
+Known limit (DP_SPEC 6): the noise is a floating-point Gaussian from a seeded Mersenne
+Twister; a discrete Gaussian sampler (Canonne, Kamath, Steinke 2020) would resist
+floating-point attacks on the continuous Gaussian (Mironov 2012; Jin et al. 2022).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import secrets
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 
 import dp_accounting as dpa
@@ -29,49 +35,147 @@ from .validation import (
     check_sampling_rate,
 )
 
+logger = logging.getLogger(__name__)
+
 
 class BoundMode(str, Enum):
-    """How each contribution is bounded to norm C around the centre."""
+    """How each contribution is bounded to norm <= C around the centre (DP_SPEC 2.2)."""
 
-    CLIP = "clip"  # u = (v - c) * min(1, C / ||v - c||): vectors inside the ball are unchanged
+    CLIP = "clip"  # u = (v - c) min(1, C / ||v - c||): vectors inside the ball unchanged
     NORMALIZE = "normalize"  # u = C (v - c) / ||v - c||: the paper's choice
 
 
+def _bound_mode(mode: BoundMode | str) -> BoundMode:
+    try:
+        return BoundMode(mode)
+    except ValueError:
+        allowed = ", ".join(repr(m.value) for m in BoundMode)
+        raise InvalidParameterError(f"mode must be one of {allowed}, got mode={mode!r}.") from None
+
+
 def os_entropy_generator(device: str | torch.device = "cpu") -> torch.Generator:
-    """A generator seeded from OS entropy (63 random bits from ``secrets``), fresh per use."""
-    return torch.Generator(device=device).manual_seed(secrets.randbits(63))
+    """A torch generator seeded with 63 bits from ``secrets`` (the OS CSPRNG), fresh per call.
+
+    Independent of torch's global RNG, so ``torch.manual_seed(workflow_seed)`` elsewhere
+    can neither reproduce nor influence it (DP_SPEC 6).
+    """
+    generator = torch.Generator(device=device)
+    generator.manual_seed(secrets.randbits(63))
+    return generator
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class PoissonSample:
-    """Which images take part in a release. PRIVATE: never output, log or store it."""
+    """Which images take part in a release: PRIVATE under Poisson sampling.
 
-    indices: list[int] = field(repr=False)
+    ``indices`` (sorted, as a list usable to index a tensor) and their number must never be
+    output, logged or stored; ``repr`` shows neither.
+    """
+
+    _indices: tuple[int, ...]
     dataset_size: int
+
+    @property
+    def indices(self) -> list[int]:
+        return list(self._indices)
 
     def __repr__(self) -> str:
         return f"PoissonSample(dataset_size={self.dataset_size}, indices=<private>)"
 
+    __str__ = __repr__
+
 
 def poisson_sample(dataset_size: int, *, sampling_rate: float) -> PoissonSample:
-    """Keep each of ``dataset_size`` images independently with probability q (q = 1: all)."""
+    """Keep each of n images independently with probability q (q = 1 keeps all).
+
+    Call this FIRST and compute per-image vectors only for the kept images. The draws come
+    from ``os_entropy_generator`` (DP_SPEC 2.1, 6).
+    """
     n = check_positive_int("dataset_size", dataset_size)
     q = check_sampling_rate(sampling_rate)
     if q == 1:
-        return PoissonSample(indices=list(range(n)), dataset_size=n)
+        return PoissonSample(_indices=tuple(range(n)), dataset_size=n)
     draws = torch.rand(n, generator=os_entropy_generator(), dtype=torch.float64)
-    return PoissonSample(indices=torch.nonzero(draws < q).flatten().tolist(), dataset_size=n)
+    kept = torch.nonzero(draws < q).flatten().tolist()
+    return PoissonSample(_indices=tuple(kept), dataset_size=n)
+
+
+# --- bounding -----------------------------------------------------------------------------
 
 
 def _as_float64(tensor: torch.Tensor, name: str) -> torch.Tensor:
+    """``tensor`` as float64 on its device, or on the CPU where float64 is unsupported (MPS)."""
     if not isinstance(tensor, torch.Tensor):
-        raise InvalidParameterError(f"{name} must be a torch tensor, got {type(tensor).__name__}.")
-    if tensor.device.type == "mps":  # no float64 on Apple GPUs
-        tensor = tensor.cpu()
-    tensor = tensor.detach().to(torch.float64)
+        raise InvalidParameterError(
+            f"{name} must be a torch.Tensor, got {name} of type {type(tensor).__name__}."
+        )
+    if tensor.dtype == torch.bool or tensor.is_complex():
+        raise InvalidParameterError(f"{name} must be a real tensor, got dtype {tensor.dtype}.")
+    tensor = tensor.detach()
+    try:
+        return tensor.to(torch.float64)
+    except (TypeError, RuntimeError):  # e.g. "MPS framework doesn't support float64"
+        return tensor.cpu().to(torch.float64)
+
+
+def _check_finite(tensor: torch.Tensor, name: str) -> None:
     if not bool(torch.isfinite(tensor).all()):
-        raise InvalidParameterError(f"{name} contains NaN or infinite values.")
-    return tensor
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise InvalidParameterError(
+            f"{name} contains {bad} NaN or infinite value(s); every value must be finite."
+        )
+
+
+def _validated_inputs(
+    vectors: torch.Tensor, centre: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    v = _as_float64(vectors, "vectors")
+    if v.dim() != 2:
+        raise InvalidParameterError(
+            f"vectors must be 2-D (m, D), one row per kept image, got shape {tuple(v.shape)}."
+        )
+    if v.shape[1] < 1:
+        raise InvalidParameterError(
+            f"vectors must have dimension D >= 1, got shape {tuple(v.shape)}."
+        )
+    _check_finite(v, "vectors")
+    c = _as_float64(centre, "centre")
+    if tuple(c.shape) != (v.shape[1],):
+        raise InvalidParameterError(
+            f"centre must have shape (D,) = ({v.shape[1]},) to match vectors {tuple(v.shape)}, "
+            f"got centre shape {tuple(c.shape)}."
+        )
+    _check_finite(c, "centre")
+    c = c.to(v.device)
+    return v, c
+
+
+def _bound(v: torch.Tensor, c: torch.Tensor, clip_norm: float, mode: BoundMode) -> torch.Tensor:
+    diff = v - c
+    _check_finite(diff, "vectors - centre")  # 1e308 - (-1e308) overflows
+    # Norms via the largest entry so that neither huge nor subnormal rows over/underflow.
+    scale = diff.abs().amax(dim=1, keepdim=True)
+    nonzero = scale > 0
+    scaled = diff / torch.where(nonzero, scale, torch.ones_like(scale))
+    scaled_norm = torch.linalg.vector_norm(scaled, dim=1, keepdim=True)
+    direction = scaled / torch.where(nonzero, scaled_norm, torch.ones_like(scaled_norm))
+    if mode is BoundMode.CLIP:
+        inside = scale * scaled_norm <= clip_norm
+        bounded = torch.where(inside, diff, clip_norm * direction)
+    else:
+        # A vector equal to the centre has no direction: it contributes 0, which keeps
+        # ||u|| <= C and so the sensitivity (the paper leaves this case open).
+        bounded = torch.where(nonzero, clip_norm * direction, torch.zeros_like(diff))
+    # Rounding can leave a norm an ulp above C; shrink those rows until the float64 norm
+    # is <= C exactly, so the stated bound holds for the numbers actually summed.
+    for _ in range(8):
+        norms = torch.linalg.vector_norm(bounded, dim=1, keepdim=True)
+        over = norms > clip_norm
+        if not bool(over.any()):
+            break
+        shrink = torch.nextafter(clip_norm / norms, torch.zeros_like(norms))
+        bounded = torch.where(over, bounded * shrink, bounded)
+    return bounded
 
 
 def bound_contributions(
@@ -79,44 +183,30 @@ def bound_contributions(
     *,
     centre: torch.Tensor,
     clip_norm: float,
-    mode: BoundMode = BoundMode.CLIP,
+    mode: BoundMode | str = BoundMode.CLIP,
 ) -> torch.Tensor:
-    """(m, D) float64 contributions u_i with ||u_i|| <= C (DP_SPEC 2.2).
+    """Bounded contributions u_i, ||u_i|| <= C (DP_SPEC 2.2).
 
-    In ``normalize`` mode a vector equal to the centre has no direction; it contributes 0,
-    which keeps the bound (the paper leaves this case open).
+    vectors: (m, D), any real dtype and device; centre: (D,). Returns (m, D) float64 on the
+    vectors' device (CPU where the device has no float64). ``clip``: u = (v - c) min(1,
+    C/||v - c||); ``normalize``: u = C (v - c)/||v - c||, and u = 0 when v = c exactly.
     """
-    c = check_clip_norm(clip_norm)
-    mode = BoundMode(mode)
-    v = _as_float64(vectors, "vectors")
-    centre = _as_float64(centre, "centre").to(v.device)
-    if v.dim() != 2:
-        raise InvalidParameterError(f"vectors must be (m, D), got shape {tuple(v.shape)}.")
-    if centre.shape != (v.shape[1],):
-        raise InvalidParameterError(
-            f"centre must have the vectors' dimension D={v.shape[1]}, got shape {tuple(centre.shape)}."
-        )
-    diff = v - centre
-    norms = diff.norm(dim=1, keepdim=True)
-    if mode is BoundMode.CLIP:
-        scale = torch.clamp(c / torch.clamp(norms, min=torch.finfo(torch.float64).tiny), max=1.0)
-    else:
-        scale = torch.where(
-            norms > 0, c / torch.clamp(norms, min=torch.finfo(torch.float64).tiny), 0.0
-        )
-    bounded = diff * scale
-    # Rounding can leave a norm a few ulps above C; pull those just inside so the bound is
-    # strict (the sensitivity argument needs ||u_i|| <= C exactly).
-    over = bounded.norm(dim=1, keepdim=True)
-    return torch.where(over > c, bounded * (c * (1 - 1e-12) / over), bounded)
+    clip_norm = check_clip_norm(clip_norm)
+    mode = _bound_mode(mode)
+    v, c = _validated_inputs(vectors, centre)
+    return _bound(v, c, clip_norm, mode)
+
+
+# --- release ------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class AggregateRelease:
     """A finished M1 release: the estimate and everything public about it.
 
-    Never holds which images were sampled, nor how many (under Poisson sampling the count is
-    private).
+    ``estimate``: (D,) float64 CPU tensor, after any post-processing. Deliberately holds
+    neither the sampled indices nor how many images were kept: under Poisson sampling the
+    count is private (only the noisy sum is released).
     """
 
     estimate: torch.Tensor
@@ -137,41 +227,65 @@ def release_noisy_aggregate(
     noise_multiplier: float,
     sampling_rate: float,
     dataset_size: int,
-    mode: BoundMode = BoundMode.CLIP,
+    mode: BoundMode | str = BoundMode.CLIP,
     before_noise: Callable[[dpa.DpEvent], None] | None = None,
     postprocess: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> AggregateRelease:
-    """Mechanism M1 on the kept images' vectors (m, D); m may be 0.
+    """Mechanism M1 on the kept images' vectors: a DP estimate of the mean around c.
 
-    estimate = c + (sum_i u_i + N(0, (z C)^2 I_D)) / (q n), summed in float64. Everything is
-    validated before anything happens; ``before_noise(event)`` runs after bounding and
-    before the noise is drawn (the ledger record goes there: if it raises, nothing is
-    released). ``postprocess`` is applied to the estimate afterwards, at no privacy cost.
+    vectors: (m, D), the per-image vectors of the images kept by ``poisson_sample`` (m may
+    be 0: the noise is still released). centre c: (D,), public. Adjacency: add/remove one
+    image. Sensitivity of the sum: C (each ||u_i|| <= C). Noise: N(0, (z C)^2 I_D) on the
+    float64 sum, so the release is ``release_event(z, q)`` (Gaussian mechanism, Poisson
+    subsampled when q < 1), then estimate = c + (sum_i u_i + noise) / (q n) with n the
+    declared dataset size.
+
+    Order: every argument is validated first (nothing happens on bad input); the
+    contributions are bounded and summed; ``before_noise(event)`` is called exactly once
+    (the caller records the release in the ledger there; if it raises, the exception
+    propagates, no noise is drawn and nothing is released); the noise is drawn from a fresh
+    OS-entropy generator; ``postprocess`` (free: DP_SPEC 2.5) maps the (D,) estimate to a
+    (D,) tensor.
     """
-    c = check_clip_norm(clip_norm)
+    clip_norm = check_clip_norm(clip_norm)
     z = check_noise_multiplier(noise_multiplier)
     q = check_sampling_rate(sampling_rate)
     n = check_positive_int("dataset_size", dataset_size)
-    mode = BoundMode(mode)
-    if isinstance(vectors, torch.Tensor) and vectors.dim() == 2 and vectors.shape[0] > n:
+    mode = _bound_mode(mode)
+    for name, hook in (("before_noise", before_noise), ("postprocess", postprocess)):
+        if hook is not None and not callable(hook):
+            raise InvalidParameterError(f"{name} must be callable or None, got {name}={hook!r}.")
+    v, c = _validated_inputs(vectors, centre)
+    if v.shape[0] > n:
         raise InvalidParameterError(
-            f"{vectors.shape[0]} vectors but the declared dataset size is n={n}."
+            f"got {v.shape[0]} vectors but the declared dataset size is dataset_size={n}; "
+            "pass only the kept images' vectors and the full dataset's size."
         )
-    bounded = bound_contributions(vectors, centre=centre, clip_norm=c, mode=mode)
     event = release_event(noise_multiplier=z, sampling_rate=q)
-    dimension = bounded.shape[1]
-    total = bounded.sum(dim=0).cpu()
+    dimension = int(v.shape[1])
+
+    bounded = _bound(v, c, clip_norm, mode)
+    total = bounded.sum(dim=0).cpu()  # float64 sum (DP_SPEC 6)
+
     if before_noise is not None:
         before_noise(event)
-    noise = torch.randn(dimension, generator=os_entropy_generator(), dtype=torch.float64) * (z * c)
-    estimate = _as_float64(centre, "centre").cpu() + (total + noise) / (q * n)
+
+    noise = torch.randn(dimension, generator=os_entropy_generator(), dtype=torch.float64)
+    estimate = c.cpu() + (total + noise * (z * clip_norm)) / (q * n)
+
     if postprocess is not None:
-        estimate = postprocess(estimate).to(torch.float64)
+        processed = postprocess(estimate)
+        if not isinstance(processed, torch.Tensor) or tuple(processed.shape) != (dimension,):
+            raise InvalidParameterError(
+                f"postprocess must return a tensor of shape ({dimension},), got "
+                f"{getattr(processed, 'shape', type(processed).__name__)}."
+            )
+        estimate = processed.detach().to(device="cpu", dtype=torch.float64)
     return AggregateRelease(
         estimate=estimate,
         event=event,
         noise_multiplier=z,
-        clip_norm=c,
+        clip_norm=clip_norm,
         sampling_rate=q,
         dataset_size=n,
         mode=mode,
@@ -179,23 +293,39 @@ def release_noisy_aggregate(
     )
 
 
+# --- post-processing (free of privacy cost: DP_SPEC 2.5) --------------------------------
+
+
 def renormalize_unit(estimate: torch.Tensor) -> torch.Tensor:
-    """Post-processing for CLIP targets: project the estimate to the unit sphere."""
-    norm = estimate.norm()
-    if not math.isfinite(float(norm)) or float(norm) == 0.0:
-        raise InvalidParameterError("the released estimate has zero norm and no direction.")
+    """A CLIP target projected to the unit sphere: x / ||x|| (shape unchanged)."""
+    norm = float(torch.linalg.vector_norm(estimate.to(torch.float64)))
+    if not math.isfinite(norm) or norm == 0.0:
+        raise InvalidParameterError(
+            f"cannot renormalise an estimate of norm {norm!r} to unit norm."
+        )
     return estimate / norm
 
 
 def rescale_to_norm(target_norm: float, *, rows: int = 1) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Post-processing for TI tokens: view the estimate as ``rows`` vectors, give each the
-    public ``target_norm`` (e.g. the vocabulary's mean token-embedding norm)."""
+    """A post-processing that gives each of ``rows`` vectors the public ``target_norm``.
+
+    For a TI estimate of k tokens flattened to (k * d,), use ``rows=k``: the estimate is
+    viewed as (k, d) and each row rescaled (e.g. to the vocabulary's typical token-embedding
+    norm). The returned callable keeps the input's shape.
+    """
     target = check_clip_norm(target_norm, name="target_norm")
     rows = check_positive_int("rows", rows)
 
     def rescale(estimate: torch.Tensor) -> torch.Tensor:
+        if estimate.numel() % rows != 0:
+            raise InvalidParameterError(
+                f"an estimate of {estimate.numel()} values cannot be split into rows={rows} "
+                "equal vectors."
+            )
         matrix = estimate.reshape(rows, -1)
-        norms = matrix.norm(dim=1, keepdim=True).clamp(min=torch.finfo(matrix.dtype).tiny)
+        norms = torch.linalg.vector_norm(matrix, dim=1, keepdim=True)
+        if not bool((norms > 0).all()):
+            raise InvalidParameterError("cannot rescale a zero row of the estimate to a norm.")
         return (matrix * (target / norms)).reshape(estimate.shape)
 
     return rescale

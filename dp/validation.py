@@ -1,4 +1,8 @@
-"""Checks at the entry of every privacy-relevant function: fail loudly, never clamp."""
+"""Checks at the entry of every privacy-relevant function: fail loudly, never clamp.
+
+Each check returns the value as a plain Python ``float``/``int`` so that callers never carry
+numpy or torch scalars (or bools, which are ints in Python) into the accounting.
+"""
 
 from __future__ import annotations
 
@@ -8,23 +12,28 @@ from numbers import Integral, Real
 from .errors import InvalidParameterError
 
 
-def _real(name: str, value) -> float:
+def _real(name: str, value: object) -> float:
+    # bool is an int subclass: True would silently become 1.0.
     if isinstance(value, bool) or not isinstance(value, Real):
-        raise InvalidParameterError(f"{name} must be a number, got {name}={value!r}.")
-    value = float(value)
-    if not math.isfinite(value):
+        raise InvalidParameterError(
+            f"{name} must be a real number, got {name}={value!r} ({type(value).__name__})."
+        )
+    result = float(value)
+    if not math.isfinite(result):
         raise InvalidParameterError(f"{name} must be finite, got {name}={value!r}.")
-    return value
+    return result
 
 
-def check_epsilon(epsilon, name: str = "epsilon") -> float:
+def check_epsilon(epsilon: float, name: str = "epsilon") -> float:
+    """A privacy epsilon: finite and > 0."""
     value = _real(name, epsilon)
     if value <= 0:
         raise InvalidParameterError(f"{name} must be > 0, got {name}={epsilon!r}.")
     return value
 
 
-def check_delta(delta, name: str = "delta") -> float:
+def check_delta(delta: float, name: str = "delta") -> float:
+    """A privacy delta: 0 < delta < 1 (and, per DP_SPEC 1, well below 1/n)."""
     value = _real(name, delta)
     if not 0 < value < 1:
         raise InvalidParameterError(
@@ -33,39 +42,49 @@ def check_delta(delta, name: str = "delta") -> float:
     return value
 
 
-def check_sampling_rate(q, name: str = "sampling_rate") -> float:
+def check_sampling_rate(q: float, name: str = "sampling_rate") -> float:
+    """A Poisson sampling rate q in (0, 1]; q = 1 keeps every image."""
     value = _real(name, q)
     if not 0 < value <= 1:
         raise InvalidParameterError(f"{name} must be in (0, 1], got {name}={q!r}.")
     return value
 
 
-def check_clip_norm(clip_norm, name: str = "clip_norm") -> float:
+def check_clip_norm(clip_norm: float, name: str = "clip_norm") -> float:
+    """A norm bound C: finite and > 0."""
     value = _real(name, clip_norm)
     if value <= 0:
         raise InvalidParameterError(f"{name} must be > 0, got {name}={clip_norm!r}.")
     return value
 
 
-def check_noise_multiplier(z, name: str = "noise_multiplier") -> float:
+def check_noise_multiplier(z: float, name: str = "noise_multiplier") -> float:
+    """A Gaussian noise multiplier z (noise std / sensitivity): finite and > 0."""
     value = _real(name, z)
     if value <= 0:
         raise InvalidParameterError(f"{name} must be > 0, got {name}={z!r}.")
     return value
 
 
-def check_positive_int(name: str, value) -> int:
+def check_positive_int(name: str, value: int) -> int:
+    """An integer >= 1 (bools and floats such as 3.0 are refused)."""
     if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
         raise InvalidParameterError(f"{name} must be a positive integer, got {name}={value!r}.")
     return int(value)
 
 
 def delta_warning(delta: float, dataset_size: int) -> str | None:
-    """A warning when delta >= 1/n: such a delta allows releasing one image outright."""
-    if delta >= 1.0 / dataset_size:
+    """A warning when delta >= 1/n (DP_SPEC 1), else None.
+
+    A mechanism that publishes one randomly chosen record outright is (0, 1/n)-DP, so a
+    delta of 1/n or more permits a total breach of some image (Dwork & Roth 2014, sec. 2.3).
+    """
+    delta = check_delta(delta)
+    n = check_positive_int("dataset_size", dataset_size)
+    if delta >= 1.0 / n:
         return (
-            f"delta={delta:g} is not below 1/n = {1.0 / dataset_size:.3g} (n={dataset_size}); "
-            "a mechanism could then reveal a whole image with probability delta. Choose delta "
-            "well below 1/n (e.g. 1/n^1.5)."
+            f"delta={delta:g} is not below 1/n = {1.0 / n:.3g} (n={n}): at such a delta a "
+            "mechanism may reveal a whole image. Choose delta well below 1/n (e.g. n^-1.5 or "
+            "smaller)."
         )
     return None

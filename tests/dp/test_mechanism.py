@@ -1,129 +1,217 @@
-"""Mechanism M1: the bound, the noise statistics, OS-entropy randomness, the record hook."""
+"""Mechanism M1: the norm bound, the noise statistics, OS-entropy randomness, the hook.
+
+Statistical tests use a two-sided normal tail of 5.33 standard deviations (probability
+1e-7 per assertion) so that the whole file fails by chance with probability below 1e-6.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
 
+from comfyui_dp_adapt.dp import mechanism
 from comfyui_dp_adapt.dp.accounting import release_event
 from comfyui_dp_adapt.dp.errors import InvalidParameterError
 from comfyui_dp_adapt.dp.mechanism import (
+    AggregateRelease,
     BoundMode,
     bound_contributions,
+    os_entropy_generator,
     poisson_sample,
     release_noisy_aggregate,
     renormalize_unit,
     rescale_to_norm,
 )
 
+Z_TAIL = 5.33  # P(|N(0,1)| > 5.33) ~ 1e-7
 
-def random_vectors(m, d, scale, seed=0):
+
+def random_vectors(m, d, *, max_norm, seed=0):
+    """m random directions with norms spread over [0, max_norm] on a log scale."""
     g = torch.Generator().manual_seed(seed)
-    lengths = torch.rand(m, 1, generator=g, dtype=torch.float64) * scale
+    log_norms = torch.rand(m, 1, generator=g, dtype=torch.float64) * 12 - 10  # 1e-10 .. 1e2
+    norms = torch.exp(log_norms * math.log(10)) * (max_norm / 100)
     directions = torch.nn.functional.normalize(
         torch.randn(m, d, generator=g, dtype=torch.float64), dim=1
     )
-    return directions * lengths
+    return directions * norms
+
+
+def release(vectors, centre, **kwargs):
+    arguments = dict(clip_norm=1.0, noise_multiplier=1.0, sampling_rate=1.0, dataset_size=10)
+    arguments.update(kwargs)
+    return release_noisy_aggregate(vectors, centre=centre, **arguments)
+
+
+# --- the bound ----------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("mode", list(BoundMode))
-@pytest.mark.parametrize("clip_norm", [1e-3, 0.5, 1.0, 37.0])
-def test_bounded_norms_never_exceed_the_clip_norm(mode, clip_norm):
-    for seed in range(5):
-        _check_bound(mode, clip_norm, seed)
-
-
-def _check_bound(mode, clip_norm, seed):
-    centre = torch.randn(64, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
-    vectors = centre + random_vectors(2000, 64, scale=100 * clip_norm, seed=seed)
-    vectors[:5] = centre  # zero differences too
-    bounded = bound_contributions(vectors, centre=centre, clip_norm=clip_norm, mode=mode)
-    assert (bounded.norm(dim=1) <= clip_norm).all()
-    if mode is BoundMode.NORMALIZE:
-        nonzero = bounded.norm(dim=1)[5:]
-        torch.testing.assert_close(nonzero, torch.full_like(nonzero, clip_norm))
+@pytest.mark.parametrize("clip_norm", [1e-3, 37.0, 1e6])
+@pytest.mark.parametrize("d", [1, 3, 512])
+def test_bounded_norms_never_exceed_the_clip_norm(mode, clip_norm, d):
+    for seed in range(2):
+        g = torch.Generator().manual_seed(seed)
+        centre = torch.randn(d, dtype=torch.float64, generator=g) * clip_norm
+        vectors = centre + random_vectors(300, d, max_norm=100 * clip_norm, seed=seed)
+        vectors[:5] = centre  # zero differences
+        bounded = bound_contributions(vectors, centre=centre, clip_norm=clip_norm, mode=mode)
+        norms = torch.linalg.vector_norm(bounded, dim=1)
+        assert bounded.dtype == torch.float64 and bounded.shape == vectors.shape
+        assert bool((norms <= clip_norm).all()), float(norms.max())
+        assert bool((norms[:5] == 0).all()), "a vector at the centre contributes 0"
+        if mode is BoundMode.NORMALIZE:
+            torch.testing.assert_close(
+                norms[5:], torch.full_like(norms[5:], clip_norm), rtol=1e-12, atol=0
+            )
 
 
 def test_clip_mode_leaves_vectors_inside_the_ball_unchanged_and_keeps_directions():
-    centre = torch.zeros(16, dtype=torch.float64)
-    inside = random_vectors(100, 16, scale=0.9)
-    torch.testing.assert_close(bound_contributions(inside, centre=centre, clip_norm=1.0), inside)
-    outside = (
-        random_vectors(100, 16, scale=50)
-        + torch.nn.functional.normalize(torch.ones(1, 16)).double() * 2
-    )
-    bounded = bound_contributions(outside, centre=centre, clip_norm=1.0)
+    centre = torch.linspace(-1, 1, 16, dtype=torch.float64)
+    inside = random_vectors(300, 16, max_norm=0.999)
+    bounded = bound_contributions(centre + inside, centre=centre, clip_norm=1.0)
+    assert torch.equal(bounded, (centre + inside) - centre), "bitwise unchanged"
+    outside = torch.nn.functional.normalize(torch.randn(300, 16, dtype=torch.float64), dim=1)
+    outside = outside * torch.linspace(1.001, 1e5, 300, dtype=torch.float64)[:, None]
+    bounded = bound_contributions(centre + outside, centre=centre, clip_norm=1.0)
     cos = torch.nn.functional.cosine_similarity(bounded, outside, dim=1)
     torch.testing.assert_close(cos, torch.ones_like(cos))
+    norms = torch.linalg.vector_norm(bounded, dim=1)
+    torch.testing.assert_close(norms, torch.ones_like(norms), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("mode", list(BoundMode))
+def test_extreme_magnitudes_are_bounded_without_overflow_or_underflow(mode):
+    huge = torch.tensor([[1e300, -1e300, 1e300], [1e-310, 0.0, -1e-310]], dtype=torch.float64)
+    bounded = bound_contributions(huge, centre=torch.zeros(3), clip_norm=2.0, mode=mode)
+    norms = torch.linalg.vector_norm(bounded, dim=1)
+    assert bool(torch.isfinite(bounded).all())
+    assert norms[0] == pytest.approx(2.0, rel=1e-12)
+    if mode is BoundMode.NORMALIZE:  # a subnormal difference still has a direction
+        assert norms[1] == pytest.approx(2.0, rel=1e-12)
+        torch.testing.assert_close(bounded[1], torch.tensor([2**0.5, 0.0, -(2**0.5)]).double())
+    else:
+        assert torch.equal(bounded[1], huge[1])
+
+
+def test_any_dtype_is_bounded_in_float64():
+    vectors = torch.randn(10, 5, dtype=torch.float16) * 10
+    bounded = bound_contributions(vectors, centre=torch.zeros(5, dtype=torch.bfloat16), clip_norm=1)
+    assert bounded.dtype == torch.float64
+    assert bool((torch.linalg.vector_norm(bounded, dim=1) <= 1).all())
+
+
+# --- the noise ----------------------------------------------------------------------------
+
+
+def _pure_noise(z, c, q, n, d, releases):
+    """Standardised noise draws: releases of nothing but noise, mapped back to N(0, 1)."""
+    centre = torch.linspace(-3, 3, d, dtype=torch.float64)
+    draws = []
+    for _ in range(releases):
+        result = release(
+            torch.zeros(0, d),
+            centre,
+            clip_norm=c,
+            noise_multiplier=z,
+            sampling_rate=q,
+            dataset_size=n,
+        )
+        # estimate = c + noise / (q n) with noise ~ N(0, (zC)^2 I)
+        draws.append((result.estimate - centre) * (q * n) / (z * c))
+    return torch.stack(draws)  # (releases, d)
 
 
 def test_noise_std_matches_z_times_c():
-    """Pure-noise releases (all contributions at the centre) of D = 20000 coordinates.
-
-    With R releases there are N = R * D standard normal draws; the sample variance s^2 has
-    relative standard deviation sqrt(2/N) (chi-square), so |s/(zC) - 1| > 6 sqrt(1/(2N))
-    (six standard deviations of s) has probability below 2e-9 if the noise is right.
-    """
-    z, c, d, n, releases = 1.7, 0.3, 20_000, 10, 5
-    centre = torch.zeros(d, dtype=torch.float64)
-    samples = []
-    for _ in range(releases):
-        release = release_noisy_aggregate(
-            centre.repeat(3, 1),
-            centre=centre,
-            clip_norm=c,
-            noise_multiplier=z,
-            sampling_rate=1.0,
-            dataset_size=n,
-        )
-        samples.append(release.estimate * n)  # undo the division by q n
-    noise = torch.cat(samples)
+    """N = R * D draws; (N - 1) s^2 / sigma^2 ~ chi-square(N - 1), so s^2 / sigma^2 has mean 1
+    and sd sqrt(2 / (N - 1)); at N = 200 000 the normal approximation is accurate to well
+    below the 1e-7 tail used here (Wilson-Hilferty)."""
+    noise = _pure_noise(z=1.7, c=0.3, q=0.25, n=40, d=20_000, releases=10).flatten()
     count = noise.numel()
-    std = noise.std().item()
-    assert abs(std / (z * c) - 1) < 6 * math.sqrt(1 / (2 * count))
-    # mean zero: the mean of N draws has std zC/sqrt(N); allow six of those
-    assert abs(noise.mean().item()) < 6 * z * c / math.sqrt(count)
-    # isotropic: coordinates are uncorrelated across releases' halves
-    a, b = noise[: count // 2], noise[count // 2 :]
-    assert abs(torch.corrcoef(torch.stack([a, b]))[0, 1].item()) < 6 / math.sqrt(count // 2)
+    variance_ratio = noise.var().item()  # unit variance expected
+    assert abs(variance_ratio - 1) < Z_TAIL * math.sqrt(2 / (count - 1))
+    # Mean zero: the mean of N unit normals has sd 1/sqrt(N).
+    assert abs(noise.mean().item()) < Z_TAIL / math.sqrt(count)
 
 
-def test_estimate_is_centre_plus_sum_over_q_n_up_to_the_noise():
+def test_noise_is_isotropic():
+    """Equal variance in every block of coordinates and no correlation between coordinates."""
+    noise = _pure_noise(z=0.9, c=2.0, q=1.0, n=3, d=4_000, releases=50)  # 200 000 draws
+    blocks = noise.reshape(noise.shape[0], 4, -1).transpose(0, 1).reshape(4, -1)
+    per_block = blocks.shape[1]
+    for block in blocks:
+        assert abs(block.var().item() - 1) < Z_TAIL * math.sqrt(2 / (per_block - 1))
+    # Neighbouring coordinates and a random pair of orthogonal directions: correlation ~ 0
+    # with sd 1/sqrt(N) under independence.
+    products = (noise[:, :-1] * noise[:, 1:]).flatten()
+    assert abs(products.mean().item()) < Z_TAIL / math.sqrt(products.numel())
+    basis, _ = torch.linalg.qr(torch.randn(noise.shape[1], 2, dtype=torch.float64))
+    projected = noise @ basis  # (releases, 2): each column N(0, 1) if isotropic
+    assert abs(projected.pow(2).mean().item() - 1) < Z_TAIL * math.sqrt(2 / projected.numel())
+
+
+def test_estimate_is_centre_plus_bounded_sum_over_q_n():
     centre = torch.full((8,), 0.5, dtype=torch.float64)
-    vectors = centre + random_vectors(4, 8, scale=0.1, seed=3)
-    release = release_noisy_aggregate(
-        vectors,
-        centre=centre,
-        clip_norm=1.0,
-        noise_multiplier=1e-9,
-        sampling_rate=0.5,
-        dataset_size=10,
+    vectors = centre + random_vectors(4, 8, max_norm=3.0, seed=3)
+    result = release(
+        vectors, centre, clip_norm=1.0, noise_multiplier=1e-12, sampling_rate=0.5, dataset_size=10
     )
-    expected = centre + (vectors - centre).sum(0) / (0.5 * 10)
-    torch.testing.assert_close(release.estimate, expected, atol=1e-7, rtol=0)
-    assert release.event == release_event(noise_multiplier=1e-9, sampling_rate=0.5)
-    assert release.dimension == 8 and release.dataset_size == 10
+    bounded = bound_contributions(vectors, centre=centre, clip_norm=1.0)
+    expected = centre + bounded.sum(0) / (0.5 * 10)
+    torch.testing.assert_close(result.estimate, expected, atol=1e-10, rtol=0)
+    assert result.event == release_event(noise_multiplier=1e-12, sampling_rate=0.5)
+    assert (result.dimension, result.dataset_size, result.mode) == (8, 10, BoundMode.CLIP)
+
+
+def test_estimate_is_float64_on_the_cpu_whatever_the_input_dtype():
+    result = release(torch.randn(3, 4, dtype=torch.float16), torch.zeros(4, dtype=torch.float32))
+    assert result.estimate.dtype == torch.float64 and result.estimate.device.type == "cpu"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_vectors_on_a_gpu_are_summed_there_and_returned_on_the_cpu():
+    vectors = torch.randn(5, 16, device="cuda")
+    result = release(vectors, torch.zeros(16, device="cuda"), noise_multiplier=1e-12)
+    bounded = bound_contributions(vectors, centre=torch.zeros(16, device="cuda"), clip_norm=1.0)
+    assert bounded.device.type == "cuda"
+    torch.testing.assert_close(result.estimate, bounded.sum(0).cpu() / 10, atol=1e-10, rtol=0)
+
+
+def test_an_empty_sample_still_releases_noise():
+    centre = torch.zeros(6, dtype=torch.float64)
+    result = release(torch.zeros(0, 6), centre, sampling_rate=0.1, dataset_size=20)
+    assert result.estimate.shape == (6,)
+    assert bool((result.estimate != 0).all())
+
+
+# --- randomness ---------------------------------------------------------------------------
 
 
 def test_identical_releases_with_identical_workflow_seeds_differ():
     centre = torch.zeros(32, dtype=torch.float64)
-    vectors = random_vectors(5, 32, scale=1.0)
+    vectors = random_vectors(5, 32, max_norm=1.0)
     outputs = []
     for _ in range(2):
         torch.manual_seed(1234)  # what a workflow seed does; the noise must ignore it
-        outputs.append(
-            release_noisy_aggregate(
-                vectors,
-                centre=centre,
-                clip_norm=1.0,
-                noise_multiplier=1.0,
-                sampling_rate=1.0,
-                dataset_size=5,
-            ).estimate
-        )
+        outputs.append(release(vectors, centre, dataset_size=5).estimate)
     assert not torch.equal(outputs[0], outputs[1])
+
+
+def test_the_generator_ignores_and_leaves_alone_torch_global_rng():
+    vectors = torch.ones(3, 4)
+    torch.manual_seed(7)
+    state = torch.get_rng_state()
+    first = torch.randn(16, generator=os_entropy_generator(), dtype=torch.float64)
+    torch.manual_seed(7)
+    second = torch.randn(16, generator=os_entropy_generator(), dtype=torch.float64)
+    assert not torch.equal(first, second)
+    torch.manual_seed(7)
+    release(vectors, torch.zeros(4))
+    poisson_sample(100, sampling_rate=0.5)
+    assert torch.equal(torch.get_rng_state(), state), "the global RNG was not consumed"
 
 
 def test_poisson_sampling_is_fresh_and_ignores_the_global_seed():
@@ -131,30 +219,36 @@ def test_poisson_sampling_is_fresh_and_ignores_the_global_seed():
     for _ in range(3):
         torch.manual_seed(0)
         draws.append(tuple(poisson_sample(400, sampling_rate=0.5).indices))
-    assert len(set(draws)) == 3
+    assert len(set(draws)) == 3  # equal draws have probability 2^-400
     assert poisson_sample(7, sampling_rate=1.0).indices == list(range(7))
-    sizes = [len(poisson_sample(1000, sampling_rate=0.1).indices) for _ in range(20)]
-    mean = sum(sizes) / len(sizes)
-    assert abs(mean - 100) < 6 * math.sqrt(1000 * 0.1 * 0.9 / 20)
+
+
+def test_poisson_sampling_keeps_each_image_with_probability_q():
+    n, q, reps = 2_000, 0.1, 50
+    counts = torch.zeros(n)
+    total = 0
+    for _ in range(reps):
+        kept = poisson_sample(n, sampling_rate=q).indices
+        assert kept == sorted(set(kept)) and all(0 <= i < n for i in kept)
+        counts[kept] += 1
+        total += len(kept)
+    # Total kept ~ Binomial(n * reps, q).
+    assert abs(total - n * reps * q) < Z_TAIL * math.sqrt(n * reps * q * (1 - q))
+    # The first and second halves of the images are kept equally often (no index bias).
+    half = counts[: n // 2].sum() - counts[n // 2 :].sum()
+    assert abs(float(half)) < Z_TAIL * math.sqrt(n * reps * q * (1 - q))
 
 
 def test_sample_repr_hides_which_images_were_kept():
     sample = poisson_sample(50, sampling_rate=0.5)
     assert repr(sample) == "PoissonSample(dataset_size=50, indices=<private>)"
     assert str(sample) == repr(sample)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        sample.dataset_size = 3
 
 
-def test_release_never_holds_the_sample():
-    centre = torch.zeros(4, dtype=torch.float64)
-    release = release_noisy_aggregate(
-        torch.ones(2, 4),
-        centre=centre,
-        clip_norm=1.0,
-        noise_multiplier=1.0,
-        sampling_rate=0.5,
-        dataset_size=9,
-    )
-    fields = set(vars(release))
+def test_a_release_never_holds_the_sample_or_its_size():
+    fields = {f.name for f in dataclasses.fields(AggregateRelease)}
     assert fields == {
         "estimate",
         "event",
@@ -167,80 +261,128 @@ def test_release_never_holds_the_sample():
     }
 
 
-def test_empty_sample_still_releases_pure_noise():
-    centre = torch.zeros(6, dtype=torch.float64)
-    release = release_noisy_aggregate(
-        torch.zeros(0, 6),
-        centre=centre,
-        clip_norm=1.0,
-        noise_multiplier=1.0,
-        sampling_rate=0.1,
-        dataset_size=20,
-    )
-    assert release.estimate.shape == (6,) and bool((release.estimate != 0).all())
+# --- the ledger hook ----------------------------------------------------------------------
 
 
-def test_record_hook_runs_once_before_the_noise_and_can_stop_the_release():
-    centre = torch.zeros(4, dtype=torch.float64)
-    seen = []
-    release_noisy_aggregate(
+def test_before_noise_runs_once_with_the_event_before_the_noise(monkeypatch):
+    order = []
+    real_generator = mechanism.os_entropy_generator
+
+    def spy_generator(*args, **kwargs):
+        order.append("noise")
+        return real_generator(*args, **kwargs)
+
+    monkeypatch.setattr(mechanism, "os_entropy_generator", spy_generator)
+    release(
         torch.ones(2, 4),
-        centre=centre,
-        clip_norm=1.0,
+        torch.zeros(4),
         noise_multiplier=2.0,
-        sampling_rate=1.0,
-        dataset_size=3,
-        before_noise=seen.append,
+        sampling_rate=0.5,
+        before_noise=lambda event: order.append(event),
     )
-    assert seen == [release_event(noise_multiplier=2.0, sampling_rate=1.0)]
+    assert order == [release_event(noise_multiplier=2.0, sampling_rate=0.5), "noise"]
+
+
+def test_a_failing_hook_stops_the_release_before_any_noise(monkeypatch):
+    drawn = []
+    monkeypatch.setattr(mechanism, "os_entropy_generator", lambda *a, **k: drawn.append(1))
 
     class Refused(Exception):
         pass
 
     def refuse(event):
-        raise Refused
+        raise Refused("budget exhausted")
 
-    with pytest.raises(Refused):
-        release_noisy_aggregate(
-            torch.ones(2, 4),
-            centre=centre,
-            clip_norm=1.0,
-            noise_multiplier=2.0,
-            sampling_rate=1.0,
-            dataset_size=3,
-            before_noise=refuse,
-        )
+    with pytest.raises(Refused, match="budget exhausted"):
+        release(torch.ones(2, 4), torch.zeros(4), before_noise=refuse)
+    assert drawn == []
 
 
-def test_post_processing_helpers():
-    x = torch.tensor([3.0, 4.0], dtype=torch.float64)
-    torch.testing.assert_close(renormalize_unit(x).norm(), torch.tensor(1.0, dtype=torch.float64))
-    rows = rescale_to_norm(2.0, rows=2)(torch.arange(1.0, 7.0, dtype=torch.float64))
-    torch.testing.assert_close(
-        rows.reshape(2, 3).norm(dim=1), torch.full((2,), 2.0, dtype=torch.float64)
+# --- post-processing ------------------------------------------------------------------------
+
+
+def test_renormalize_unit_gives_a_unit_vector():
+    result = release(torch.randn(5, 12), torch.zeros(12), postprocess=renormalize_unit)
+    assert float(torch.linalg.vector_norm(result.estimate)) == pytest.approx(1.0, rel=1e-12)
+    with pytest.raises(InvalidParameterError, match="norm"):
+        renormalize_unit(torch.zeros(3))
+
+
+def test_rescale_to_norm_gives_every_token_row_the_target_norm():
+    k, width = 3, 8
+    result = release(
+        torch.randn(5, k * width), torch.zeros(k * width), postprocess=rescale_to_norm(0.4, rows=k)
     )
+    assert result.estimate.shape == (k * width,)
+    norms = torch.linalg.vector_norm(result.estimate.reshape(k, width), dim=1)
+    torch.testing.assert_close(norms, torch.full((k,), 0.4, dtype=torch.float64))
+    with pytest.raises(InvalidParameterError, match="rows"):
+        rescale_to_norm(1.0, rows=5)(torch.ones(12))
+    with pytest.raises(InvalidParameterError, match="target_norm"):
+        rescale_to_norm(-1.0)
+
+
+def test_a_postprocess_that_changes_the_shape_is_refused():
+    with pytest.raises(InvalidParameterError, match="postprocess"):
+        release(torch.randn(2, 4), torch.zeros(4), postprocess=lambda x: x[:2])
+
+
+# --- bad inputs ---------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
     ("vectors", "centre", "kwargs", "message"),
     [
-        (torch.full((2, 3), float("nan")), torch.zeros(3), {}, "NaN"),
-        (torch.full((2, 3), float("inf")), torch.zeros(3), {}, "NaN or infinite"),
-        (torch.ones(2, 3), torch.zeros(4), {}, "dimension"),
-        (torch.ones(3), torch.zeros(3), {}, r"\(m, D\)"),
+        (torch.full((2, 3), float("nan")), torch.zeros(3), {}, "vectors.*NaN or infinite"),
+        (torch.tensor([[1.0, float("inf"), 0]]), torch.zeros(3), {}, "vectors.*NaN or infinite"),
+        (torch.ones(2, 3), torch.tensor([0.0, float("nan"), 0]), {}, "centre.*NaN"),
+        (
+            torch.full((1, 3), 1e308, dtype=torch.float64),
+            torch.full((3,), -1e308, dtype=torch.float64),
+            {},
+            "vectors - centre",
+        ),
+        (torch.ones(2, 3), torch.zeros(4), {}, "centre must have shape"),
+        (torch.ones(3), torch.zeros(3), {}, r"2-D \(m, D\)"),
+        (torch.ones(2, 3, 1), torch.zeros(3), {}, r"2-D \(m, D\)"),
+        (torch.ones(2, 0), torch.zeros(0), {}, "D >= 1"),
+        ([[1.0, 2.0]], torch.zeros(2), {}, "torch.Tensor"),
+        (torch.ones(2, 3, dtype=torch.bool), torch.zeros(3), {}, "real tensor"),
         (torch.ones(2, 3), torch.zeros(3), {"clip_norm": 0.0}, "clip_norm"),
         (torch.ones(2, 3), torch.zeros(3), {"clip_norm": -1.0}, "clip_norm"),
+        (torch.ones(2, 3), torch.zeros(3), {"clip_norm": float("nan")}, "clip_norm"),
         (torch.ones(2, 3), torch.zeros(3), {"sampling_rate": 0.0}, "sampling_rate"),
         (torch.ones(2, 3), torch.zeros(3), {"sampling_rate": 1.01}, "sampling_rate"),
         (torch.ones(2, 3), torch.zeros(3), {"dataset_size": 0}, "dataset_size"),
+        (torch.ones(2, 3), torch.zeros(3), {"dataset_size": 2.0}, "dataset_size"),
         (torch.ones(5, 3), torch.zeros(3), {"dataset_size": 4}, "declared dataset size"),
-        (torch.ones(2, 3), torch.zeros(3), {"noise_multiplier": float("nan")}, "noise_multiplier"),
+        (torch.ones(2, 3), torch.zeros(3), {"noise_multiplier": 0.0}, "noise_multiplier"),
+        (torch.ones(2, 3), torch.zeros(3), {"noise_multiplier": float("inf")}, "noise_multiplier"),
+        (torch.ones(2, 3), torch.zeros(3), {"mode": "sphere"}, "mode"),
+        (torch.ones(2, 3), torch.zeros(3), {"postprocess": 3}, "postprocess"),
     ],
 )
-def test_bad_inputs_are_refused_before_anything_happens(vectors, centre, kwargs, message):
-    calls = []
-    arguments = dict(clip_norm=1.0, noise_multiplier=1.0, sampling_rate=1.0, dataset_size=10)
-    arguments.update(kwargs)
+def test_bad_inputs_are_refused_before_anything_happens(
+    monkeypatch, vectors, centre, kwargs, message
+):
+    drawn = []
+    monkeypatch.setattr(mechanism, "os_entropy_generator", lambda *a, **k: drawn.append(1))
+    recorded = []
     with pytest.raises(InvalidParameterError, match=message):
-        release_noisy_aggregate(vectors, centre=centre, before_noise=calls.append, **arguments)
-    assert calls == [], "nothing may be recorded for a refused input"
+        release(vectors, centre, before_noise=recorded.append, **kwargs)
+    assert recorded == [] and drawn == [], "nothing may be recorded or drawn on bad input"
+
+
+def test_bad_sampling_arguments_are_refused():
+    for n, q in [(0, 0.5), (-3, 0.5), (10, 0.0), (10, 1.5), (10, float("nan"))]:
+        with pytest.raises(InvalidParameterError):
+            poisson_sample(n, sampling_rate=q)
+
+
+def test_modes_accept_their_string_values():
+    a = bound_contributions(torch.ones(1, 2) * 3, centre=torch.zeros(2), clip_norm=1, mode="clip")
+    b = bound_contributions(
+        torch.ones(1, 2) * 0.1, centre=torch.zeros(2), clip_norm=1, mode="normalize"
+    )
+    assert float(torch.linalg.vector_norm(a)) == pytest.approx(1.0)
+    assert float(torch.linalg.vector_norm(b)) == pytest.approx(1.0)
