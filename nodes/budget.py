@@ -13,6 +13,45 @@ BUDGET_TYPE = "DP_BUDGET"
 LEDGER_SUBDIRECTORY = ("dp_adapt", "ledgers")
 
 
+def private_release_inputs() -> dict:
+    """The inputs every releasing node takes, in this order: the private images with their
+    public size and fingerprint (from DP Load Private Images) and the budget."""
+    return {
+        "images": ("IMAGE", {"tooltip": "The private images, from DP Load Private Images."}),
+        "dataset_size": (
+            "INT",
+            {
+                "default": 1,
+                "min": 1,
+                "max": 10_000_000,
+                "tooltip": "Number of private images n (public), from DP Load Private Images.",
+            },
+        ),
+        "fingerprint": (
+            "STRING",
+            {
+                "default": "",
+                "tooltip": "Content fingerprint of the image folder, from DP Load Private Images; "
+                "identifies the dataset in the ledger.",
+            },
+        ),
+        "budget": (BUDGET_TYPE, {"tooltip": "From the Privacy Budget node."}),
+    }
+
+
+SAMPLING_RATE_INPUT = (
+    "FLOAT",
+    {
+        "default": 1.0,
+        "min": 0.0,
+        "max": 1.0,
+        "step": 0.01,
+        "tooltip": "Probability q that each image takes part (Poisson sampling). For one "
+        "release q = 1 gives the least noise.",
+    },
+)
+
+
 def ledger_directory():
     """Ledgers live under ComfyUI's user directory (DP_SPEC section 7)."""
     return comfy_compat.user_directory().joinpath(*LEDGER_SUBDIRECTORY)

@@ -22,7 +22,7 @@ import logging
 import torch
 
 from . import comfy_compat
-from .budget import BUDGET_TYPE
+from .budget import SAMPLING_RATE_INPUT, private_release_inputs
 from .dependencies import require_runtime_packages
 from .guidance_sampler import TARGET_TYPE
 
@@ -61,39 +61,8 @@ class DPAggregateCLIPEmbeddingsNode:
                         "Universal Guidance Sampler."
                     },
                 ),
-                "images": (
-                    "IMAGE",
-                    {"tooltip": "The private images, from DP Load Private Images."},
-                ),
-                "dataset_size": (
-                    "INT",
-                    {
-                        "default": 1,
-                        "min": 1,
-                        "max": 10_000_000,
-                        "tooltip": "Number of private images n (public), from DP Load Private Images.",
-                    },
-                ),
-                "fingerprint": (
-                    "STRING",
-                    {
-                        "default": "",
-                        "tooltip": "Content fingerprint of the image folder, from DP Load Private Images; "
-                        "identifies the dataset in the ledger.",
-                    },
-                ),
-                "budget": (BUDGET_TYPE, {"tooltip": "From the Privacy Budget node."}),
-                "sampling_rate": (
-                    "FLOAT",
-                    {
-                        "default": 1.0,
-                        "min": 0.0,
-                        "max": 1.0,
-                        "step": 0.01,
-                        "tooltip": "Probability q that each image takes part (Poisson sampling). For one "
-                        "release q = 1 gives the least noise.",
-                    },
-                ),
+                **private_release_inputs(),
+                "sampling_rate": SAMPLING_RATE_INPUT,
                 "images_per_batch": (
                     "INT",
                     {

@@ -20,7 +20,7 @@ import time
 import torch
 
 from . import comfy_compat
-from .budget import BUDGET_TYPE
+from .budget import SAMPLING_RATE_INPUT, private_release_inputs
 from .dependencies import require_runtime_packages
 
 logger = logging.getLogger(__name__)
@@ -55,28 +55,7 @@ class DPTextualInversionTrainNode:
                     "VAE",
                     {"tooltip": "The VAE of the same checkpoint (encodes the images once)."},
                 ),
-                "images": (
-                    "IMAGE",
-                    {"tooltip": "The private images, from DP Load Private Images."},
-                ),
-                "dataset_size": (
-                    "INT",
-                    {
-                        "default": 1,
-                        "min": 1,
-                        "max": 10_000_000,
-                        "tooltip": "Number of private images n (public), from DP Load Private Images.",
-                    },
-                ),
-                "fingerprint": (
-                    "STRING",
-                    {
-                        "default": "",
-                        "tooltip": "Content fingerprint of the image folder, from DP Load Private Images; "
-                        "identifies the dataset in the ledger.",
-                    },
-                ),
-                "budget": (BUDGET_TYPE, {"tooltip": "From the Privacy Budget node."}),
+                **private_release_inputs(),
                 "embedding_name": (
                     "STRING",
                     {
@@ -140,17 +119,7 @@ class DPTextualInversionTrainNode:
                         "only; images never influence each other).",
                     },
                 ),
-                "sampling_rate": (
-                    "FLOAT",
-                    {
-                        "default": 1.0,
-                        "min": 0.0,
-                        "max": 1.0,
-                        "step": 0.01,
-                        "tooltip": "Probability q that each image takes part (Poisson sampling). For one "
-                        "release q = 1 gives the least noise.",
-                    },
-                ),
+                "sampling_rate": SAMPLING_RATE_INPUT,
                 "clip_norm": (
                     "FLOAT",
                     {
