@@ -39,6 +39,37 @@ def private_release_inputs() -> dict:
     }
 
 
+def check_private_batch(images, dataset_size) -> None:
+    """The private IMAGE batch and its declared n must agree, and n must exceed 1."""
+    import torch
+
+    from ..dp.errors import InvalidParameterError
+
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[0] < 1:
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise InvalidParameterError(
+            f"images must be a non-empty IMAGE batch (n, height, width, channels), got {shape}."
+        )
+    if images.shape[-1] < 3:
+        raise InvalidParameterError(
+            f"images must have at least 3 colour channels, got {images.shape[-1]}."
+        )
+    if isinstance(dataset_size, bool) or not isinstance(dataset_size, int):
+        raise InvalidParameterError(
+            f"dataset_size must be an integer, got dataset_size={dataset_size!r}."
+        )
+    if images.shape[0] != dataset_size:
+        raise InvalidParameterError(
+            f"dataset_size={dataset_size} but the image batch holds {images.shape[0]} images; "
+            "connect both from the same DP Load Private Images node."
+        )
+    if dataset_size < 2:
+        raise InvalidParameterError(
+            "a DP release needs more than one private image: with n=1 the noise has to hide the "
+            "only image and the result is pure noise. Add images to the folder."
+        )
+
+
 SAMPLING_RATE_INPUT = (
     "FLOAT",
     {

@@ -22,7 +22,7 @@ import logging
 import torch
 
 from . import comfy_compat
-from .budget import SAMPLING_RATE_INPUT, private_release_inputs
+from .budget import SAMPLING_RATE_INPUT, check_private_batch, private_release_inputs
 from .dependencies import require_runtime_packages
 from .guidance_sampler import TARGET_TYPE
 
@@ -151,29 +151,7 @@ def _validate(clip_vision, images, dataset_size, images_per_batch) -> None:
             "clip_vision is missing: connect Load CLIP Vision (the model that will also guide "
             "the sampler)."
         )
-    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[0] < 1:
-        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-        raise InvalidParameterError(
-            f"images must be a non-empty IMAGE batch (n, height, width, channels), got {shape}."
-        )
-    if images.shape[-1] < 3:
-        raise InvalidParameterError(
-            f"images must have at least 3 colour channels, got {images.shape[-1]}."
-        )
-    if isinstance(dataset_size, bool) or not isinstance(dataset_size, int):
-        raise InvalidParameterError(
-            f"dataset_size must be an integer, got dataset_size={dataset_size!r}."
-        )
-    if images.shape[0] != dataset_size:
-        raise InvalidParameterError(
-            f"dataset_size={dataset_size} but the image batch holds {images.shape[0]} images; "
-            "connect both from the same DP Load Private Images node."
-        )
-    if dataset_size < 2:
-        raise InvalidParameterError(
-            "a DP release needs more than one private image: with n=1 the noise has to hide the "
-            "only image and the result is pure noise. Add images to the folder."
-        )
+    check_private_batch(images, dataset_size)
     if isinstance(images_per_batch, bool) or not isinstance(images_per_batch, int):
         raise InvalidParameterError(
             f"images_per_batch must be an integer, got images_per_batch={images_per_batch!r}."

@@ -20,7 +20,7 @@ import time
 import torch
 
 from . import comfy_compat
-from .budget import SAMPLING_RATE_INPUT, private_release_inputs
+from .budget import SAMPLING_RATE_INPUT, check_private_batch, private_release_inputs
 from .dependencies import require_runtime_packages
 
 logger = logging.getLogger(__name__)
@@ -191,20 +191,7 @@ class DPTextualInversionTrainNode:
             raise InvalidParameterError(
                 f"num_vectors must be 1..{MAX_VECTORS}, got num_vectors={num_vectors}."
             )
-        if images.dim() != 4 or images.shape[0] < 1:
-            raise InvalidParameterError(
-                f"images must be a non-empty IMAGE batch, got shape {tuple(images.shape)}."
-            )
-        if images.shape[0] != dataset_size:
-            raise InvalidParameterError(
-                f"dataset_size={dataset_size} but the image batch holds {images.shape[0]} images; connect "
-                "both from the same DP Load Private Images node."
-            )
-        if dataset_size < 2:
-            raise InvalidParameterError(
-                "a DP release needs more than one private image: with n=1 the noise has to hide the "
-                "only image and the result is pure noise. Add images to the folder."
-            )
+        check_private_batch(images, dataset_size)
         family = im.detect_family(model, clip)
         directory = comfy_compat.embeddings_directories()[0]
         directory.mkdir(parents=True, exist_ok=True)
