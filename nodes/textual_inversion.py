@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 
 import torch
 
@@ -181,7 +180,6 @@ class DPTextualInversionTrainNode:
         from ..dp.validation import check_clip_norm
         from . import inversion_model as im
 
-        started = time.monotonic()
         config = InversionConfig(
             steps=steps, learning_rate=learning_rate, images_per_batch=images_per_batch
         )
@@ -258,7 +256,6 @@ class DPTextualInversionTrainNode:
             extra_lines=(
                 f"saved: {path.name} in the embeddings folder; use it as embedding:{path.stem}",
                 f"model family: {family.name}; vectors: {num_vectors} x {width}; steps per image: {steps}",
-                f"training time: {time.monotonic() - started:.1f} s",
             ),
         )
         logger.info("DP Textual Inversion release:\n%s", report)
