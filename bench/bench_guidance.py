@@ -21,24 +21,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
-import tempfile
 import time
-import types
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-PACKAGE = "comfyui_dp_adapt"
+from _setup import SD15_UNET, bootstrap_comfyui
 
-SD15_UNET = {
-    "model_channels": 320,
-    "channel_mult": [1, 2, 4, 4],
-    "num_res_blocks": [2, 2, 2, 2],
-    "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
-    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
-    "transformer_depth_middle": 1,
-    "context_dim": 768,
-}
 SD_VAE_DDCONFIG = {
     "double_z": True,
     "z_channels": 4,
@@ -73,20 +60,7 @@ ARMS = ("plain", "x0", "full")
 
 
 def _bootstrap(cuda: bool):
-    import atexit
-    import shutil
-
-    if PACKAGE not in sys.modules:
-        package = types.ModuleType(PACKAGE)
-        package.__path__ = [str(ROOT)]
-        sys.modules[PACKAGE] = package
-    from comfyui_dp_adapt.headless import comfy_env
-
-    scratch = Path(tempfile.mkdtemp(prefix="bench_guidance_"))
-    atexit.register(shutil.rmtree, scratch, ignore_errors=True)
-    comfy_dir = comfy_env.make_scratch_comfyui(scratch / "ComfyUI")
-    comfy_env.import_comfyui_in_process(comfy_dir, cpu=not cuda)
-    return scratch
+    return bootstrap_comfyui(cuda, prefix="bench_guidance_")
 
 
 def _sd_components(scratch: Path):

@@ -19,48 +19,12 @@ import json
 import subprocess
 import sys
 import time
-import types
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-PACKAGE = "comfyui_dp_adapt"
-
-SD15_UNET = {
-    "model_channels": 320,
-    "channel_mult": [1, 2, 4, 4],
-    "num_res_blocks": [2, 2, 2, 2],
-    "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
-    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
-    "transformer_depth_middle": 1,
-    "context_dim": 768,
-}
-SD15_TEXT = {
-    "hidden_size": 768,
-    "intermediate_size": 3072,
-    "num_attention_heads": 12,
-    "num_hidden_layers": 12,
-    "projection_dim": 768,
-}
-
-
-def _bootstrap_pack():
-    if PACKAGE not in sys.modules:
-        package = types.ModuleType(PACKAGE)
-        package.__path__ = [str(ROOT)]
-        sys.modules[PACKAGE] = package
+from _setup import SD15_TEXT, SD15_UNET, bootstrap_comfyui
 
 
 def _components(device_is_cuda: bool):
-    import atexit
-    import shutil
-    import tempfile
-
-    from comfyui_dp_adapt.headless import comfy_env
-
-    scratch = Path(tempfile.mkdtemp(prefix="bench_ti_"))
-    atexit.register(shutil.rmtree, scratch, ignore_errors=True)
-    comfy_dir = comfy_env.make_scratch_comfyui(scratch / "ComfyUI")
-    comfy_env.import_comfyui_in_process(comfy_dir, cpu=not device_is_cuda)
+    bootstrap_comfyui(device_is_cuda, prefix="bench_ti_")
     from comfyui_dp_adapt.nodes import comfy_compat, tiny_models
 
     if device_is_cuda:
@@ -80,7 +44,6 @@ def run_arm(arm: str, images: int, steps: int, batch: int) -> dict:
     """One arm in this process; returns its measurements."""
     import torch
 
-    _bootstrap_pack()
     cuda = torch.cuda.is_available()
     model, clip, vae, resolution = _components(cuda)
     from comfyui_dp_adapt.dp.inversion import InversionConfig, train_per_image_embeddings
