@@ -97,9 +97,19 @@ def train_per_image_embeddings(
     seeds: Sequence[int],
     text_forward: TextForward,
     denoise_loss: DenoiseLoss,
+    public_rows: int = 0,
     on_step: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
     """Learn one embedding per image; returns a float32 CPU tensor (m, k, d).
+
+    Work is constant (DP_SPEC 3.2): every forward/backward pass has exactly
+    ``images_per_batch`` rows, the last chunk padded with public padding rows (zero latents,
+    a fixed seed), and whole padding chunks are added until at least ``public_rows`` rows
+    were processed. So the number of passes, the progress total and (up to timing noise)
+    the run time depend on ``max(m, public_rows)`` only, and an image's result depends on
+    its own latents and seed alone: removing another image leaves it bitwise identical on
+    CPU (the tensors of every pass have the same shapes, so the kernels round the same way;
+    a test checks it).
 
     Args:
         latents: (m, C, H, W) cached latents of the m images to invert, in the model's space.
@@ -108,27 +118,28 @@ def train_per_image_embeddings(
         config: steps, learning rate, images per forward/backward pass.
         seeds: one seed per image for its own generator (timesteps, noise, templates).
         text_forward, denoise_loss: the model, see ``TextForward`` and ``DenoiseLoss``.
-        on_step: called as ``on_step(done, total)`` after every optimiser step of a chunk;
-            it may raise to cancel (nothing is returned then).
+        public_rows: the public amount of work, in images (the declared dataset size).
+        on_step: called as ``on_step(done, total)`` after every optimiser step of a chunk,
+            with a public ``total``; it may raise to cancel (nothing is returned then).
     """
     m = latents.shape[0]
-    if latents.dim() != 4 or m < 1:
-        raise InvalidParameterError(
-            f"latents must be (m >= 1, C, H, W), got {tuple(latents.shape)}."
-        )
+    if latents.dim() != 4:
+        raise InvalidParameterError(f"latents must be (m, C, H, W), got {tuple(latents.shape)}.")
     if len(seeds) != m:
-        raise InvalidParameterError(f"need one seed per image: {m} images, {len(seeds)} seeds.")
+        raise InvalidParameterError("need exactly one seed per image.")
     k = prompts.num_vectors
     if initial.dim() != 2 or initial.shape[0] != k:
         raise InvalidParameterError(
             f"initial vectors must be ({k}, d) to match the templates' {k} placeholders, "
             f"got {tuple(initial.shape)}."
         )
+    b = config.images_per_batch
+    chunks = padded_chunk_count(m, public_rows=public_rows, images_per_batch=b)
     device = latents.device
     ids = prompts.ids.to(device)
     mask = prompts.mask.to(device)
     results = torch.empty((m, k, initial.shape[1]), dtype=torch.float32)
-    total = math.ceil(m / config.images_per_batch) * config.steps
+    total = chunks * config.steps
     done = 0
 
     def tick() -> None:
@@ -137,14 +148,27 @@ def train_per_image_embeddings(
         if on_step is not None:
             on_step(done, total)
 
-    for start in range(0, m, config.images_per_batch):
-        chunk = slice(start, min(m, start + config.images_per_batch))
-        generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds[chunk]]
+    for chunk_index in range(chunks):
+        start = chunk_index * b
+        real = max(0, min(m, start + b) - start)
+        rows = torch.zeros((b, *latents.shape[1:]), dtype=latents.dtype, device=device)
+        rows[:real] = latents[start : start + real]
+        chunk_seeds = [int(s) for s in seeds[start : start + real]] + [PADDING_SEED] * (b - real)
+        generators = [torch.Generator(device="cpu").manual_seed(s) for s in chunk_seeds]
         vectors = _train_chunk(
-            latents[chunk], initial, ids, mask, config, generators, text_forward, denoise_loss, tick
+            rows, initial, ids, mask, config, generators, text_forward, denoise_loss, tick
         )
-        results[chunk] = vectors.detach().float().cpu()
+        results[start : start + real] = vectors[:real].detach().float().cpu()
     return results
+
+
+PADDING_SEED = 0
+"""Seed of the padding rows: public, they carry no image."""
+
+
+def padded_chunk_count(rows: int, *, public_rows: int, images_per_batch: int) -> int:
+    """Passes of ``images_per_batch`` rows needed for max(rows, public_rows) rows (>= 1)."""
+    return max(1, math.ceil(max(rows, public_rows) / images_per_batch))
 
 
 def _train_chunk(latents, initial, ids, mask, config, generators, text_forward, denoise_loss, tick):

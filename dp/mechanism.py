@@ -138,7 +138,6 @@ def _validated_inputs(
         raise InvalidParameterError(
             f"vectors must have dimension D >= 1, got shape {tuple(v.shape)}."
         )
-    _check_finite(v, "vectors")
     c = _as_float64(centre, "centre")
     if tuple(c.shape) != (v.shape[1],):
         raise InvalidParameterError(
@@ -152,7 +151,11 @@ def _validated_inputs(
 
 def _bound(v: torch.Tensor, c: torch.Tensor, clip_norm: float, mode: BoundMode) -> torch.Tensor:
     diff = v - c
-    _check_finite(diff, "vectors - centre")  # 1e308 - (-1e308) overflows
+    # A row that is not finite (diverged training, fp16 overflow, or 1e308 - (-1e308))
+    # contributes 0, silently (DP_SPEC 2.4): an error, a warning or a count would make
+    # whether and how the release happens depend on that one image.
+    finite_rows = torch.isfinite(diff).all(dim=1, keepdim=True)
+    diff = torch.where(finite_rows, diff, torch.zeros_like(diff))
     # Norms via the largest entry so that neither huge nor subnormal rows over/underflow.
     scale = diff.abs().amax(dim=1, keepdim=True)
     nonzero = scale > 0
@@ -190,6 +193,7 @@ def bound_contributions(
     vectors: (m, D), any real dtype and device; centre: (D,). Returns (m, D) float64 on the
     vectors' device (CPU where the device has no float64). ``clip``: u = (v - c) min(1,
     C/||v - c||); ``normalize``: u = C (v - c)/||v - c||, and u = 0 when v = c exactly.
+    A row with a non-finite value gives u = 0.
     """
     clip_norm = check_clip_norm(clip_norm)
     mode = _bound_mode(mode)
@@ -255,12 +259,9 @@ def release_noisy_aggregate(
     for name, hook in (("before_noise", before_noise), ("postprocess", postprocess)):
         if hook is not None and not callable(hook):
             raise InvalidParameterError(f"{name} must be callable or None, got {name}={hook!r}.")
+    # No check of m against n: n is the DECLARED size, and the true count is private, so
+    # an error when m > n would publish it (DP_SPEC 1, 2.4).
     v, c = _validated_inputs(vectors, centre)
-    if v.shape[0] > n:
-        raise InvalidParameterError(
-            f"got {v.shape[0]} vectors but the declared dataset size is dataset_size={n}; "
-            "pass only the kept images' vectors and the full dataset's size."
-        )
     event = release_event(noise_multiplier=z, sampling_rate=q)
     dimension = int(v.shape[1])
 

@@ -95,6 +95,37 @@ def test_removing_an_image_does_not_change_the_others():
     assert torch.equal(full[[0, 2, 3]], fewer)
 
 
+@pytest.mark.parametrize("per_batch", [2, 3, 4])
+def test_removing_any_image_leaves_the_others_bitwise_identical_in_padded_chunks(per_batch):
+    """Fixed-size chunks: removing image j moves the others to other chunks and positions,
+    yet every other result is bitwise the same (DP_SPEC 3.2)."""
+    latents = latents_for(5)
+    seeds = [21, 22, 23, 24, 25]
+    config = InversionConfig(steps=3, learning_rate=0.05, images_per_batch=per_batch)
+    full, _ = train(latents, seeds, config)
+    for j in range(5):
+        keep = [i for i in range(5) if i != j]
+        fewer, _ = train(latents[keep], [seeds[i] for i in keep], config)
+        assert torch.equal(full[keep], fewer), f"removing image {j} moved another image"
+
+
+def test_work_and_progress_depend_on_the_public_size_only():
+    """With a declared size of 8, folders of 5 and 6 images do the same passes."""
+    seen = {}
+    for m in (5, 6):
+        steps = []
+        _, calls = train(
+            latents_for(m),
+            list(range(m)),
+            InversionConfig(steps=2, learning_rate=0.05, images_per_batch=3),
+            public_rows=8,
+            on_step=lambda done, total, steps=steps: steps.append((done, total)),
+        )
+        seen[m] = (calls["rows"], steps)
+    assert seen[5] == seen[6]
+    assert seen[5][0] == [3] * 6, "ceil(8 / 3) = 3 chunks of 3 rows, 2 steps each"
+
+
 def test_batching_changes_speed_not_results_beyond_float_rounding():
     latents = latents_for(4)
     one, _ = train(
@@ -115,7 +146,7 @@ def test_each_image_gets_exactly_the_configured_number_of_steps():
         InversionConfig(steps=3, learning_rate=0.05, images_per_batch=2),
         on_step=lambda done, total: steps.append((done, total)),
     )
-    assert calls["rows"] == [2, 2, 2, 2, 2, 2, 1, 1, 1]
+    assert calls["rows"] == [2] * 9, "the last chunk is padded to the full batch size"
     assert steps == [(i, 9) for i in range(1, 10)]
     assert out.shape == (5, K, D) and out.dtype == torch.float32
 
