@@ -1,10 +1,11 @@
-"""Keyed dataset fingerprints: the ledger's dataset key without a membership oracle.
+"""Keyed image fingerprints: the ledger's per-image keys without a membership oracle.
 
-A plain SHA-256 of the private files lets anyone holding a candidate collection test
-whether it is the private one. The fingerprint the nodes output is therefore an HMAC-SHA256
-(RFC 2104) of the raw content hash under a random key that never leaves this installation
-(stored next to the ledgers). It still identifies the same files consistently for the
-ledger, but reveals nothing testable to someone without the key.
+A plain SHA-256 of a private file lets anyone holding a candidate image test whether it is
+one of the private ones. The keys the loader outputs are therefore an HMAC-SHA256 (RFC 2104)
+of each image's raw content hash under a random key that never leaves this installation
+(stored next to the ledgers). They still identify the same image consistently for the
+ledger (whatever its file name, its folder or the loading resolution), but reveal nothing
+testable to someone without the key, and nothing shared between two installations.
 """
 
 from __future__ import annotations
@@ -22,29 +23,45 @@ PREFIX = "hmac-sha256:"
 
 
 def load_or_create_key(path: Path) -> bytes:
-    """The installation's fingerprint key, created once (atomically, owner-only permissions)."""
+    """The installation's fingerprint key, created once (atomically, owner-only permissions).
+
+    The key is written and flushed to a private temporary file first and then hard-linked
+    to ``path``, which fails if ``path`` exists: a concurrent caller therefore sees either
+    no key or the whole key, never a half-written one, and two callers racing to create it
+    end up with the same key.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        key = path.read_bytes()
-        if len(key) != KEY_BYTES:
-            raise DpAdaptError(
-                f"fingerprint key {path} is damaged ({len(key)} bytes, expected {KEY_BYTES}). "
-                "Restore it from a backup; deleting it starts new ledger datasets."
-            ) from None
-        return key
-    key = secrets.token_bytes(KEY_BYTES)
-    try:
-        os.write(fd, key)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    if not path.exists():
+        _create_key(path)
+    key = path.read_bytes()
+    if len(key) != KEY_BYTES:
+        raise DpAdaptError(
+            f"fingerprint key {path} is damaged ({len(key)} bytes, expected {KEY_BYTES}). "
+            "Restore it from a backup; deleting it starts new ledger datasets."
+        )
     return key
 
 
+def _create_key(path: Path) -> None:
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        try:
+            os.write(fd, secrets.token_bytes(KEY_BYTES))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(temporary, path)
+        except FileExistsError:
+            pass  # another caller created it first: use theirs
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
 def keyed_fingerprint(content_fingerprint: str, key: bytes) -> str:
-    """``hmac-sha256:<hex>`` of a content fingerprint under the installation key."""
+    """``hmac-sha256:<hex>`` of a content fingerprint (e.g. ``"sha256:<hex>"`` of one image
+    file's bytes) under the installation key."""
     digest = hmac.new(key, content_fingerprint.encode(), hashlib.sha256).hexdigest()
     return PREFIX + digest

@@ -1,20 +1,25 @@
 """Loading a folder of private images into one IMAGE batch (DP_SPEC section 1).
 
-The images, their file names, and which file is which are private. This module therefore:
+Under add/remove adjacency everything about the folder is private: the images, their file
+names, which file is which, and even HOW MANY there are. This module therefore:
 
 - never writes anything to disk (no caches, thumbnails or temporary files);
-- never logs a file name: the log line carries only counts (n is public, DP_SPEC section 1);
-- names the broken file in an ``ImageFolderError`` message. That message goes to the user's
-  own interface (ComfyUI shows it, and prints it to its own console), and without the name
-  the user cannot find the file to fix it. Nothing here puts a name into an output, into
-  file metadata or into the ledger.
+- reports no progress and logs nothing that depends on the folder's contents: no file
+  names, no count of images or of skipped files;
+- names the broken file in an ``ImageFolderError`` message. That message goes to the user
+  who queued the prompt (ComfyUI shows it, and prints it to its own console) before any
+  release, and without the name the curator cannot find the file to fix it. Nothing here
+  puts a name into an output, a log line, file metadata or the ledger;
+- shows any path in a message shortened to about 200 characters (``shown_path``), so a
+  pasted 5,000-character path cannot flood the user's screen or the server's log.
 
-The dataset's fingerprint (the ledger's key, DP_SPEC section 7) hashes the raw file bytes
-only. It excludes names and the order of files, so renaming or re-sorting the folder keeps
-it, and it excludes the loading parameters, so changing the resolution does not make a
-"new" dataset with a fresh budget. The fingerprint is an exact function of the private
-images and carries NO differential-privacy protection: it belongs in the local ledger, not
-in anything shared.
+Each image's content digest (``"sha256:<hex>"`` of its raw file bytes) is returned row for
+row with the pixels: the budget ledger charges every release to every image in it (keyed,
+see ``dp/fingerprint.py``), so it protects people rather than folders. The digest excludes
+the file name and the loading parameters, so renaming a file or changing the resolution
+does not make a "new" image with a fresh budget. These digests are exact functions of the
+private images and carry NO differential-privacy protection: they never leave the process
+unkeyed.
 
 Decoding treats every file as untrusted input: the pixel count is checked from the header
 before any decoding (decompression bombs), every image is fully decoded (truncated files
@@ -23,13 +28,16 @@ are refused), and only a fixed set of decoders may run.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import io
 import logging
 import os
 import stat
+import threading
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +45,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps
 
+from .display import MAX_SHOWN_PATH, shown_path
 from .errors import DpAdaptError, InvalidParameterError
 
 logger = logging.getLogger(__name__)
@@ -52,6 +61,8 @@ MAX_RESOLUTION = 2048
 RESOLUTION_MULTIPLE = 8
 DEFAULT_MAX_IMAGE_PIXELS = 8192 * 8192
 DEFAULT_MAX_IMAGES = 1000
+# Longest path a message shows whole; longer ones keep their start and end.
+DIGEST_PREFIX = "sha256:"
 
 _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
 _UINT16_MAX = 65535.0
@@ -65,26 +76,35 @@ class _UnsupportedImage(Exception):
     """A decoded image whose pixel values this loader will not guess a meaning for."""
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, repr=False)
 class PrivateImages:
-    """A loaded private dataset.
+    """A loaded private dataset. Everything in it is private, including its length.
 
     Attributes:
         images: float32 tensor (n, R, R, 3) in [0, 1], ComfyUI's IMAGE layout, in sorted
-            file-name order. Private; kept out of ``repr``.
-        count: n, the number of images (public, DP_SPEC section 1).
-        fingerprint: ``"sha256:<hex>"`` of the files' contents, see ``folder_fingerprint``.
+            file-name order.
+        content_digests: n strings ``"sha256:<hex>"``, the SHA-256 of the raw bytes of the
+            file of each row (``content_digests[i]`` belongs to ``images[i]``). Unkeyed:
+            key them (``dp/fingerprint.py``) before they leave the process.
     """
 
     images: torch.Tensor = field(repr=False)
-    count: int
-    fingerprint: str
+    content_digests: tuple[str, ...] = field(repr=False)
 
+    @property
+    def count(self) -> int:
+        """n, the number of images. Private (add/remove adjacency): never publish it."""
+        return int(self.images.shape[0])
 
-@dataclass(frozen=True)
-class _Listing:
-    files: tuple[Path, ...]
-    skipped: int
+    @property
+    def fingerprint(self) -> str:
+        """The whole folder's content fingerprint, as ``folder_fingerprint`` gives it."""
+        return _combine(bytes.fromhex(d[len(DIGEST_PREFIX) :]) for d in self.content_digests)
+
+    def __repr__(self) -> str:
+        return "PrivateImages(<private>)"
+
+    __str__ = __repr__
 
 
 def load_image_folder(
@@ -93,15 +113,16 @@ def load_image_folder(
     resolution: int,
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     max_images: int = DEFAULT_MAX_IMAGES,
-    on_progress: Callable[[int, int], None] | None = None,
+    check_cancelled: Callable[[], None] | None = None,
 ) -> PrivateImages:
     """Load every image file of ``folder`` (not sub-folders) as an (n, R, R, 3) batch.
 
     Files are taken by extension (png, jpg/jpeg, webp, bmp, tif/tiff, gif: first frame),
-    in sorted name order; hidden files and other extensions are skipped. Each image gets
-    its EXIF orientation applied, is converted to RGB (transparency composited on white,
-    16-bit greyscale scaled from its full 16-bit range), centre-cropped to a square and
-    resized to ``resolution`` with Lanczos filtering (antialiased when shrinking).
+    in sorted name order; hidden files, other extensions and entries that cannot be
+    examined (dangling or looping symbolic links) are skipped. Each image gets its EXIF
+    orientation applied, is converted to RGB (transparency composited on white, 16-bit
+    greyscale scaled from its full 16-bit range), centre-cropped to a square and resized
+    to ``resolution`` with Lanczos filtering (antialiased when shrinking).
 
     Args:
         folder: the folder to read.
@@ -111,23 +132,25 @@ def load_image_folder(
             applies on top of it.
         max_images: refuse a folder with more images than this (the batch is kept in memory:
             n * R * R * 12 bytes).
-        on_progress: called as ``on_progress(done, total)`` before the first image and after
-            each one; it may raise to cancel.
+        check_cancelled: called before each file is read; it may raise to cancel. No
+            progress is reported: how far the loop has got reveals how many files there are.
 
     Raises:
         InvalidParameterError: a parameter is out of range.
-        ImageFolderError: the folder is missing, not a folder, holds no image or too many,
-            or one of its images is unreadable, truncated, too large or of an unsupported kind.
+        ImageFolderError: the folder path is unusable (missing, not a folder, a symbolic-link
+            loop, too long, with a NUL character, not listable), the folder holds no image or
+            too many, or one of its images is unreadable, truncated, too large or of an
+            unsupported kind.
     """
     _check_resolution(resolution)
     _check_positive("max_image_pixels", max_image_pixels)
     _check_positive("max_images", max_images)
-    listing = _list_image_files(Path(folder))
-    n = len(listing.files)
-    if n > max_images:
+    files = _list_image_files(Path(folder))
+    if len(files) > max_images:
+        # The exact number stays out of the message: it is private.
         raise ImageFolderError(
-            f"folder {folder} holds {n} image files, more than max_images={max_images}. "
-            "Use a smaller folder or raise the limit."
+            f"the image folder {shown_path(folder)} holds more than max_images={max_images} "
+            "image files. Use a smaller folder or raise the limit."
         )
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         # Another package switched this Pillow-wide flag on; it is not ours to switch off
@@ -137,63 +160,108 @@ def load_image_folder(
             "private images cannot be detected."
         )
 
-    images = torch.empty((n, resolution, resolution, 3), dtype=torch.float32)
-    digests: list[bytes] = []
-    if on_progress is not None:
-        on_progress(0, n)
-    for index, path in enumerate(listing.files):
-        data = _read_file(path)
-        digests.append(hashlib.sha256(data).digest())
-        pixels = _decode(data, path=path, resolution=resolution, max_image_pixels=max_image_pixels)
-        images[index] = torch.from_numpy(pixels)
-        del data, pixels
-        if on_progress is not None:
-            on_progress(index + 1, n)
+    images = torch.empty((len(files), resolution, resolution, 3), dtype=torch.float32)
+    digests: list[str] = []
+    with _quiet_decoding():
+        for index, path in enumerate(files):
+            if check_cancelled is not None:
+                check_cancelled()
+            data = _read_file(path)
+            digests.append(DIGEST_PREFIX + hashlib.sha256(data).hexdigest())
+            pixels = _decode(
+                data, path=path, resolution=resolution, max_image_pixels=max_image_pixels
+            )
+            images[index] = torch.from_numpy(pixels)
+            del data, pixels
 
-    # Counts only: n is public; statistics of the images themselves (sizes, how many were
-    # upscaled) are not, so they stay out of the log.
-    logger.info(
-        "Loaded %d private images at %dx%d (%d other files skipped).",
-        n,
-        resolution,
-        resolution,
-        listing.skipped,
-    )
-    return PrivateImages(images=images, count=n, fingerprint=_combine(digests))
+    # Public values only: the count of images or of skipped files is private, and so are
+    # statistics of the images themselves (sizes, how many were upscaled).
+    logger.info("Loaded the private image folder at %dx%d.", resolution, resolution)
+    return PrivateImages(images=images, content_digests=tuple(digests))
 
 
 def folder_fingerprint(folder: Path) -> str:
-    """The fingerprint ``load_image_folder`` gives for this folder's current contents.
+    """The fingerprint of this folder's current image contents (``PrivateImages.fingerprint``).
 
     ``"sha256:"`` + hex SHA-256 of the concatenated, sorted SHA-256 digests of the raw
     bytes of each image file (selected as ``load_image_folder`` selects them). Independent
-    of file names, file order and loading parameters; changes with any byte of any image.
-    Hashes the files without decoding them (cheap enough for ComfyUI's IS_CHANGED).
+    of file names, file order and loading parameters; changes with any byte of any image,
+    and with an image added or removed. Hashes the files without decoding them (cheap
+    enough for ComfyUI's IS_CHANGED). Unkeyed, so a membership oracle: never publish it.
 
     Raises:
-        ImageFolderError: the folder is missing, not a folder, or holds no image file.
+        ImageFolderError: the folder path is unusable, or it holds no image file, or one
+            of them cannot be read.
     """
-    listing = _list_image_files(Path(folder))
     digests = []
-    for path in listing.files:
+    for path in _list_image_files(Path(folder)):
         digest = hashlib.sha256()
         try:
             with open(path, "rb") as file:
                 for block in iter(lambda f=file: f.read(1 << 20), b""):
                     digest.update(block)
         except OSError as error:
-            raise ImageFolderError(
-                f"cannot read image file '{path.name}' in {folder}: {error}"
-            ) from error
+            raise _unreadable_file(path, error) from None
         digests.append(digest.digest())
     return _combine(digests)
 
 
-def _combine(digests: Sequence[bytes]) -> str:
+def check_no_nul(path: object) -> None:
+    """Refuse a path with a NUL character, which no file system allows (and which Python's
+    file functions reject with a bare ValueError)."""
+    if "\x00" in str(path):
+        raise ImageFolderError(
+            f"the folder path {shown_path(path)} contains a NUL character (\\x00), which no "
+            "file system allows. Retype the path."
+        )
+
+
+_decoding = threading.local()
+
+
+class _DropWhileDecoding(logging.Filter):
+    """Drops Pillow's log records emitted by a thread while it decodes private images."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(_decoding, "active", False)
+
+
+_DROP_WHILE_DECODING = _DropWhileDecoding()
+
+
+@contextlib.contextmanager
+def _quiet_decoding() -> Iterator[None]:
+    """Silence Pillow while this thread decodes private images.
+
+    At DEBUG level Pillow logs every chunk of every file (e.g. ``STREAM b'IDAT' 41 20819``),
+    and it warns about some files: either would publish how many files there are and facts
+    about their contents to the server's log. A filter on each Pillow logger (a filter on
+    the parent "PIL" logger does not see its children's records) drops their records from
+    this thread only; Pillow's warnings are ignored meanwhile (``_decode`` still turns a
+    decompression-bomb warning into a refusal).
+    """
+    Image.init()  # imports every format plugin, so every Pillow logger exists now
+    for name, item in list(logging.root.manager.loggerDict.items()):
+        if (
+            (name == "PIL" or name.startswith("PIL."))
+            and isinstance(item, logging.Logger)
+            and _DROP_WHILE_DECODING not in item.filters
+        ):
+            item.addFilter(_DROP_WHILE_DECODING)
+    _decoding.active = True
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        _decoding.active = False
+
+
+def _combine(digests: Iterable[bytes]) -> str:
     combined = hashlib.sha256()
     for digest in sorted(digests):
         combined.update(digest)
-    return "sha256:" + combined.hexdigest()
+    return DIGEST_PREFIX + combined.hexdigest()
 
 
 def _check_resolution(resolution: int) -> None:
@@ -228,55 +296,99 @@ def _is_hidden(entry: os.DirEntry) -> bool:
     return bool(attributes & stat.FILE_ATTRIBUTE_HIDDEN)
 
 
-def _list_image_files(folder: Path) -> _Listing:
-    if not folder.exists():
-        raise ImageFolderError(f"the image folder {folder} does not exist.")
-    if not folder.is_dir():
+def _folder_error(folder: Path, error: OSError) -> ImageFolderError:
+    """A readable message for an OSError met while opening or listing ``folder``."""
+    shown = shown_path(folder)
+    code = error.errno
+    if code == errno.ENOENT:
+        reason = f"the image folder {shown} does not exist."
+    elif code == errno.ENOTDIR:
+        reason = f"a part of the folder path {shown} is a file, not a folder."
+    elif code == errno.ELOOP:
+        reason = (
+            f"the image folder path {shown} is a symbolic-link loop (links that lead back to "
+            "each other). Give the real folder."
+        )
+    elif code == errno.ENAMETOOLONG:
+        reason = (
+            f"the image folder path is too long for the file system ({len(str(folder))} "
+            f"characters): {shown}"
+        )
+    elif code in (errno.EACCES, errno.EPERM):
+        reason = (
+            f"ComfyUI has no permission to read the image folder {shown}. Allow the user "
+            "running ComfyUI to list it."
+        )
+    else:
+        reason = f"cannot open the image folder {shown}: {error.strerror or type(error).__name__}."
+    return ImageFolderError(reason)
+
+
+def _list_image_files(folder: Path) -> tuple[Path, ...]:
+    # Every failure becomes an ImageFolderError raised "from None": the OSError's own text
+    # repeats the whole path, however long, in ComfyUI's console traceback.
+    check_no_nul(folder)
+    try:
+        info = os.stat(folder)
+    except OSError as error:
+        raise _folder_error(folder, error) from None
+    if not stat.S_ISDIR(info.st_mode):
         raise ImageFolderError(
-            f"{folder} is a file, not a folder: give the folder that holds the private images."
+            f"{shown_path(folder)} is a file, not a folder: give the folder that holds the "
+            "private images."
         )
     files: list[Path] = []
-    skipped = 0
     try:
         with os.scandir(folder) as entries:
             for entry in entries:
                 if _is_hidden(entry):
-                    skipped += 1
-                elif (
-                    os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS
-                    and entry.is_file()  # follows symlinks; excludes folders, pipes, devices
-                ):
+                    continue
+                if os.path.splitext(entry.name)[1].lower() not in IMAGE_EXTENSIONS:
+                    continue
+                try:
+                    # Follows symbolic links; excludes folders, pipes and devices.
+                    is_file = entry.is_file()
+                except OSError:
+                    is_file = False  # a looping link: skipped like a dangling one
+                if is_file:
                     files.append(Path(entry.path))
-                else:
-                    skipped += 1
     except OSError as error:
-        raise ImageFolderError(f"cannot list the image folder {folder}: {error}") from error
+        raise _folder_error(folder, error) from None
     if not files:
+        # No count of other entries: what else the folder holds is the user's business.
         raise ImageFolderError(
-            f"the image folder {folder} holds no image files (looked for "
-            f"{', '.join(sorted(IMAGE_EXTENSIONS))}; {skipped} other or hidden entries)."
+            f"the image folder {shown_path(folder)} holds no image files (looked for "
+            f"{', '.join(sorted(IMAGE_EXTENSIONS))}; hidden files are ignored)."
         )
     files.sort(key=lambda path: path.name)
-    return _Listing(files=tuple(files), skipped=skipped)
+    return tuple(files)
+
+
+def _shown_file(path: Path) -> str:
+    half = MAX_SHOWN_PATH // 2
+    return f"'{shown_path(path.name, half)}' in {shown_path(path.parent, half)}"
+
+
+def _unreadable_file(path: Path, error: OSError) -> ImageFolderError:
+    return ImageFolderError(
+        f"cannot read image file {_shown_file(path)}: {error.strerror or type(error).__name__}."
+    )
 
 
 def _read_file(path: Path) -> bytes:
     # The bytes that are hashed are the bytes that are decoded: no window for the file to
-    # change between the fingerprint and the pixels.
+    # change between the digest and the pixels.
     try:
         return path.read_bytes()
     except OSError as error:
-        raise ImageFolderError(
-            f"cannot read image file '{path.name}' in {path.parent}: {error}"
-        ) from error
+        raise _unreadable_file(path, error) from None
 
 
 def _decode(data: bytes, *, path: Path, resolution: int, max_image_pixels: int) -> np.ndarray:
     """Decode one file to a float32 (R, R, 3) array in [0, 1]."""
-    name = path.name
 
     def refuse(reason: str) -> ImageFolderError:
-        return ImageFolderError(f"cannot load image file '{name}' in {path.parent}: {reason}")
+        return ImageFolderError(f"cannot load image file {_shown_file(path)}: {reason}")
 
     try:
         with warnings.catch_warnings():
@@ -311,7 +423,7 @@ def _decode(data: bytes, *, path: Path, resolution: int, max_image_pixels: int) 
         # Decoders of untrusted files raise many kinds of errors (OSError, SyntaxError,
         # ValueError, zlib.error, struct.error...); all mean "this file cannot be used".
         raise refuse(
-            f"{str(error) or type(error).__name__}. The file is damaged or of an unsupported "
+            f"{shown_path(str(error) or type(error).__name__)}. The file is damaged or of an unsupported "
             "kind: re-export it or remove it from the folder."
         ) from error
     return pixels

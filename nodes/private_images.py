@@ -1,25 +1,45 @@
-"""The "DP Load Private Images" node: a private image folder as one IMAGE batch.
+"""The "DP Load Private Images" node: a private image folder as one DP_PRIVATE_IMAGES set.
 
-Private per DP_SPEC section 1: the pixels and the file names. This node shows no preview,
-writes no temporary file and returns no "ui" images; it logs counts only. Its outputs are
-the batch (for DP nodes only), n (public) and the dataset's fingerprint (the ledger's
-key): a keyed hash (HMAC) of the files' contents under a key kept in ComfyUI's user folder,
-so nobody without that key can test a candidate collection against it.
+Private per DP_SPEC section 1: the pixels, the file names, and even how many images there
+are (add/remove adjacency). Everything an observer of the server sees counts as published,
+so this node shows no preview, writes no temporary file, returns no "ui" images, has no
+count output, logs nothing that depends on the folder's contents, shows a progress bar of
+fixed total, and gives ComfyUI an IS_CHANGED value that is useless for testing membership.
+
+Its one output carries the pixels together with each image's keyed hash (an HMAC, RFC 2104,
+of the file's raw-bytes SHA-256 under a key kept in ComfyUI's user folder), so the budget
+ledger can charge every release to every image in it. The socket type is the pack's own, so
+only DP nodes accept it: a core Preview or Save node cannot be wired to the pixels.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import secrets
 from pathlib import Path
 
+from ..dp.fingerprint import KEY_BYTES, keyed_fingerprint, load_or_create_key
 from ..dp.images import (
     MAX_RESOLUTION,
     MIN_RESOLUTION,
     RESOLUTION_MULTIPLE,
     ImageFolderError,
+    check_no_nul,
     folder_fingerprint,
     load_image_folder,
+    shown_path,
 )
+from ..dp.private_set import SOCKET_TYPE, PrivateImageSet
 from . import comfy_compat
+
+# Key of this server process's IS_CHANGED values: random, in memory only, never stored.
+# ComfyUI writes each node's IS_CHANGED value into the prompt, and SaveImage writes the
+# prompt into every PNG it saves. An unkeyed hash of the folder there would let anyone
+# holding a saved image test whether a candidate collection is the private one. Under this
+# key the value only says "same contents as before in this process" (which is what
+# ComfyUI's cache needs) and cannot be linked across server restarts.
+_PROCESS_KEY: bytes = secrets.token_bytes(KEY_BYTES)
 
 
 def resolve_folder(folder: str) -> Path:
@@ -36,35 +56,54 @@ def resolve_folder(folder: str) -> Path:
             "folder is empty: give a folder inside ComfyUI's input directory "
             "(e.g. my_private_images) or an absolute path."
         )
-    path = Path(text).expanduser()
+    check_no_nul(text)
+    try:
+        path = Path(text).expanduser()
+    except RuntimeError:
+        raise ImageFolderError(
+            f"cannot expand '~' in folder='{shown_path(text)}': no such user's home folder. "
+            "Give the full path."
+        ) from None
     if path.is_absolute():
         return path
     base = comfy_compat.input_directory().resolve()
-    resolved = (base / path).resolve()
+    try:
+        resolved = (base / path).resolve()
+    except RuntimeError:
+        # Python < 3.13 raises RuntimeError (some versions RecursionError) on a link loop.
+        raise ImageFolderError(
+            f"folder='{shown_path(text)}' is a symbolic-link loop (links that lead back to "
+            "each other). Give the real folder."
+        ) from None
+    except OSError as error:
+        raise ImageFolderError(
+            f"cannot resolve folder='{shown_path(text)}': {error.strerror or type(error).__name__}."
+        ) from None
     if resolved != base and base not in resolved.parents:
         raise ImageFolderError(
-            f"folder={folder!r} leads outside ComfyUI's input directory {base} (through '..' "
-            "or a symbolic link). Give a folder inside it, or an absolute path."
+            f"folder='{shown_path(text)}' leads outside ComfyUI's input directory "
+            f"{shown_path(base)} (through '..' or a symbolic link). Give a folder inside it, "
+            "or an absolute path."
         )
     return resolved
 
 
 class DPLoadPrivateImagesNode:
     CATEGORY = "DP Adapt"
-    RETURN_TYPES = ("IMAGE", "INT", "STRING")
-    RETURN_NAMES = ("images", "dataset_size", "fingerprint")
+    RETURN_TYPES = (SOCKET_TYPE,)
+    RETURN_NAMES = ("private_images",)
     OUTPUT_TOOLTIPS = (
-        "The private images as one batch (n, resolution, resolution, 3). Connect it ONLY to "
-        "DP nodes: anything else (preview, save) leaks the images.",
-        "Number of images n. Public under the privacy guarantee; connect it to the DP node.",
-        "Fingerprint of the folder's contents (identifies the dataset in the budget ledger): a "
-        "keyed hash, testable only with this installation's key. Connect it to the DP node.",
+        "The private images with one keyed hash per image (the budget ledger charges each "
+        "release to each image). Connects only to DP nodes: core Preview and Save nodes cannot "
+        "take this socket, which keeps the pixels private. How many images there are is "
+        "private too and is shown nowhere.",
     )
     FUNCTION = "load"
     DESCRIPTION = (
         "Loads a folder of private images (png, jpg, webp, bmp, tiff, gif) for a DP node: "
-        "each image is centre-cropped to a square and resized. No previews and no temporary "
-        "files; file names are never logged or output. Re-runs when the folder's files change."
+        "each image is centre-cropped to a square and resized. Its output connects only to DP "
+        "nodes. No previews, no temporary files, no count: file names and the number of "
+        "images are never logged or output. Re-runs when the folder's files change."
     )
 
     @classmethod
@@ -95,37 +134,35 @@ class DPLoadPrivateImagesNode:
 
     @classmethod
     def IS_CHANGED(cls, folder, resolution):
-        # ComfyUI re-runs the node when this value changes. On an unusable folder, a fresh NaN
-        # makes it run, so that load() reports the problem. Fresh, not math.nan: ComfyUI
-        # compares lists of these values, and list equality treats one object as equal to
-        # itself even when it is NaN.
+        # ComfyUI re-runs the node when this value changes, and publishes it (see
+        # _PROCESS_KEY): an HMAC-SHA256 under the process key of the folder's content
+        # fingerprint and the resolution. On an unusable folder, a fresh NaN makes it run, so
+        # that load() reports the problem (any failure here is re-raised there). Fresh, not
+        # math.nan: ComfyUI compares lists of these values, and list equality treats one
+        # object as equal to itself even when it is NaN.
         try:
-            return folder_fingerprint(resolve_folder(folder))
-        except (ImageFolderError, OSError):
+            content = folder_fingerprint(resolve_folder(folder))
+        except Exception:
             return float("nan")
+        message = f"{content}\n{resolution}".encode()
+        return "hmac-sha256:" + hmac.new(_PROCESS_KEY, message, hashlib.sha256).hexdigest()
 
     def load(self, folder, resolution):
-        progress = None
-
-        def on_progress(done: int, total: int) -> None:
-            nonlocal progress
-            comfy_compat.raise_if_cancelled()
-            if progress is None:
-                progress = comfy_compat.progress_bar(max(1, total))
-            progress.update_absolute(done, total)
-
+        path = resolve_folder(folder)
+        key = _installation_key()
+        # One step of a fixed, public total: a per-file bar would publish the count.
+        progress = comfy_compat.progress_bar(1)
         loaded = load_image_folder(
-            resolve_folder(folder), resolution=resolution, on_progress=on_progress
+            path, resolution=resolution, check_cancelled=comfy_compat.raise_if_cancelled
         )
-        return (loaded.images, loaded.count, published_fingerprint(loaded.fingerprint))
+        image_keys = tuple(keyed_fingerprint(d, key) for d in loaded.content_digests)
+        progress.update_absolute(1, 1)
+        return (PrivateImageSet(images=loaded.images, image_keys=image_keys),)
 
 
-def published_fingerprint(content_fingerprint: str) -> str:
-    """The keyed fingerprint (``dp/fingerprint.py``) under this installation's key."""
-    from ..dp.fingerprint import keyed_fingerprint, load_or_create_key
-
-    key_path = comfy_compat.user_directory() / "dp_adapt" / "fingerprint.key"
-    return keyed_fingerprint(content_fingerprint, load_or_create_key(key_path))
+def _installation_key() -> bytes:
+    """This installation's fingerprint key (``dp/fingerprint.py``), in ComfyUI's user folder."""
+    return load_or_create_key(comfy_compat.user_directory() / "dp_adapt" / "fingerprint.key")
 
 
 NODE_CLASS_MAPPINGS = {"DPAdaptLoadPrivateImages": DPLoadPrivateImagesNode}

@@ -36,3 +36,27 @@ def test_damaged_key_is_refused_not_replaced(tmp_path):
     with pytest.raises(DpAdaptError, match="damaged"):
         load_or_create_key(path)
     assert path.read_bytes() == b"short"
+
+
+def test_fingerprint_is_rfc2104_hmac_of_the_content_digest_not_the_digest(tmp_path):
+    import hashlib
+    import hmac
+
+    key = load_or_create_key(tmp_path / "fingerprint.key")
+    content = "sha256:" + hashlib.sha256(b"one private image").hexdigest()
+    keyed = keyed_fingerprint(content, key)
+    assert keyed == "hmac-sha256:" + hmac.new(key, content.encode(), hashlib.sha256).hexdigest()
+    assert content.split(":", 1)[1] not in keyed
+    assert keyed != "hmac-sha256:" + hashlib.sha256(content.encode()).hexdigest()
+
+
+def test_concurrent_first_use_gives_one_whole_key(tmp_path):
+    # Two prompts may reach a fresh installation at once: none may read a half-written key.
+    from concurrent.futures import ThreadPoolExecutor
+
+    for trial in range(30):
+        path = tmp_path / str(trial) / "fingerprint.key"
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            keys = set(pool.map(lambda _, p=path: load_or_create_key(p), range(16)))
+        assert keys == {path.read_bytes()}
+        assert list(path.parent.iterdir()) == [path], "no temporary file is left behind"

@@ -1,9 +1,13 @@
-"""Loading a private image folder: every colour mode, cropping, order, refusals, fingerprint."""
+"""Loading a private image folder: every colour mode, cropping, order, refusals, digests,
+and nothing published that depends on the folder's contents."""
 
 from __future__ import annotations
 
 import builtins
+import errno
+import hashlib
 import io
+import logging
 import os
 import shutil
 import tempfile
@@ -16,9 +20,11 @@ from PIL import Image, ImageFile
 
 from comfyui_dp_adapt.dp.errors import InvalidParameterError
 from comfyui_dp_adapt.dp.images import (
+    MAX_SHOWN_PATH,
     ImageFolderError,
     folder_fingerprint,
     load_image_folder,
+    shown_path,
 )
 
 R = 64
@@ -300,8 +306,9 @@ def test_pillow_decompression_bomb_check_is_reported(tmp_path, monkeypatch, pill
 def test_more_images_than_allowed_are_refused(tmp_path):
     for i in range(3):
         _rgb(tmp_path, f"{i}.png", seed=i)
-    with pytest.raises(ImageFolderError, match=r"3 image files.*max_images=2"):
+    with pytest.raises(ImageFolderError, match=r"more than max_images=2") as caught:
         load_image_folder(tmp_path, resolution=R, max_images=2)
+    assert "3 image" not in str(caught.value), "the exact count is private"
 
 
 @pytest.mark.parametrize("resolution", [0, 56, 100, 2056, 512.0, True, "512"])
@@ -408,25 +415,226 @@ def test_loading_writes_nothing_anywhere(tmp_path, monkeypatch):
     assert list(scratch.iterdir()) == []
 
 
-def test_repr_does_not_show_pixels(tmp_path):
+def test_repr_shows_neither_pixels_nor_count(tmp_path):
     _rgb(tmp_path, "a.png")
-    text = repr(load_image_folder(tmp_path, resolution=R))
-    assert "tensor" not in text and "count=1" in text
+    loaded = load_image_folder(tmp_path, resolution=R)
+    for text in (repr(loaded), str(loaded)):
+        assert text == "PrivateImages(<private>)"
 
 
-def test_progress_is_reported_per_image_and_can_cancel(tmp_path):
+def test_cancel_check_runs_before_every_file(tmp_path):
     for i in range(3):
         _rgb(tmp_path, f"{i}.png", seed=i)
     calls = []
-    load_image_folder(tmp_path, resolution=R, on_progress=lambda d, t: calls.append((d, t)))
-    assert calls == [(0, 3), (1, 3), (2, 3), (3, 3)]
+    load_image_folder(tmp_path, resolution=R, check_cancelled=lambda: calls.append(1))
+    assert len(calls) == 3
 
     class Cancelled(Exception):
         pass
 
-    def cancel(done, total):
-        if done == 1:
+    def cancel_on_second_file():
+        calls.append(1)
+        if len(calls) == 2:
             raise Cancelled
 
+    calls.clear()
     with pytest.raises(Cancelled):
-        load_image_folder(tmp_path, resolution=R, on_progress=cancel)
+        load_image_folder(tmp_path, resolution=R, check_cancelled=cancel_on_second_file)
+    assert len(calls) == 2
+
+
+def _log_of_loading(folder: Path, caplog) -> list[tuple[str, int, str]]:
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG):
+        load_image_folder(folder, resolution=R)
+    return [(r.name, r.levelno, r.getMessage()) for r in caplog.records]
+
+
+def _mixed_set(folder: Path, count: int) -> None:
+    # PNG and TIFF decoders log at DEBUG level per chunk and tag.
+    folder.mkdir()
+    for i in range(count):
+        _rgb(folder, f"secret_{i}.{('png', 'tiff', 'jpg')[i % 3]}", seed=i, size=(90 + i, 70))
+    _palette(folder, transparent=True)
+
+
+def test_log_does_not_depend_on_the_folders_contents(tmp_path, caplog):
+    _mixed_set(tmp_path / "three", count=3)
+    _mixed_set(tmp_path / "four", count=4)
+    (tmp_path / "four" / "notes.txt").write_text("skipped")
+    three = _log_of_loading(tmp_path / "three", caplog)
+    four = _log_of_loading(tmp_path / "four", caplog)
+    assert three, "the load is logged"
+    assert three == four
+    text = " ".join(message for _, _, message in three)
+    assert "three" not in text and "secret" not in text, "no folder or file names"
+
+
+def test_pillow_stays_quiet_about_private_files_and_other_threads_are_untouched(
+    tmp_path, caplog, recwarn, monkeypatch
+):
+    import threading
+    import warnings
+
+    from PIL import ImageOps
+
+    _mixed_set(tmp_path / "private", count=3)
+    real_transpose = ImageOps.exif_transpose
+
+    def warning_transpose(image, **kwargs):
+        # Pillow warns about some files (corrupt EXIF, odd TIFF tags...), per file.
+        warnings.warn(f"odd file of size {image.size}", UserWarning, stacklevel=1)
+        return real_transpose(image, **kwargs)
+
+    monkeypatch.setattr(ImageOps, "exif_transpose", warning_transpose)
+    png_logger = logging.getLogger("PIL.PngImagePlugin")
+    other_thread_logged = []
+
+    def log_elsewhere():
+        png_logger.debug("from another thread")
+        other_thread_logged.append(True)
+
+    with caplog.at_level(logging.DEBUG):
+        load_image_folder(tmp_path / "private", resolution=R)
+        thread = threading.Thread(target=log_elsewhere)
+        thread.start()
+        thread.join()
+    pillow = [r.getMessage() for r in caplog.records if r.name.startswith("PIL")]
+    assert pillow == ["from another thread"]
+    assert not [w for w in recwarn if "odd file" in str(w.message)], "warnings are silenced"
+
+
+# --- per-image content digests ---------------------------------------------------------
+
+
+def test_each_row_carries_the_sha256_of_its_own_file(tmp_path):
+    levels = {"b.png": 60, "a.png": 200, "c.png": 120}
+    for name, level in levels.items():
+        Image.new("L", (70, 70), level).save(tmp_path / name)
+    loaded = load_image_folder(tmp_path, resolution=R)
+    assert len(loaded.content_digests) == loaded.images.shape[0] == 3
+    for row, name in enumerate(sorted(levels)):
+        expected = "sha256:" + hashlib.sha256((tmp_path / name).read_bytes()).hexdigest()
+        assert loaded.content_digests[row] == expected
+        assert float(loaded.images[row].mean()) * 255 == pytest.approx(levels[name], abs=1)
+
+
+def test_digests_do_not_depend_on_names_or_resolution(tmp_path):
+    originals = _bmp_set(tmp_path / "a")
+    (tmp_path / "b").mkdir()
+    for i, path in enumerate(originals):
+        shutil.copyfile(path, tmp_path / "b" / f"z_{9 - i}.bmp")
+    first = load_image_folder(tmp_path / "a", resolution=64).content_digests
+    second = load_image_folder(tmp_path / "b", resolution=128).content_digests
+    assert sorted(first) == sorted(second)
+    assert len(set(first)) == 3
+
+
+# --- hostile folder paths ------------------------------------------------------------------
+
+MAX_MESSAGE = 500
+
+
+def _refusal(folder) -> str:
+    with pytest.raises(ImageFolderError) as caught:
+        load_image_folder(folder, resolution=R)
+    message = str(caught.value)
+    assert len(message) <= MAX_MESSAGE, message
+    error = caught.value
+    assert error.__cause__ is None and (error.__context__ is None or error.__suppress_context__), (
+        "no chained OSError repeating the whole path in the traceback"
+    )
+    return message
+
+
+def test_symbolic_link_loop_is_refused_clearly(tmp_path):
+    try:
+        (tmp_path / "a").symlink_to(tmp_path / "b")
+        (tmp_path / "b").symlink_to(tmp_path / "a")
+    except OSError:
+        pytest.skip("symbolic links are not available here")
+    assert "symbolic-link loop" in _refusal(tmp_path / "a")
+    assert "symbolic-link loop" in _refusal(tmp_path / "a" / "inside")
+
+
+def test_nul_character_in_the_path_is_refused_clearly(tmp_path):
+    message = _refusal(tmp_path / "abc\x00def")
+    assert "NUL character" in message and "\x00" not in message
+
+
+@pytest.mark.parametrize("shape", ["one long name", "many folders"])
+def test_five_thousand_character_path_is_refused_and_shortened(tmp_path, shape):
+    tail = "x" * 5000 if shape == "one long name" else "/".join(["y" * 99] * 50)
+    folder = tmp_path / tail
+    message = _refusal(folder)
+    assert "too long" in message or "does not exist" in message
+    assert "…" in message and tail not in message
+    assert str(tmp_path)[:40] in message, "the start of the path is kept"
+
+
+def test_long_path_of_a_file_is_shortened_too(tmp_path):
+    deep = tmp_path.joinpath(*["d" * 60] * 5)
+    deep.mkdir(parents=True)
+    path = _rgb(deep, "one.png")
+    message = _refusal(path)
+    assert "not a folder" in message and "…" in message
+
+
+def test_unlistable_folder_is_refused_clearly(tmp_path, monkeypatch):
+    _rgb(tmp_path, "a.png")
+    long_folder = tmp_path.joinpath(*["p" * 80] * 4)
+    long_folder.mkdir(parents=True)
+    _rgb(long_folder, "a.png")
+
+    def denied(path):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(os, "scandir", denied)
+    for folder in (tmp_path, long_folder):
+        message = _refusal(folder)
+        assert "no permission" in message
+
+
+@pytest.mark.skipif(
+    os.name != "posix" or os.geteuid() == 0, reason="needs POSIX permissions, not root"
+)
+def test_folder_without_read_permission_is_refused_clearly(tmp_path):
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    _rgb(folder, "a.png")
+    folder.chmod(0)
+    try:
+        assert "no permission" in _refusal(folder)
+    finally:
+        folder.chmod(0o700)
+
+
+def test_broken_image_message_names_the_file_shortened(tmp_path):
+    deep = tmp_path.joinpath(*["q" * 80] * 4)
+    deep.mkdir(parents=True)
+    name = "patient_" + "n" * 200 + ".png"
+    (deep / name).write_bytes(b"not an image at all")
+    with pytest.raises(ImageFolderError, match=r"not a .*image") as caught:
+        load_image_folder(deep, resolution=R)
+    message = str(caught.value)
+    assert len(message) <= MAX_MESSAGE
+    assert "patient_" in message and ".png" in message, "the curator can find the file"
+
+
+def test_looping_link_inside_the_folder_is_skipped_like_a_dangling_one(tmp_path):
+    _rgb(tmp_path, "real.png")
+    try:
+        (tmp_path / "x.png").symlink_to(tmp_path / "y.png")
+        (tmp_path / "y.png").symlink_to(tmp_path / "x.png")
+    except OSError:
+        pytest.skip("symbolic links are not available here")
+    assert load_image_folder(tmp_path, resolution=R).images.shape[0] == 1
+
+
+def test_shown_path_keeps_short_paths_and_shortens_long_ones():
+    assert shown_path("/data/private") == "/data/private"
+    long = "/start/" + "m" * 5000 + "/end.png"
+    shown = shown_path(long)
+    assert len(shown) <= MAX_SHOWN_PATH
+    assert shown.startswith("/start/") and shown.endswith("/end.png") and "…" in shown
+    assert shown_path("a\x00b\nc") == "a\\x00b\\nc"

@@ -1,10 +1,17 @@
-"""The "DP Load Private Images" node inside a real ComfyUI (in-process, CPU)."""
+"""The "DP Load Private Images" node inside a real ComfyUI (in-process, CPU).
+
+Everything the node publishes (outputs' types, IS_CHANGED values, log lines, progress
+events, error messages) is checked not to depend on the private folder beyond what the
+user typed.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
+import secrets
 import shutil
 import uuid
 from pathlib import Path
@@ -14,9 +21,12 @@ import pytest
 import torch
 from PIL import Image
 
+from comfyui_dp_adapt.dp.fingerprint import keyed_fingerprint, load_or_create_key
 from comfyui_dp_adapt.dp.images import ImageFolderError, folder_fingerprint
+from comfyui_dp_adapt.dp.private_set import SOCKET_TYPE, PrivateImageSet
 
 R = 64
+MAX_MESSAGE = 500
 
 
 def _write_images(folder: Path, count: int, prefix: str = "img") -> list[Path]:
@@ -27,6 +37,10 @@ def _write_images(folder: Path, count: int, prefix: str = "img") -> list[Path]:
         paths.append(folder / f"{prefix}_{i}.png")
         Image.fromarray(pixels).save(paths[-1])
     return paths
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @pytest.fixture
@@ -51,6 +65,28 @@ def input_subfolder(input_dir):
     shutil.rmtree(folder)
 
 
+@pytest.fixture
+def user_dir(comfy, tmp_path, monkeypatch) -> Path:
+    """A fresh ComfyUI user directory: a fresh installation key."""
+    from comfyui_dp_adapt.nodes import comfy_compat
+
+    directory = tmp_path / "user"
+    monkeypatch.setattr(comfy_compat, "user_directory", lambda: directory)
+    return directory
+
+
+def _installation_key(user_dir: Path) -> bytes:
+    return load_or_create_key(user_dir / "dp_adapt" / "fingerprint.key")
+
+
+def _load(node, folder, resolution: int = R) -> PrivateImageSet:
+    result = node().load(folder=str(folder), resolution=resolution)
+    assert isinstance(result, tuple), "plain outputs: no 'ui' block with previews"
+    assert len(result) == 1, "one output: no count, no fingerprint string"
+    assert isinstance(result[0], PrivateImageSet)
+    return result[0]
+
+
 def _assert_comfy_image(images: torch.Tensor, n: int) -> None:
     assert isinstance(images, torch.Tensor)
     assert images.shape == (n, R, R, 3)
@@ -58,24 +94,92 @@ def _assert_comfy_image(images: torch.Tensor, n: int) -> None:
     assert images.min() >= 0 and images.max() <= 1
 
 
-def test_reads_a_folder_relative_to_the_input_directory(node, input_subfolder):
-    _write_images(input_subfolder, 3)
-    result = node().load(folder=input_subfolder.name, resolution=R)
-    assert isinstance(result, tuple), "plain outputs: no 'ui' block with previews"
-    images, dataset_size, fingerprint = result
-    _assert_comfy_image(images, 3)
-    assert dataset_size == 3
-    raw = folder_fingerprint(input_subfolder)
-    assert fingerprint.startswith("hmac-sha256:")
-    assert raw.split(":", 1)[1] not in fingerprint, "the raw content hash is never output"
-    assert node().load(folder=input_subfolder.name, resolution=R)[2] == fingerprint, "stable key"
+# --- the output ---------------------------------------------------------------------------
 
 
-def test_reads_an_absolute_path(node, tmp_path):
+def test_reads_a_folder_relative_to_the_input_directory(node, input_subfolder, user_dir):
+    paths = _write_images(input_subfolder, 3)
+    loaded = _load(node, input_subfolder.name)
+    _assert_comfy_image(loaded.images, 3)
+    key = _installation_key(user_dir)
+    expected = [keyed_fingerprint("sha256:" + _sha256(p), key) for p in sorted(paths)]
+    assert list(loaded.image_keys) == expected, "one key per image, row for row"
+    assert len(set(loaded.image_keys)) == 3
+    for image_key, path in zip(loaded.image_keys, sorted(paths), strict=True):
+        assert image_key.startswith("hmac-sha256:")
+        assert _sha256(path) not in image_key, "the plain SHA-256 is never output"
+    assert folder_fingerprint(input_subfolder).split(":", 1)[1] not in "".join(loaded.image_keys)
+    assert _load(node, input_subfolder.name).image_keys == loaded.image_keys, "stable keys"
+
+
+def test_keys_follow_rows_when_files_are_named_in_another_order(node, tmp_path, user_dir):
+    levels = {"b.png": 60, "a.png": 200, "c.png": 120}
+    (tmp_path / "private").mkdir()
+    for name, level in levels.items():
+        Image.new("L", (70, 70), level).save(tmp_path / "private" / name)
+    loaded = _load(node, tmp_path / "private")
+    key = _installation_key(user_dir)
+    by_key = {
+        keyed_fingerprint("sha256:" + _sha256(tmp_path / "private" / name), key): level
+        for name, level in levels.items()
+    }
+    for image, image_key in zip(loaded.images, loaded.image_keys, strict=True):
+        assert float(image.mean()) * 255 == pytest.approx(by_key[image_key], abs=1)
+
+
+def test_keys_do_not_depend_on_file_name_or_resolution(node, tmp_path, user_dir):
+    originals = _write_images(tmp_path / "a", 3)
+    (tmp_path / "b").mkdir()
+    for i, path in enumerate(originals):
+        shutil.copyfile(path, tmp_path / "b" / f"renamed_{9 - i}.png")
+    first = _load(node, tmp_path / "a", resolution=64).image_keys
+    second = _load(node, tmp_path / "b", resolution=128).image_keys
+    assert sorted(first) == sorted(second)
+    assert first != second, "other names, other order: the rows move, the keys follow"
+
+
+def test_keys_differ_between_installations(node, tmp_path, monkeypatch, comfy):
+    from comfyui_dp_adapt.nodes import comfy_compat
+
     _write_images(tmp_path / "private", 2)
-    images, dataset_size, _ = node().load(folder=str(tmp_path / "private"), resolution=R)
-    _assert_comfy_image(images, 2)
-    assert dataset_size == 2
+    keys = []
+    for install in ("one", "two"):
+        monkeypatch.setattr(comfy_compat, "user_directory", lambda i=install: tmp_path / i)
+        keys.append(_load(node, tmp_path / "private").image_keys)
+        assert (tmp_path / install / "dp_adapt" / "fingerprint.key").is_file()
+    assert not set(keys[0]) & set(keys[1])
+
+
+def test_reads_an_absolute_path(node, tmp_path, user_dir):
+    _write_images(tmp_path / "private", 2)
+    loaded = _load(node, tmp_path / "private")
+    _assert_comfy_image(loaded.images, 2)
+    assert repr(loaded) == "PrivateImageSet(<private>)"
+
+
+def test_node_declares_one_dp_only_output_and_tooltips(node, comfy):
+    import nodes as comfy_nodes
+
+    from comfyui_dp_adapt.nodes import private_images
+
+    assert private_images.NODE_CLASS_MAPPINGS == {"DPAdaptLoadPrivateImages": node}
+    assert private_images.NODE_DISPLAY_NAME_MAPPINGS["DPAdaptLoadPrivateImages"] == (
+        "DP Load Private Images"
+    )
+    for name, (_, options) in node.INPUT_TYPES()["required"].items():
+        assert options.get("tooltip"), f"input {name} has no tooltip"
+    assert node.RETURN_TYPES == (SOCKET_TYPE,) == ("DP_PRIVATE_IMAGES",)
+    assert node.RETURN_NAMES == ("private_images",)
+    assert len(node.OUTPUT_TOOLTIPS) == 1 and "DP nodes" in node.OUTPUT_TOOLTIPS[0]
+    assert "DP nodes" in node.DESCRIPTION
+    assert callable(getattr(node(), node.FUNCTION))
+    # ComfyUI links only matching socket types: core preview and save take IMAGE.
+    for core in ("PreviewImage", "SaveImage"):
+        image_input = comfy_nodes.NODE_CLASS_MAPPINGS[core].INPUT_TYPES()["required"]["images"]
+        assert image_input[0] == "IMAGE" != SOCKET_TYPE
+
+
+# --- folder paths -------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("how", ["dotdot", "nested dotdot"])
@@ -107,12 +211,116 @@ def test_empty_folder_input_is_refused(node):
         node().load(folder="  ", resolution=R)
 
 
+def _hostile_folders(input_subfolder: Path, tmp_path: Path) -> dict[str, str]:
+    (input_subfolder / "empty").mkdir()
+    (input_subfolder / "only_text").mkdir()
+    (input_subfolder / "only_text" / "notes.txt").write_text("no images")
+    _write_images(input_subfolder, 1)
+    folders = {
+        "empty folder": f"{input_subfolder.name}/empty",
+        "no image files": str(input_subfolder / "only_text"),
+        "NUL byte (relative)": "abc\x00def",
+        "NUL byte (absolute)": str(tmp_path / "abc\x00def"),
+        "5000-character name (relative)": "x" * 5000,
+        "5000-character path (absolute)": str(tmp_path / "/".join(["y" * 99] * 50)),
+        "a file, not a folder": f"{input_subfolder.name}/img_0.png",
+        "missing": "no_such_folder_here",
+    }
+    try:
+        (input_subfolder / "a").symlink_to(input_subfolder / "b")
+        (input_subfolder / "b").symlink_to(input_subfolder / "a")
+        (tmp_path / "a").symlink_to(tmp_path / "b")
+        (tmp_path / "b").symlink_to(tmp_path / "a")
+    except OSError:
+        return folders
+    folders["symbolic-link loop (relative)"] = f"{input_subfolder.name}/a"
+    folders["symbolic-link loop (absolute)"] = str(tmp_path / "a")
+    return folders
+
+
+def test_hostile_folders_give_short_clear_errors(node, input_subfolder, tmp_path, user_dir):
+    for what, folder in _hostile_folders(input_subfolder, tmp_path).items():
+        with pytest.raises(ImageFolderError) as caught:
+            node().load(folder=folder, resolution=R)
+        message = str(caught.value)
+        assert len(message) <= MAX_MESSAGE, f"{what}: {len(message)} characters"
+        assert "\x00" not in message, what
+        error = caught.value
+        assert error.__cause__ is None and (error.__context__ is None or error.__suppress_context__)
+        assert math.isnan(node.IS_CHANGED(folder=folder, resolution=R)), what
+
+
+def test_unlistable_folder_gives_a_clear_error(node, input_subfolder, monkeypatch, user_dir):
+    import errno
+
+    _write_images(input_subfolder, 1)
+
+    def denied(path):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(os, "scandir", denied)
+    with pytest.raises(ImageFolderError, match="no permission") as caught:
+        node().load(folder=input_subfolder.name, resolution=R)
+    assert len(str(caught.value)) <= MAX_MESSAGE
+
+
+# --- IS_CHANGED ---------------------------------------------------------------------------
+
+
 def test_is_changed_follows_the_files_contents(node, input_subfolder):
     paths = _write_images(input_subfolder, 2)
     first = node.IS_CHANGED(folder=input_subfolder.name, resolution=R)
-    assert node.IS_CHANGED(folder=input_subfolder.name, resolution=R) == first
+    assert node.IS_CHANGED(folder=input_subfolder.name, resolution=R) == first, "cache works"
+    assert node.IS_CHANGED(folder=input_subfolder.name, resolution=2 * R) != first
     Image.new("RGB", (80, 80), (10, 20, 30)).save(paths[1])
     assert node.IS_CHANGED(folder=input_subfolder.name, resolution=R) != first
+
+
+def test_is_changed_changes_when_one_image_is_added_or_removed(node, input_subfolder):
+    paths = _write_images(input_subfolder, 3)
+    three = node.IS_CHANGED(folder=input_subfolder.name, resolution=R)
+    extra = input_subfolder / "extra.png"
+    Image.new("RGB", (80, 80), (10, 20, 30)).save(extra)
+    four = node.IS_CHANGED(folder=input_subfolder.name, resolution=R)
+    extra.unlink()
+    assert node.IS_CHANGED(folder=input_subfolder.name, resolution=R) == three
+    paths[0].unlink()
+    two = node.IS_CHANGED(folder=input_subfolder.name, resolution=R)
+    assert len({three, four, two}) == 3
+
+
+def test_is_changed_is_no_plain_digest_of_the_files(node, input_subfolder):
+    paths = _write_images(input_subfolder, 3)
+    value = node.IS_CHANGED(folder=input_subfolder.name, resolution=R)
+    assert isinstance(value, str)
+    folder_digest = folder_fingerprint(input_subfolder).split(":", 1)[1]
+    digests = [folder_digest] + [_sha256(p) for p in paths]
+    digests.append(hashlib.sha256(f"sha256:{folder_digest}\n{R}".encode()).hexdigest())
+    for digest in digests:
+        assert digest not in value
+
+
+def test_is_changed_differs_between_server_processes(node, input_subfolder, monkeypatch):
+    from comfyui_dp_adapt.nodes import private_images
+
+    _write_images(input_subfolder, 2)
+    first = node.IS_CHANGED(folder=input_subfolder.name, resolution=R)
+    # A restarted server draws a new process key.
+    monkeypatch.setattr(private_images, "_PROCESS_KEY", secrets.token_bytes(32))
+    second = node.IS_CHANGED(folder=input_subfolder.name, resolution=R)
+    assert node.IS_CHANGED(folder=input_subfolder.name, resolution=R) == second
+    assert second != first
+
+
+def test_process_key_is_never_stored(comfy, tmp_path):
+    from comfyui_dp_adapt.nodes import comfy_compat, private_images
+
+    key = private_images._PROCESS_KEY
+    assert len(key) == 32
+    user = comfy_compat.user_directory()
+    if user.is_dir():
+        for path in user.rglob("*"):
+            assert not path.is_file() or key not in path.read_bytes()
 
 
 def test_is_changed_makes_comfyui_rerun_on_an_unusable_folder(node):
@@ -121,23 +329,69 @@ def test_is_changed_makes_comfyui_rerun_on_an_unusable_folder(node):
     assert [first] != [second], "ComfyUI compares lists; a repeated NaN object would be equal"
 
 
-def test_file_names_never_reach_the_log(node, input_subfolder, caplog):
-    _write_images(input_subfolder, 2, prefix="secret_patient_name")
-    with caplog.at_level(logging.DEBUG):
-        node().load(folder=input_subfolder.name, resolution=R)
-    assert caplog.text, "the load is logged"
-    assert "secret_patient_name" not in caplog.text
+# --- logs and progress --------------------------------------------------------------------
 
 
-def test_node_declares_tooltips_and_outputs(node):
-    from comfyui_dp_adapt.nodes import private_images
+def _folders_of_three_and_four(tmp_path: Path) -> tuple[Path, Path]:
+    _write_images(tmp_path / "three", 3, prefix="secret_patient_name")
+    _write_images(tmp_path / "four", 4, prefix="secret_patient_name")
+    (tmp_path / "four" / "notes.txt").write_text("skipped")
+    return tmp_path / "three", tmp_path / "four"
 
-    assert private_images.NODE_CLASS_MAPPINGS == {"DPAdaptLoadPrivateImages": node}
-    assert private_images.NODE_DISPLAY_NAME_MAPPINGS["DPAdaptLoadPrivateImages"] == (
-        "DP Load Private Images"
-    )
-    for name, (_, options) in node.INPUT_TYPES()["required"].items():
-        assert options.get("tooltip"), f"input {name} has no tooltip"
-    assert node.RETURN_TYPES == ("IMAGE", "INT", "STRING")
-    assert len(node.RETURN_NAMES) == len(node.OUTPUT_TOOLTIPS) == len(node.RETURN_TYPES)
-    assert callable(getattr(node(), node.FUNCTION))
+
+def test_log_is_identical_for_three_and_four_images(node, tmp_path, user_dir, caplog):
+    logs = []
+    for folder in _folders_of_three_and_four(tmp_path):
+        caplog.clear()
+        with caplog.at_level(logging.DEBUG):
+            _load(node, folder)
+        logs.append([(r.name, r.levelno, r.getMessage()) for r in caplog.records])
+    assert logs[0], "the load is logged"
+    assert logs[0] == logs[1]
+    text = "\n".join(message for _, _, message in logs[0])
+    assert "secret_patient_name" not in text and "three" not in text
+
+
+def test_progress_is_identical_for_three_and_four_images(node, tmp_path, user_dir, monkeypatch):
+    from comfyui_dp_adapt.nodes import comfy_compat
+
+    events: list[tuple] = []
+
+    class RecordingBar:
+        def __init__(self, total):
+            events.append(("new", total))
+
+        def update(self, value):
+            events.append(("update", value))
+
+        def update_absolute(self, value, total=None, preview=None):
+            events.append(("update_absolute", value, total))
+
+    monkeypatch.setattr(comfy_compat, "progress_bar", RecordingBar)
+    recorded = []
+    for folder in _folders_of_three_and_four(tmp_path):
+        events.clear()
+        _load(node, folder)
+        recorded.append(list(events))
+    assert recorded[0], "the user sees progress"
+    assert recorded[0] == recorded[1]
+
+
+def test_cancel_is_checked_between_files(node, tmp_path, user_dir, monkeypatch):
+    from comfyui_dp_adapt.nodes import comfy_compat
+
+    _write_images(tmp_path / "private", 3)
+    checks = []
+
+    class Interrupted(Exception):
+        pass
+
+    def cancel_on_second_file():
+        checks.append(1)
+        if len(checks) == 2:
+            raise Interrupted
+
+    monkeypatch.setattr(comfy_compat, "raise_if_cancelled", cancel_on_second_file)
+    with pytest.raises(Interrupted):
+        _load(node, tmp_path / "private")
+    assert len(checks) == 2
