@@ -140,7 +140,7 @@ def main() -> None:
         delta=1e-5,
         noise_multiplier=1.0,
         sampling_rate=1.0,
-        dataset_size=100,
+        declared_dataset_size=100,
     )
     latent = {"samples": torch.zeros(args.batch, 4, resolution // 8, resolution // 8)}
     node = UniversalGuidanceSamplerNode()

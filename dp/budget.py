@@ -5,18 +5,27 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import InvalidParameterError
 from .ledger import Ledger, TotalBudget, default_ledger_path, sanitize_ledger_name
-from .validation import check_delta, check_epsilon
+from .validation import check_delta, check_epsilon, check_positive_int
+
+MIN_DECLARED_SIZE = 2
 
 
 @dataclass(frozen=True)
 class PrivacyBudget:
-    """Per-release target (epsilon, delta) plus the dataset's total budget and its ledger.
+    """Per-release target (epsilon, delta), the collection's total budget and declared size.
 
     Every release made with this budget is calibrated to ``(epsilon, delta)`` and recorded in
-    the ledger named ``ledger_name`` (one file in ``ledger_directory``), which refuses a
-    release once the PLD composition of all releases on the same dataset would exceed
-    ``total``. All fields are public (DP_SPEC section 1).
+    the installation's ledger (``ledger.json`` in ``ledger_directory``) under the collection
+    ``ledger_name``, which refuses a release once the PLD composition of the collection's
+    releases would exceed ``total``; each image is charged too, so images shared with other
+    collections share their spending (``dp/ledger.py``).
+
+    ``declared_dataset_size`` is n_hat, the size the user declares publicly: the released
+    average divides by q * n_hat and the work is padded to n_hat images. The software never
+    derives it from the images (under add/remove adjacency the true count is private,
+    docs/privacy.md §1 and 2.4). All fields are public.
     """
 
     epsilon: float
@@ -24,6 +33,7 @@ class PrivacyBudget:
     total: TotalBudget
     ledger_name: str
     ledger_directory: Path
+    declared_dataset_size: int
 
     def __post_init__(self) -> None:
         check_epsilon(self.epsilon)
@@ -31,9 +41,14 @@ class PrivacyBudget:
         check_epsilon(self.total.epsilon)
         check_delta(self.total.delta)
         sanitize_ledger_name(self.ledger_name)
+        n_hat = check_positive_int("declared_dataset_size", self.declared_dataset_size)
+        if n_hat < MIN_DECLARED_SIZE:
+            raise InvalidParameterError(
+                f"declared_dataset_size must be at least {MIN_DECLARED_SIZE}, got "
+                f"declared_dataset_size={n_hat}: with one image the noise has to hide the only "
+                "image and the result is pure noise."
+            )
         if self.epsilon > self.total.epsilon:
-            from .errors import InvalidParameterError
-
             raise InvalidParameterError(
                 f"per-release epsilon={self.epsilon} is larger than the dataset's total "
                 f"epsilon={self.total.epsilon}; a single release could never fit. Lower the "
@@ -42,7 +57,7 @@ class PrivacyBudget:
 
     @property
     def ledger_path(self) -> Path:
-        return default_ledger_path(self.ledger_directory, self.ledger_name)
+        return default_ledger_path(self.ledger_directory)
 
     def ledger(self) -> Ledger:
         return Ledger(self.ledger_path)

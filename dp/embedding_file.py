@@ -1,4 +1,4 @@
-"""Textual-inversion embedding files: safetensors only, written atomically (DP_SPEC 3.4).
+"""Textual-inversion embedding files: safetensors only, written atomically (docs/privacy.md §3.4).
 
 The file is what ComfyUI loads for ``embedding:NAME`` and diffusers for
 ``load_textual_inversion``: key ``emb_params`` of shape (k, d). Its metadata holds the
@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from .display import shown_path
 from .errors import DpAdaptError, InvalidParameterError
 
 SUFFIX = ".safetensors"
@@ -50,19 +51,58 @@ def embedding_path(directory: Path, name: str) -> Path:
     return path
 
 
-def check_writable(directory: Path, name: str, *, overwrite: bool) -> Path:
-    """Fail early (before any training or budget is spent) if the file cannot be written."""
+def prepare_directory(directory: Path) -> Path:
+    """Create the embeddings folder if missing; a clear error if it cannot be one."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise InvalidParameterError(
+            f"the embeddings folder {shown_path(directory)} is a file, not a folder; move the file "
+            "away or point ComfyUI's embeddings path elsewhere."
+        )
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise InvalidParameterError(
+            f"cannot create the embeddings folder {shown_path(directory)} "
+            f"({shown_path(error.strerror or error)})."
+        ) from error
+    return directory
+
+
+def check_writable(
+    directory: Path, name: str, *, overwrite: bool, same_release: str | None = None
+) -> Path:
+    """Fail early (before any training or budget is spent) if the file cannot be written.
+
+    ``same_release``: an existing file whose metadata names this release id is accepted
+    (re-publishing the same release writes nothing new).
+    """
     path = embedding_path(directory, name)
     if not Path(directory).is_dir():
-        raise InvalidParameterError(f"embeddings folder {directory} does not exist.")
-    if path.exists() and not overwrite:
+        what = "is not a folder" if Path(directory).exists() else "does not exist"
+        raise InvalidParameterError(f"embeddings folder {shown_path(directory)} {what}.")
+    if path.exists() and not overwrite and not is_release_file(path, same_release):
         raise EmbeddingExistsError(
-            f"an embedding named {path.stem!r} already exists in {directory}; choose another name "
-            "or enable overwrite."
+            f"an embedding named {path.stem!r} already exists in {shown_path(directory)}; choose "
+            "another name or enable overwrite."
         )
     if not os.access(directory, os.W_OK):
-        raise InvalidParameterError(f"embeddings folder {directory} is not writable.")
+        raise InvalidParameterError(f"embeddings folder {shown_path(directory)} is not writable.")
     return path
+
+
+RELEASE_ID_KEY = "dp_adapt.release_id"
+
+
+def is_release_file(path: Path, release_id: str | None) -> bool:
+    """Whether ``path`` exists and is the file of release ``release_id``."""
+    if release_id is None or not Path(path).is_file():
+        return False
+    try:
+        _, metadata = read_embedding(path)
+    except Exception:  # any unreadable file is simply "not this release"
+        return False
+    return metadata.get(RELEASE_ID_KEY) == release_id
 
 
 def save_embedding(

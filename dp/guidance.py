@@ -1,4 +1,4 @@
-"""Forward universal guidance towards a CLIP image embedding (DP_SPEC section 5).
+"""Forward universal guidance towards a CLIP image embedding (docs/privacy.md §5).
 
 Bansal et al. 2023, "Universal Guidance for Diffusion Models" (arXiv 2302.07121), Algorithm 1,
 with the loss of the DP universal-guidance method of arXiv 2411.14639: the target ``y`` is a
@@ -42,7 +42,7 @@ Two modes
 i.e. (1) with ``eps`` held fixed: ``z0_hat = (z_t - sqrt(1 - abar) eps) / sqrt(abar)`` gives
 ``grad_{z_t} l = grad_{z0_hat} l / sqrt(abar)`` and (2) becomes
 ``denoised' = denoised - s * sigma^2 * grad_{denoised} l``. No backward pass through the
-denoiser (the cheaper variant of DP_SPEC section 5).
+denoiser (the cheaper variant of docs/privacy.md §5).
 
 Self-recurrence (Algorithm 1, inner loop)
 -----------------------------------------
@@ -140,7 +140,7 @@ class ClipTarget:
 
     ``embedding`` (D,) float32 on CPU, unit norm (renormalising is post-processing). ``event``
     is the release's dp_accounting DpEvent; every other field is a public parameter of the
-    release (DP_SPEC section 1). Nothing per image is held.
+    release (docs/privacy.md §1). Nothing per image is held.
     """
 
     embedding: torch.Tensor
@@ -149,7 +149,7 @@ class ClipTarget:
     delta: float
     noise_multiplier: float
     sampling_rate: float
-    dataset_size: int
+    declared_dataset_size: int
     clip_norm: float = 1.0
     parameters: dict[str, Any] = field(default_factory=dict)
 

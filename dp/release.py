@@ -1,144 +1,292 @@
-"""One DP release from start to end: plan (calibrate + budget check), record, noise, report.
+"""One DP release from start to end: plan, report, commit (ledger record + noise), reuse.
 
 Shared by every node that releases something derived from private images, so that the
-order of DP_SPEC sections 2 and 7 holds everywhere:
-1. ``plan_release`` calibrates the noise for the budget's (epsilon, delta) and the sampling
-   rate, and refuses at once if the ledger cannot afford the release (before any work);
-2. the caller computes per-image vectors of the Poisson-sampled images;
-3. ``execute_release`` bounds them, records the release in the ledger (under its lock,
-   re-checking the budget), and only then draws the noise (mechanism M1).
+order of docs/privacy.md §2 and §7 holds everywhere:
+1. ``plan_release`` calibrates the noise for the budget's (epsilon, delta) and sampling
+   rate, looks the request up in the ledger (identical settings on identical images reuse
+   the recorded release and spend nothing) and refuses at once if the collection cannot
+   afford a new release (before any work);
+2. the caller computes one vector per private image (ALL images, constant work: sampling
+   happens afterwards, so the work never depends on which images are sampled), and builds
+   its report and checks its output file with ``release_report`` (before the record: nothing
+   after the record may fail for a reason that could have been checked before it);
+3. ``execute_release`` commits under the ledger's lock: it re-checks the budget, learns
+   which images still have budget (the others contribute 0, silently), Poisson-samples,
+   runs mechanism M1 and stores the public result with the record, in one step.
+
+The released estimate is public; everything else computed here (which images were sampled
+or excluded, how many there are) stays inside and is never returned.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import base64
+import hashlib
+import json
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .accounting import Calibration, calibrate_noise_multiplier, noise_comparison
 from .budget import PrivacyBudget
-from .errors import BudgetExceededError, InvalidParameterError
-from .ledger import BudgetCheck
-from .mechanism import AggregateRelease, BoundMode, release_noisy_aggregate
-from .validation import check_positive_int, check_sampling_rate, delta_warning
+from .errors import BudgetExceededError, InvalidParameterError, LedgerCorruptError
+from .ledger import BudgetCheck, RecordedRelease
+from .mechanism import BoundMode, poisson_sample, release_noisy_aggregate
+from .validation import check_sampling_rate, delta_warning
+
+NEARLY_SPENT = 0.8
 
 
 @dataclass(frozen=True)
 class ReleasePlan:
-    """Everything public about a release before it happens."""
+    """Everything public about a release before it happens.
+
+    ``reused``: the recorded release with identical settings on identical images, if any;
+    the caller then skips all work and publishes it again (``reused_estimate``).
+    ``before``: the collection's budget check for a new release (None when reused).
+    """
 
     budget: PrivacyBudget
-    fingerprint: str
-    dataset_size: int
     sampling_rate: float
     calibration: Calibration
-    before: BudgetCheck
+    request_key: str
+    reused: RecordedRelease | None
+    before: BudgetCheck | None
     warnings: tuple[str, ...]
 
     @property
     def noise_multiplier(self) -> float:
         return self.calibration.noise_multiplier
 
+    @property
+    def declared_dataset_size(self) -> int:
+        return self.budget.declared_dataset_size
+
+
+@dataclass(frozen=True)
+class ReleaseOutcome:
+    """A finished (or reused) release: the public estimate (D,) float64 and its record."""
+
+    estimate: torch.Tensor
+    release_id: str
+    reused: bool
+
+
+def request_key(*, image_keys: Sequence[str], settings: Mapping[str, object]) -> str:
+    """What makes two requests "the same release": the multiset of image keys (keyed
+    hashes, see ``dp/private_set.py``) and every public setting, hashed with SHA-256."""
+    try:
+        canonical = json.dumps(
+            {"images": sorted(image_keys), "settings": dict(settings)},
+            sort_keys=True,
+            allow_nan=False,
+            separators=(",", ":"),
+        )
+    except (TypeError, ValueError) as error:
+        raise InvalidParameterError(
+            f"release settings must be plain JSON values ({error})."
+        ) from error
+    return "request-sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
+
 
 def plan_release(
-    budget: PrivacyBudget, *, fingerprint: str, dataset_size: int, sampling_rate: float
+    budget: PrivacyBudget,
+    *,
+    image_keys: Sequence[str],
+    sampling_rate: float,
+    settings: Mapping[str, object],
+    poll: Callable[[], None] | None = None,
 ) -> ReleasePlan:
-    """Calibrate and check the ledger; raises BudgetExceededError if it cannot be afforded."""
+    """Calibrate, look for an identical recorded release, check the collection's budget.
+
+    Raises BudgetExceededError (a public decision: it depends on the collection's recorded
+    releases only, never on the images) if a new release cannot be afforded.
+    """
     if not isinstance(budget, PrivacyBudget):
         raise InvalidParameterError(
             f"budget must come from the Privacy Budget node, got {type(budget).__name__}."
         )
-    if not isinstance(fingerprint, str) or not fingerprint.strip():
-        raise InvalidParameterError(
-            "fingerprint is empty: connect it from DP Load Private Images, it identifies the "
-            "dataset in the budget ledger."
-        )
-    check_positive_int("dataset_size", dataset_size)
-    check_sampling_rate(sampling_rate)
+    q = check_sampling_rate(sampling_rate)
     calibration = calibrate_noise_multiplier(
-        epsilon=budget.epsilon, delta=budget.delta, sampling_rate=sampling_rate
+        epsilon=budget.epsilon, delta=budget.delta, sampling_rate=q, poll=poll
     )
-    check = budget.ledger().check(
-        budget.ledger_name, fingerprint, calibration.event, total=budget.total
+    key = request_key(
+        image_keys=image_keys,
+        settings={
+            **settings,
+            "epsilon": budget.epsilon,
+            "delta": budget.delta,
+            "total": [budget.total.epsilon, budget.total.delta],
+            "collection": budget.ledger_name,
+            "declared_dataset_size": budget.declared_dataset_size,
+            "sampling_rate": q,
+        },
     )
-    if not check.ok:
-        raise BudgetExceededError(_refusal(budget, check))
-    warning = delta_warning(budget.delta, dataset_size)
+    ledger = budget.ledger()
+    reused = ledger.find_release(key)
+    before = None
+    if reused is None:
+        before = ledger.check(
+            collection=budget.ledger_name, event=calibration.event, total=budget.total
+        )
+        if not before.ok:
+            raise BudgetExceededError(_refusal(budget, before))
+    warning = delta_warning(budget.delta, budget.declared_dataset_size)
     return ReleasePlan(
         budget=budget,
-        fingerprint=fingerprint,
-        dataset_size=dataset_size,
-        sampling_rate=sampling_rate,
+        sampling_rate=q,
         calibration=calibration,
-        before=check,
+        request_key=key,
+        reused=reused,
+        before=before,
         warnings=(warning,) if warning else (),
     )
+
+
+def release_report(
+    plan: ReleasePlan,
+    *,
+    dimension: int,
+    clip_norm: float,
+    mode: BoundMode,
+    extra_lines: Sequence[str] = (),
+    poll: Callable[[], None] | None = None,
+) -> str:
+    """The release's report, built BEFORE the record (docs/privacy.md §7). Public values only:
+    the budget, z, C, q, the declared n_hat, D and the collection's ledger balance."""
+    budget = plan.budget
+    cal = plan.calibration
+    n_hat = plan.declared_dataset_size
+    comparison = noise_comparison(
+        epsilon=budget.epsilon,
+        delta=budget.delta,
+        clip_norm=clip_norm,
+        dataset_size=n_hat,
+        sampling_rate=plan.sampling_rate,
+        dimension=dimension,
+        poll=poll,
+    )
+    lines = [
+        f"guarantee: ({cal.epsilon_achieved:.4g}, {cal.delta:.3g})-DP for this release "
+        f"(target epsilon {cal.epsilon_target:g}), add/remove one image",
+        f"noise multiplier z = {cal.noise_multiplier:.4g}; noise std on the sum = "
+        f"{cal.noise_multiplier * clip_norm:.4g} (C = {clip_norm:g})",
+        f"sampling rate q = {plan.sampling_rate:g}; declared dataset size n_hat = {n_hat} "
+        f"(public, never read from the images); dimension D = {dimension}; bound mode: "
+        f"{mode.value}",
+        f"expected noise / signal bound: {comparison.relative_noise:.3g} "
+        f"(paper's calibration: {comparison.paper_relative_noise:.3g})",
+    ]
+    total = budget.total
+    if plan.reused is not None:
+        lines.append(
+            f"identical settings on identical images: the recorded release "
+            f"{plan.reused.release_id[:12]} is published again; nothing was spent"
+        )
+    else:
+        after = plan.before.total_after
+        lines.append(
+            f"ledger '{budget.ledger_name}': epsilon spent {plan.before.spent:.4g} before, "
+            f"{after:.4g} after this release, of {total.epsilon:g} (at delta {total.delta:g}); "
+            f"remaining {max(0.0, total.epsilon - after):.4g}"
+        )
+        if after >= NEARLY_SPENT * total.epsilon:
+            lines.append("WARNING: this collection's budget is nearly spent.")
+    lines += [*extra_lines, *(f"WARNING: {w}" for w in plan.warnings)]
+    return "\n".join(lines)
 
 
 def execute_release(
     plan: ReleasePlan,
     vectors: torch.Tensor,
     *,
+    image_keys: Sequence[str],
     centre: torch.Tensor,
     clip_norm: float,
     mode: BoundMode,
     postprocess: Callable[[torch.Tensor], torch.Tensor] | None = None,
     label: str = "",
-) -> AggregateRelease:
-    """Mechanism M1 on the kept images' ``vectors`` (m, D), ledger record first."""
+) -> ReleaseOutcome:
+    """Mechanism M1 on one vector per image, recorded and released in one ledger commit.
+
+    ``vectors``: (n, D), row i computed from image i alone, ``image_keys[i]`` its key; all
+    n images, sampled or not. Under the ledger's lock: the collection's budget is checked
+    again; images whose own budget is spent are excluded (Feldman & Zrnic 2021, individual
+    privacy filter: an excluded image contributes 0 and is not charged); the images are
+    Poisson-sampled at q from OS entropy; M1 bounds, sums, adds N(0, (zC)^2) and divides
+    by q n_hat; the estimate is stored with the record. A request recorded before is not
+    released again (its stored estimate is returned).
+    """
     budget = plan.budget
-    ledger = budget.ledger()
+    if vectors.dim() != 2 or vectors.shape[0] != len(image_keys):
+        raise InvalidParameterError("vectors must be (n, D) with one row per private image key.")
+    dimension = int(vectors.shape[1])
 
-    def record(event) -> None:
-        ledger.record(budget.ledger_name, plan.fingerprint, event, total=budget.total, label=label)
+    def release(included: tuple[bool, ...]) -> dict:
+        kept = poisson_sample(len(image_keys), sampling_rate=plan.sampling_rate)
+        rows = [i for i in kept.indices if included[i]]
+        aggregate = release_noisy_aggregate(
+            vectors[rows],
+            centre=centre,
+            clip_norm=clip_norm,
+            noise_multiplier=plan.noise_multiplier,
+            sampling_rate=plan.sampling_rate,
+            dataset_size=plan.declared_dataset_size,
+            mode=mode,
+            postprocess=postprocess,
+        )
+        return encode_estimate(aggregate.estimate)
 
-    return release_noisy_aggregate(
-        vectors,
-        centre=centre,
-        clip_norm=clip_norm,
-        noise_multiplier=plan.noise_multiplier,
-        sampling_rate=plan.sampling_rate,
-        dataset_size=plan.dataset_size,
-        mode=mode,
-        before_noise=record,
-        postprocess=postprocess,
+    commit = budget.ledger().commit(
+        collection=budget.ledger_name,
+        total=budget.total,
+        event=plan.calibration.event,
+        image_keys=list(image_keys),
+        request_key=plan.request_key,
+        label=label,
+        release=release,
     )
+    estimate = decode_estimate(commit.result)
+    if estimate.shape != (dimension,):
+        raise LedgerCorruptError(
+            f"the recorded release {commit.release_id[:12]} holds an estimate of another "
+            f"dimension than {dimension}."
+        )
+    return ReleaseOutcome(estimate=estimate, release_id=commit.release_id, reused=commit.reused)
 
 
-def release_report(
-    plan: ReleasePlan, release: AggregateRelease, *, extra_lines: Sequence[str] = ()
-) -> str:
-    """Readable summary of a finished release: guarantee, noise, ledger balance, warnings."""
-    budget = plan.budget
-    cal = plan.calibration
-    comparison = noise_comparison(
-        epsilon=budget.epsilon,
-        delta=budget.delta,
-        clip_norm=release.clip_norm,
-        dataset_size=release.dataset_size,
-        sampling_rate=release.sampling_rate,
-        dimension=release.dimension,
-    )
-    ledger = budget.ledger()
-    spent = ledger.spent(budget.ledger_name, plan.fingerprint, delta=budget.total.delta)
-    lines = [
-        f"guarantee: ({cal.epsilon_achieved:.4g}, {cal.delta:.3g})-DP for this release "
-        f"(target epsilon {cal.epsilon_target:g}), add/remove one image",
-        f"noise multiplier z = {release.noise_multiplier:.4g}; noise std on the sum = "
-        f"{release.noise_multiplier * release.clip_norm:.4g} (C = {release.clip_norm:g})",
-        f"sampling rate q = {release.sampling_rate:g}; declared dataset size n = {release.dataset_size}; "
-        f"dimension D = {release.dimension}; bound mode: {release.mode.value}",
-        f"expected noise / signal bound: {comparison.relative_noise:.3g} "
-        f"(paper's calibration: {comparison.paper_relative_noise:.3g})",
-        f"ledger '{budget.ledger_name}': epsilon spent {spent:.4g} of {budget.total.epsilon:g} "
-        f"(at delta {budget.total.delta:g}), remaining {max(0.0, budget.total.epsilon - spent):.4g}",
-        *extra_lines,
-        *(f"WARNING: {w}" for w in plan.warnings),
-    ]
-    if spent >= 0.8 * budget.total.epsilon:
-        lines.append("WARNING: this dataset's budget is nearly spent.")
-    return "\n".join(lines)
+def reused_estimate(plan: ReleasePlan, *, dimension: int) -> ReleaseOutcome:
+    """The recorded estimate of a reused release (``plan.reused``), checked for its shape."""
+    if plan.reused is None:
+        raise InvalidParameterError("this plan has no recorded release to reuse.")
+    estimate = decode_estimate(plan.reused.result)
+    if estimate.shape != (dimension,):
+        raise LedgerCorruptError(
+            f"the recorded release {plan.reused.release_id[:12]} holds an estimate of another "
+            f"dimension than {dimension}."
+        )
+    return ReleaseOutcome(estimate=estimate, release_id=plan.reused.release_id, reused=True)
+
+
+def encode_estimate(estimate: torch.Tensor) -> dict:
+    """A (D,) estimate as a JSON object for the ledger: little-endian float64, base64."""
+    values = estimate.detach().to("cpu", torch.float64).numpy().astype("<f8")
+    return {"estimate_f64_b64": base64.b64encode(values.tobytes()).decode("ascii")}
+
+
+def decode_estimate(result: Mapping[str, object]) -> torch.Tensor:
+    try:
+        raw = base64.b64decode(str(result["estimate_f64_b64"]), validate=True)
+        values = np.frombuffer(raw, dtype="<f8").astype(np.float64)
+    except (KeyError, ValueError, TypeError) as error:
+        raise LedgerCorruptError(
+            f"a recorded release's estimate cannot be read ({type(error).__name__})."
+        ) from error
+    if values.size == 0 or not np.isfinite(values).all():
+        raise LedgerCorruptError("a recorded release's estimate is empty or not finite.")
+    return torch.from_numpy(values.copy())
 
 
 def _refusal(budget: PrivacyBudget, check: BudgetCheck) -> str:
@@ -146,6 +294,6 @@ def _refusal(budget: PrivacyBudget, check: BudgetCheck) -> str:
         f"privacy budget exhausted for ledger '{budget.ledger_name}': spent epsilon "
         f"{check.spent:.4g}, this release costs {check.requested:.4g}, together "
         f"{check.total_after:.4g} > total budget {budget.total.epsilon:g} (delta "
-        f"{budget.total.delta:g}). Nothing was trained or released. Lower epsilon, or use a "
-        "new dataset."
+        f"{budget.total.delta:g}). Nothing was trained or released. Lower epsilon, or start "
+        "a new collection (images it shares with this one keep their own spending)."
     )

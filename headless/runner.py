@@ -27,6 +27,8 @@ logger = logging.getLogger(__name__)
 PACK_ROOT = Path(__file__).resolve().parents[1]
 PRIVATE_IMAGES_NODE = "DPAdaptLoadPrivateImages"
 DEFAULT_IMAGE_FOLDER = "dp_private_images"
+BUDGET_NODE = "DPAdaptPrivacyBudget"
+SAMPLE_IMAGE_COUNT = 8
 
 
 @dataclass
@@ -81,6 +83,9 @@ def run_workflow(
             else:
                 _write_sample_images(server.input_dir / DEFAULT_IMAGE_FOLDER)
                 overrides[(PRIVATE_IMAGES_NODE, "folder")] = DEFAULT_IMAGE_FOLDER
+                # The sample set's size is public (the project paints it), so it is the
+                # declared n_hat unless the user set one.
+                overrides.setdefault((BUDGET_NODE, "declared_dataset_size"), SAMPLE_IMAGE_COUNT)
         server.extra_model_paths = extra_paths
         # The tiny loaders exist only when a loader of the workflow is to be replaced.
         used_replacements = {k: v for k, v in replace.items() if _uses(workflow, k)}
@@ -106,7 +111,7 @@ def _write_sample_images(folder: Path) -> None:
     from ..demo.synthetic_images import write_synthetic_style_set
 
     folder.mkdir(parents=True, exist_ok=True)
-    write_synthetic_style_set(folder)
+    write_synthetic_style_set(folder, count=SAMPLE_IMAGE_COUNT)
 
 
 def _collect(entry: dict, server: ComfyServer, out_dir: Path) -> RunResult:

@@ -14,60 +14,18 @@ LEDGER_SUBDIRECTORY = ("dp_adapt", "ledgers")
 
 
 def private_release_inputs() -> dict:
-    """The inputs every releasing node takes, in this order: the private images with their
-    public size and fingerprint (from DP Load Private Images) and the budget."""
+    """The inputs every releasing node takes: the private images (from DP Load Private
+    Images; a socket of the pack's own type, so no core node can show or save them) and
+    the budget (which also carries the declared, public dataset size n_hat)."""
+    from ..dp.private_set import SOCKET_TYPE
+
     return {
-        "images": ("IMAGE", {"tooltip": "The private images, from DP Load Private Images."}),
-        "dataset_size": (
-            "INT",
-            {
-                "default": 1,
-                "min": 1,
-                "max": 10_000_000,
-                "tooltip": "Number of private images n (public), from DP Load Private Images.",
-            },
-        ),
-        "fingerprint": (
-            "STRING",
-            {
-                "default": "",
-                "tooltip": "Content fingerprint of the image folder, from DP Load Private Images; "
-                "identifies the dataset in the ledger.",
-            },
+        "private_images": (
+            SOCKET_TYPE,
+            {"tooltip": "The private images, from DP Load Private Images."},
         ),
         "budget": (BUDGET_TYPE, {"tooltip": "From the Privacy Budget node."}),
     }
-
-
-def check_private_batch(images, dataset_size) -> None:
-    """The private IMAGE batch and its declared n must agree, and n must exceed 1."""
-    import torch
-
-    from ..dp.errors import InvalidParameterError
-
-    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[0] < 1:
-        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-        raise InvalidParameterError(
-            f"images must be a non-empty IMAGE batch (n, height, width, channels), got {shape}."
-        )
-    if images.shape[-1] < 3:
-        raise InvalidParameterError(
-            f"images must have at least 3 colour channels, got {images.shape[-1]}."
-        )
-    if isinstance(dataset_size, bool) or not isinstance(dataset_size, int):
-        raise InvalidParameterError(
-            f"dataset_size must be an integer, got dataset_size={dataset_size!r}."
-        )
-    if images.shape[0] != dataset_size:
-        raise InvalidParameterError(
-            f"dataset_size={dataset_size} but the image batch holds {images.shape[0]} images; "
-            "connect both from the same DP Load Private Images node."
-        )
-    if dataset_size < 2:
-        raise InvalidParameterError(
-            "a DP release needs more than one private image: with n=1 the noise has to hide the "
-            "only image and the result is pure noise. Add images to the folder."
-        )
 
 
 SAMPLING_RATE_INPUT = (
@@ -84,7 +42,7 @@ SAMPLING_RATE_INPUT = (
 
 
 def ledger_directory():
-    """Ledgers live under ComfyUI's user directory (DP_SPEC section 7)."""
+    """Ledgers live under ComfyUI's user directory (docs/privacy.md §7)."""
     return comfy_compat.user_directory().joinpath(*LEDGER_SUBDIRECTORY)
 
 
@@ -163,14 +121,16 @@ class PrivacyBudgetNode:
                         "tooltip": "delta at which the total epsilon is measured.",
                     },
                 ),
-                "report_dataset_size": (
+                "declared_dataset_size": (
                     "INT",
                     {
                         "default": 100,
-                        "min": 1,
+                        "min": 2,
                         "max": 10_000_000,
-                        "tooltip": "Report only: number of private images, to show the expected "
-                        "noise and the delta >= 1/n warning.",
+                        "tooltip": "n_hat: the collection's size as you declare it publicly (a round "
+                        "figure near the real count). The real count is private, so the pack never "
+                        "reads it from the folder: the released average divides by q x n_hat, and "
+                        "training is padded to n_hat images so its duration hides the real count.",
                     },
                 ),
                 "report_dimension": (
@@ -203,7 +163,7 @@ class PrivacyBudgetNode:
         delta,
         total_epsilon,
         total_delta,
-        report_dataset_size,
+        declared_dataset_size,
         report_dimension,
         report_sampling_rate,
     ):
@@ -218,12 +178,13 @@ class PrivacyBudgetNode:
             total=TotalBudget(epsilon=total_epsilon, delta=total_delta),
             ledger_name=ledger_name,
             ledger_directory=ledger_directory(),
+            declared_dataset_size=declared_dataset_size,
         )
         report = budget_report(
             budget,
-            dataset_size=report_dataset_size,
             dimension=report_dimension,
             sampling_rate=report_sampling_rate,
+            poll=comfy_compat.raise_if_cancelled,
         )
         logger.info("Privacy Budget:\n%s", report)
         return {"ui": {"text": [report]}, "result": (budget, report)}

@@ -1,14 +1,17 @@
-"""The "DP Aggregate CLIP Embeddings" node: mechanism M1 on CLIP image embeddings (DP_SPEC 5).
+"""The "DP Aggregate CLIP Embeddings" node: mechanism M1 on CLIP image embeddings (docs/privacy.md §5).
 
 Order of events, so that no release exists without its ledger record and nothing private
 leaves the node except the noisy estimate:
 1. validate every input;
-2. calibrate the noise and check that the ledger can afford the release, before any work
-   (``dp.release.plan_release``);
-3. Poisson-sample the images first, then embed only the kept ones with ComfyUI's CLIP vision
-   (batched, on ComfyUI's device), L2-normalise each (so C = 1, c = 0);
-4. record the release in the ledger, then draw the noise (``dp.release.execute_release``);
-5. renormalise the estimate to unit norm (post-processing, free of privacy cost).
+2. calibrate the noise, reuse an identical recorded release (nothing spent) or check that
+   the collection can afford a new one, before any work (``dp.release.plan_release``);
+3. build the report (before the record);
+4. embed EVERY image with ComfyUI's CLIP vision in fixed-size batches padded to the
+   declared n_hat (constant work, whatever the Poisson sample), L2-normalise each
+   (so C = 1, c = 0);
+5. commit: under the ledger's lock, drop images whose own budget is spent, Poisson-sample,
+   add the noise and record the result (``dp.release.execute_release``);
+6. renormalise the estimate to unit norm (post-processing, free of privacy cost).
 
 Outputs hold the estimate and public parameters only: the ``DP_CLIP_TARGET`` for the
 Universal Guidance Sampler, a ComfyUI ``CLIP_VISION_OUTPUT`` whose ``image_embeds`` is the
@@ -22,7 +25,7 @@ import logging
 import torch
 
 from . import comfy_compat
-from .budget import SAMPLING_RATE_INPUT, check_private_batch, private_release_inputs
+from .budget import SAMPLING_RATE_INPUT, private_release_inputs
 from .dependencies import require_runtime_packages
 from .guidance_sampler import TARGET_TYPE
 
@@ -75,55 +78,68 @@ class DPAggregateCLIPEmbeddingsNode:
             }
         }
 
-    def aggregate(
-        self,
-        clip_vision,
-        images,
-        dataset_size,
-        fingerprint,
-        budget,
-        sampling_rate,
-        images_per_batch,
-    ):
+    def aggregate(self, clip_vision, private_images, budget, sampling_rate, images_per_batch):
         require_runtime_packages()
         from ..dp.guidance import ClipTarget
-        from ..dp.mechanism import BoundMode, poisson_sample, renormalize_unit
-        from ..dp.release import execute_release, plan_release, release_report
+        from ..dp.mechanism import BoundMode, renormalize_unit
+        from ..dp.release import execute_release, plan_release, release_report, reused_estimate
 
-        _validate(clip_vision, images, dataset_size, images_per_batch)
+        private = _validate(clip_vision, private_images, images_per_batch)
         width = comfy_compat.clip_vision_width(clip_vision)
-
+        comfy_compat.load_models([clip_vision.patcher])
         plan = plan_release(
-            budget, fingerprint=fingerprint, dataset_size=dataset_size, sampling_rate=sampling_rate
+            budget,
+            image_keys=private.image_keys,
+            sampling_rate=sampling_rate,
+            settings={
+                "method": METHOD,
+                "clip_vision": comfy_compat.module_fingerprint(clip_vision.model),
+                "resolution": list(private.images.shape[1:3]),
+            },
+            poll=comfy_compat.raise_if_cancelled,
         )
-
-        kept = poisson_sample(dataset_size, sampling_rate=sampling_rate)
-        vectors = _embed_kept(clip_vision, images, kept.indices, images_per_batch, width)
-        del kept  # which images were sampled is private (DP_SPEC section 1)
-
-        release = execute_release(
+        report = release_report(
             plan,
-            vectors,
-            centre=torch.zeros(width, dtype=torch.float64),
+            dimension=width,
             clip_norm=1.0,
             mode=BoundMode.NORMALIZE,
-            postprocess=renormalize_unit,
-            label="DP Aggregate CLIP Embeddings",
+            extra_lines=(
+                f"released: one unit-length CLIP image embedding of width {width} "
+                "(connect 'target' to the Universal Guidance Sampler; sampling spends no budget)",
+            ),
+            poll=comfy_compat.raise_if_cancelled,
         )
-        estimate = release.estimate.detach().reshape(width).to(torch.float32)
+        if plan.reused is not None:
+            outcome = reused_estimate(plan, dimension=width)
+        else:
+            vectors = _embed_every_image(
+                clip_vision, private.images, images_per_batch, width, plan.declared_dataset_size
+            )
+            outcome = execute_release(
+                plan,
+                vectors,
+                image_keys=private.image_keys,
+                centre=torch.zeros(width, dtype=torch.float64),
+                clip_norm=1.0,
+                mode=BoundMode.NORMALIZE,
+                postprocess=renormalize_unit,
+                label="DP Aggregate CLIP Embeddings",
+            )
+        estimate = outcome.estimate.detach().reshape(width).to(torch.float32)
         cal = plan.calibration
         target = ClipTarget(
             embedding=estimate,
-            event=release.event,
+            event=cal.event,
             epsilon=cal.epsilon_achieved,
             delta=cal.delta,
-            noise_multiplier=release.noise_multiplier,
-            sampling_rate=release.sampling_rate,
-            dataset_size=release.dataset_size,
-            clip_norm=release.clip_norm,
+            noise_multiplier=cal.noise_multiplier,
+            sampling_rate=plan.sampling_rate,
+            declared_dataset_size=plan.declared_dataset_size,
+            clip_norm=1.0,
             parameters={
                 "method": METHOD,
-                "bound_mode": release.mode.value,
+                "release_id": outcome.release_id,
+                "bound_mode": BoundMode.NORMALIZE.value,
                 "centre": "zero",
                 "embedding_width": width,
                 "epsilon_target": cal.epsilon_target,
@@ -131,27 +147,20 @@ class DPAggregateCLIPEmbeddingsNode:
             },
         )
         output = comfy_compat.clip_vision_output(estimate.unsqueeze(0).clone())
-        report = release_report(
-            plan,
-            release,
-            extra_lines=(
-                f"released: one unit-length CLIP image embedding of width {width} "
-                "(connect 'target' to the Universal Guidance Sampler; sampling spends no budget)",
-            ),
-        )
         logger.info("DP Aggregate CLIP Embeddings release:\n%s", report)
         return {"ui": {"text": [report]}, "result": (target, output, report)}
 
 
-def _validate(clip_vision, images, dataset_size, images_per_batch) -> None:
+def _validate(clip_vision, private_images, images_per_batch):
     from ..dp.errors import InvalidParameterError
+    from ..dp.private_set import check_private_image_set
 
     if clip_vision is None:
         raise InvalidParameterError(
             "clip_vision is missing: connect Load CLIP Vision (the model that will also guide "
             "the sampler)."
         )
-    check_private_batch(images, dataset_size)
+    private = check_private_image_set(private_images)
     if isinstance(images_per_batch, bool) or not isinstance(images_per_batch, int):
         raise InvalidParameterError(
             f"images_per_batch must be an integer, got images_per_batch={images_per_batch!r}."
@@ -160,36 +169,39 @@ def _validate(clip_vision, images, dataset_size, images_per_batch) -> None:
         raise InvalidParameterError(
             f"images_per_batch must be at least 1, got images_per_batch={images_per_batch}."
         )
+    return private
 
 
-def _embed_kept(clip_vision, images, indices, per_batch: int, width: int) -> torch.Tensor:
-    """L2-normalised CLIP image embeddings (m, D) float64 on CPU of the kept images only.
+def _embed_every_image(clip_vision, images, per_batch: int, width: int, public_rows: int):
+    """L2-normalised CLIP image embeddings (n, D) float64 on CPU of ALL images.
 
     Each row depends on its own image alone (ComfyUI's CLIP vision has no cross-batch state),
-    which the sensitivity of M1 relies on. Under Poisson sampling the number m of kept images
-    is private, so the progress bar counts the public n and moves once, at the end (Cancel is
-    still checked before every batch).
+    which the sensitivity of M1 relies on. Constant work: batches of exactly ``per_batch``
+    rows, padded up to at least ``public_rows`` (the declared n_hat) images, so the progress
+    total and the run time do not depend on the private count or on the Poisson sample. A
+    row that is not finite is left as is: M1 turns it into a zero contribution, silently.
     """
-    indices = [int(i) for i in indices]
-    dataset_size = int(images.shape[0])
-    progress = comfy_compat.progress_bar(dataset_size)
-    if not indices:
-        progress.update_absolute(dataset_size, dataset_size)
-        return torch.zeros((0, width), dtype=torch.float64)
-    comfy_compat.load_models([clip_vision.patcher])
+    from ..dp.inversion import padded_chunk_count
+
+    n = int(images.shape[0])
+    chunks = padded_chunk_count(n, public_rows=public_rows, images_per_batch=per_batch)
+    progress = comfy_compat.progress_bar(chunks)
     rows = []
-    for start in range(0, len(indices), per_batch):
+    for chunk in range(chunks):
         comfy_compat.raise_if_cancelled()
-        chunk = indices[start : start + per_batch]
-        embeds = comfy_compat.clip_vision_encode(clip_vision, images[chunk])
-        rows.append(torch.nn.functional.normalize(embeds.detach().to("cpu", torch.float64), dim=1))
-    progress.update_absolute(dataset_size, dataset_size)
+        real = images[chunk * per_batch : (chunk + 1) * per_batch]
+        padded = torch.zeros((per_batch, *images.shape[1:]), dtype=images.dtype)
+        padded[: real.shape[0]] = real
+        embeds = comfy_compat.clip_vision_encode(clip_vision, padded)
+        embeds = embeds.detach().to("cpu", torch.float64)[: real.shape[0]]
+        rows.append(torch.nn.functional.normalize(embeds, dim=1))
+        progress.update_absolute(chunk + 1, chunks)
     vectors = torch.cat(rows)
-    if vectors.shape[1] != width or not torch.isfinite(vectors).all():
+    if vectors.shape[1] != width:
         from ..dp.errors import InvalidParameterError
 
-        raise InvalidParameterError(  # no shape in the message: m is private
-            f"the CLIP vision model returned non-finite embeddings or a width other than {width}."
+        raise InvalidParameterError(
+            f"the CLIP vision model returned embeddings of another width than {width}."
         )
     return vectors
 

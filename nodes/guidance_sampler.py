@@ -11,7 +11,7 @@ The maths (forward universal guidance in ComfyUI's sigma form, self-recurrence) 
   clones while the node runs (``dp.guidance.WeightSwap``) and puts the originals back after.
 - Decoding calls ``vae.first_stage_model.decode`` after ``process_latent_out``; CLIP's
   preprocessing is ``dp.guidance.preprocess_for_clip`` because ComfyUI's rounds to 8 bits
-  and has zero gradient (COMFYUI_INTERNALS.md, "Guidance hooks").
+  and has zero gradient.
 
 Self-recurrence on top of arbitrary samplers: with ``self_recurrence = k > 0`` the node runs
 ComfyUI's sampler one step at a time (``comfy.sample.sample`` with ``start_step = i``,

@@ -1,7 +1,11 @@
 """ComfyUI's MODEL / CLIP / VAE turned into the callables ``dp.inversion`` trains through.
 
-Facts this relies on are in COMFYUI_INTERNALS.md ("Gradients inside a node", "Text side of
-textual inversion", "Denoising loss on the UNet"), checked on both supported ComfyUI copies.
+It relies on facts checked on both supported ComfyUI copies (and pinned by the tests in
+tests/nodes/test_inversion_model.py): every node runs under ``torch.inference_mode()`` and
+loader weights are inference tensors, so training needs normal clones; the CLIP text
+transformer's pieces can be run directly with injected vectors and equal
+``encode_from_tokens``; ``apply_model`` returns the denoised prediction in the sigma
+parametrisation.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ class UnsupportedModelError(InvalidParameterError):
 
 @dataclass(frozen=True)
 class ModelFamily:
-    """What differs between supported checkpoint families (DP_SPEC section 3.4)."""
+    """What differs between supported checkpoint families (docs/privacy.md §3.4)."""
 
     name: str
     encoder_attribute: str  # attribute of the CLIP's cond_stage_model holding SDClipModel
@@ -84,7 +88,7 @@ def token_vectors(clip, family: ModelFamily, word: str) -> torch.Tensor:
 
 @torch.no_grad()
 def mean_token_norm(clip, family: ModelFamily) -> float:
-    """Mean L2 norm of the vocabulary's token embeddings: a public target norm for DP_SPEC 2.5."""
+    """Mean L2 norm of the vocabulary's token embeddings: a public target norm for docs/privacy.md §2.5."""
     table = text_encoder(clip, family).transformer.get_input_embeddings().weight
     return float(table.float().norm(dim=1).mean())
 
@@ -127,7 +131,7 @@ def make_autograd_safe(module: torch.nn.Module) -> None:
     """Replace inference-mode parameters and buffers by normal tensors with the same values.
 
     Loader nodes create weights under ``torch.inference_mode()``; autograd refuses to save
-    such tensors for backward even when they need no gradient (COMFYUI_INTERNALS.md). The
+    such tensors for backward even when they need no gradient. The
     clones are equal in value, so the model keeps working everywhere else.
     """
     with torch.inference_mode(False):
@@ -231,7 +235,7 @@ def _saved_tensor_clones(enabled: bool):
 
 
 def seeds_from_entropy(count: int) -> list[int]:
-    """Per-image training seeds from OS entropy (never from the workflow seed, DP_SPEC 6)."""
+    """Per-image training seeds from OS entropy (never from the workflow seed, docs/privacy.md §6)."""
     import secrets
 
     return [secrets.randbits(63) for _ in range(count)]

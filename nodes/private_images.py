@@ -1,6 +1,6 @@
 """The "DP Load Private Images" node: a private image folder as one DP_PRIVATE_IMAGES set.
 
-Private per DP_SPEC section 1: the pixels, the file names, and even how many images there
+Private per docs/privacy.md §1: the pixels, the file names, and even how many images there
 are (add/remove adjacency). Everything an observer of the server sees counts as published,
 so this node shows no preview, writes no temporary file, returns no "ui" images, has no
 count output, logs nothing that depends on the folder's contents, shows a progress bar of

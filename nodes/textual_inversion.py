@@ -1,25 +1,29 @@
-"""The "DP Textual Inversion Train" node: DPAgg-TI (DP_SPEC section 3) inside ComfyUI.
+"""The "DP Textual Inversion Train" node: DPAgg-TI (docs/privacy.md §3) inside ComfyUI.
 
-Order of events, chosen so that no release ever exists without its ledger record and a run
-stopped early spends nothing:
+Order of events, chosen so that no release exists without its ledger record, a run stopped
+early spends nothing, and nothing observable depends on the private images except through
+the noise:
 1. validate every input, refuse an existing file or an unsupported model family;
-2. calibrate the noise and check the ledger can afford the release (read-only);
-3. Poisson-sample the images, encode the kept ones once, train one embedding per image
-   (progress bar; Cancel stops here with nothing written and nothing spent);
-4. record the release in the ledger (under its lock, re-checking the budget), then draw
-   the Gaussian noise (mechanism M1);
-5. write ``NAME.safetensors`` atomically into ComfyUI's embeddings folder.
+2. calibrate the noise, look for an identical recorded release (then publish it again,
+   spending nothing) and check the collection can afford a new one (read-only);
+3. build the report and check the output file (everything that could fail after the
+   record is checked here, before it);
+4. encode and train EVERY image, in fixed-size chunks padded to the declared n_hat (constant
+   work: progress, run time and each image's result do not depend on the other images or
+   on the Poisson sample; Cancel stops here with nothing written and nothing spent);
+5. commit: under the ledger's lock, re-check the budget, drop images whose own budget is
+   spent, Poisson-sample, add the Gaussian noise (mechanism M1) and record the result;
+6. write ``NAME.safetensors`` atomically into ComfyUI's embeddings folder.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 
 import torch
 
 from . import comfy_compat
-from .budget import SAMPLING_RATE_INPUT, check_private_batch, private_release_inputs
+from .budget import SAMPLING_RATE_INPUT, private_release_inputs
 from .dependencies import require_runtime_packages
 
 logger = logging.getLogger(__name__)
@@ -154,9 +158,7 @@ class DPTextualInversionTrainNode:
         model,
         clip,
         vae,
-        images,
-        dataset_size,
-        fingerprint,
+        private_images,
         budget,
         embedding_name,
         num_vectors,
@@ -171,11 +173,18 @@ class DPTextualInversionTrainNode:
         overwrite,
     ):
         require_runtime_packages()
-        from ..dp.embedding_file import check_writable, save_embedding
+        from ..dp.embedding_file import (
+            check_writable,
+            embedding_path,
+            is_release_file,
+            prepare_directory,
+            save_embedding,
+        )
         from ..dp.errors import InvalidParameterError
-        from ..dp.inversion import InversionConfig, train_per_image_embeddings
-        from ..dp.mechanism import BoundMode, poisson_sample, rescale_to_norm
-        from ..dp.release import execute_release, plan_release, release_report
+        from ..dp.inversion import InversionConfig
+        from ..dp.mechanism import BoundMode, rescale_to_norm
+        from ..dp.private_set import check_private_image_set
+        from ..dp.release import execute_release, plan_release, release_report, reused_estimate
         from ..dp.templates import templates_for
         from ..dp.validation import check_clip_norm
         from . import inversion_model as im
@@ -189,100 +198,176 @@ class DPTextualInversionTrainNode:
             raise InvalidParameterError(
                 f"num_vectors must be 1..{MAX_VECTORS}, got num_vectors={num_vectors}."
             )
-        check_private_batch(images, dataset_size)
+        private = check_private_image_set(private_images)
         family = im.detect_family(model, clip)
-        directory = comfy_compat.embeddings_directories()[0]
-        directory.mkdir(parents=True, exist_ok=True)
-        check_writable(directory, embedding_name, overwrite=overwrite)
-
-        plan = plan_release(
-            budget, fingerprint=fingerprint, dataset_size=dataset_size, sampling_rate=sampling_rate
-        )
+        directory = prepare_directory(comfy_compat.embeddings_directories()[0])
+        embedding_path(directory, embedding_name)  # the name; whether it exists: after the plan
 
         comfy_compat.load_models([model, clip.patcher])
         init_tokens = im.token_vectors(clip, family, initializer_word.strip())
         initial = init_tokens[torch.arange(num_vectors) % init_tokens.shape[0]]
         prompts = im.tokenize_templates(clip, family, templates_for(template_set), num_vectors)
         target_norm = im.mean_token_norm(clip, family)
-
-        kept = poisson_sample(dataset_size, sampling_rate=sampling_rate)
-        # The bar's total is public (it assumes all n images); the number kept by Poisson
-        # sampling is private and is not shown (the run's duration still hints at it).
-        public_total = math.ceil(dataset_size / images_per_batch) * steps
-        progress = comfy_compat.progress_bar(public_total)
-
-        def on_step(done: int, total: int) -> None:
-            comfy_compat.raise_if_cancelled()
-            progress.update_absolute(min(done, public_total), public_total)
-
         width = initial.shape[1]
-        if len(kept.indices) > 0:
-            latents = comfy_compat.encode_latents(model, vae, images[kept.indices])
-            with torch.inference_mode(False), torch.enable_grad():
-                embeddings = train_per_image_embeddings(
-                    latents,
-                    initial=initial,
-                    prompts=prompts,
-                    config=config,
-                    seeds=im.seeds_from_entropy(len(kept.indices)),
-                    text_forward=im.make_text_forward(clip, family),
-                    denoise_loss=im.make_denoise_loss(model),
-                    on_step=on_step,
-                )
-            vectors = embeddings.reshape(len(kept.indices), num_vectors * width)
-        else:
-            vectors = torch.zeros((0, num_vectors * width))
-        del kept  # which images were sampled is private (DP_SPEC section 1)
+        dimension = num_vectors * width
 
-        release = execute_release(
-            plan,
-            vectors,
-            centre=initial.reshape(-1),
-            clip_norm=clip_norm,
-            mode=mode,
-            postprocess=rescale_to_norm(target_norm, rows=num_vectors),
-            label=f"DP Textual Inversion: {embedding_name}",
+        settings = {
+            "method": "DPAgg-TI",
+            "model": comfy_compat.module_fingerprint(
+                model.model.diffusion_model, im.text_encoder(clip, family), vae.first_stage_model
+            ),
+            "model_family": family.name,
+            "num_vectors": num_vectors,
+            "initializer_word": initializer_word.strip(),
+            "template_set": template_set,
+            "steps": steps,
+            "learning_rate": learning_rate,
+            "images_per_batch": images_per_batch,
+            "clip_norm": clip_norm,
+            "bound_mode": mode.value,
+            "resolution": list(private.images.shape[1:3]),
+        }
+        plan = plan_release(
+            budget,
+            image_keys=private.image_keys,
+            sampling_rate=sampling_rate,
+            settings=settings,
+            poll=comfy_compat.raise_if_cancelled,
         )
-        token = release.estimate.reshape(num_vectors, width).to(torch.float32)
-        metadata = _file_metadata(
-            release, plan, family, config, num_vectors, initializer_word, template_set
-        )
-        path = save_embedding(
-            directory, embedding_name, {family.file_key: token}, metadata, overwrite=overwrite
+        reused_id = plan.reused.release_id if plan.reused is not None else None
+        path = check_writable(
+            directory, embedding_name, overwrite=overwrite, same_release=reused_id
         )
         report = release_report(
             plan,
-            release,
+            dimension=dimension,
+            clip_norm=clip_norm,
+            mode=mode,
             extra_lines=(
                 f"saved: {path.name} in the embeddings folder; use it as embedding:{path.stem}",
-                f"model family: {family.name}; vectors: {num_vectors} x {width}; steps per image: {steps}",
+                f"model family: {family.name}; vectors: {num_vectors} x {width}; steps per image: "
+                f"{steps}",
             ),
+            poll=comfy_compat.raise_if_cancelled,
         )
+        postprocess = rescale_to_norm(target_norm, rows=num_vectors)
+
+        if plan.reused is not None:
+            outcome = reused_estimate(plan, dimension=dimension)
+        else:
+            vectors = _train_every_image(
+                model, clip, vae, family, private, plan, config, initial, prompts
+            )
+            outcome = execute_release(
+                plan,
+                vectors.reshape(-1, dimension),
+                image_keys=private.image_keys,
+                centre=initial.reshape(-1),
+                clip_norm=clip_norm,
+                mode=mode,
+                postprocess=postprocess,
+                label=f"DP Textual Inversion: {path.stem}",
+            )
+        token = outcome.estimate.reshape(num_vectors, width).to(torch.float32)
+        metadata = _file_metadata(
+            plan,
+            outcome,
+            family,
+            config,
+            num_vectors,
+            initializer_word,
+            template_set,
+            clip_norm,
+            mode,
+        )
+        if not (outcome.reused and is_release_file(path, outcome.release_id)):
+            save_embedding(
+                directory,
+                embedding_name,
+                {family.file_key: token},
+                metadata,
+                overwrite=overwrite or outcome.reused,
+            )
         logger.info("DP Textual Inversion release:\n%s", report)
         return {"ui": {"text": [report]}, "result": (f"embedding:{path.stem}", report)}
 
 
+def _train_every_image(model, clip, vae, family, private, plan, config, initial, prompts):
+    """One embedding per image, (n, k, d), for ALL images (sampling happens in the commit).
+
+    Constant work (docs/privacy.md §3.2): latents are encoded one image per call and embeddings
+    trained in chunks of exactly ``images_per_batch`` rows, both padded to at least the
+    declared n_hat images, so the
+    progress total and the run time depend on public values only (as long as the folder
+    holds no more than n_hat images) and each image's result is bitwise independent of the
+    others on CPU.
+    """
+    from ..dp.inversion import padded_chunk_count, train_per_image_embeddings
+    from . import inversion_model as im
+
+    images = private.images
+    n = images.shape[0]
+    b = config.images_per_batch
+    chunks = padded_chunk_count(n, public_rows=plan.declared_dataset_size, images_per_batch=b)
+    total = chunks * (config.steps + 1)
+    progress = comfy_compat.progress_bar(total)
+    latents = []
+    padding = torch.zeros((1, *images.shape[1:]), dtype=images.dtype)
+    for chunk in range(chunks):
+        comfy_compat.raise_if_cancelled()
+        # One image per VAE call: ComfyUI's VAE.encode may split a batch by free memory, and
+        # a split that varies would let other images change how this one is rounded.
+        for row in range(chunk * b, (chunk + 1) * b):
+            encoded = comfy_compat.encode_latents(
+                model, vae, images[row : row + 1] if row < n else padding
+            )
+            if row < n:
+                latents.append(encoded)
+        progress.update_absolute(chunk + 1, total)
+
+    def on_step(done: int, _total: int) -> None:
+        comfy_compat.raise_if_cancelled()
+        progress.update_absolute(chunks + done, total)
+
+    with torch.inference_mode(False), torch.enable_grad():
+        return train_per_image_embeddings(
+            torch.cat(latents),
+            initial=initial,
+            prompts=prompts,
+            config=config,
+            seeds=im.seeds_from_entropy(n),
+            text_forward=im.make_text_forward(clip, family),
+            denoise_loss=im.make_denoise_loss(model),
+            public_rows=plan.declared_dataset_size,
+            on_step=on_step,
+        )
+
+
 def _file_metadata(
-    release, plan, family, config, num_vectors, initializer_word, template_set
+    plan, outcome, family, config, num_vectors, initializer_word, template_set, clip_norm, mode
 ) -> dict[str, str]:
-    """Public facts only (DP_SPEC 3.4): the DpEvent and parameters, nothing per image."""
+    """Public facts only (docs/privacy.md §3.4): the DpEvent and parameters, nothing per image, and
+    no count of images (the declared n_hat is public, the real count is not)."""
     import json
 
     from ..dp.accounting import event_to_dict
+    from ..dp.embedding_file import RELEASE_ID_KEY
     from ..dp.version import PACKAGE_VERSION
 
+    cal = plan.calibration
     return {
         "dp_adapt.method": "DPAgg-TI",
-        "dp_adapt.dp_event": json.dumps(event_to_dict(release.event), sort_keys=True),
-        "dp_adapt.epsilon": repr(plan.calibration.epsilon_achieved),
-        "dp_adapt.epsilon_target": repr(plan.calibration.epsilon_target),
-        "dp_adapt.delta": repr(plan.calibration.delta),
+        RELEASE_ID_KEY: outcome.release_id,
+        "dp_adapt.dp_event": json.dumps(event_to_dict(cal.event), sort_keys=True),
+        "dp_adapt.epsilon": repr(cal.epsilon_achieved),
+        "dp_adapt.epsilon_target": repr(cal.epsilon_target),
+        "dp_adapt.delta": repr(cal.delta),
         "dp_adapt.adjacency": "add/remove one image",
-        "dp_adapt.sampling_rate": repr(release.sampling_rate),
-        "dp_adapt.dataset_size": str(release.dataset_size),
-        "dp_adapt.clip_norm": repr(release.clip_norm),
-        "dp_adapt.noise_multiplier": repr(release.noise_multiplier),
-        "dp_adapt.bound_mode": release.mode.value,
+        "dp_adapt.sampling_rate": repr(plan.sampling_rate),
+        "dp_adapt.declared_dataset_size": str(plan.declared_dataset_size),
+        "dp_adapt.clip_norm": repr(float(clip_norm)),
+        "dp_adapt.noise_multiplier": repr(cal.noise_multiplier),
+        "dp_adapt.bound_mode": mode.value,
         "dp_adapt.num_vectors": str(num_vectors),
         "dp_adapt.steps": str(config.steps),
         "dp_adapt.learning_rate": repr(config.learning_rate),

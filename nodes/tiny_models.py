@@ -74,7 +74,7 @@ _TINY_VISION_CONFIG = {
     "dropout": 0.0,
     "hidden_act": "quick_gelu",
     "hidden_size": 32,
-    # OLD ComfyUI always preprocesses to 224 px (COMFYUI_INTERNALS.md).
+    # OLD ComfyUI always preprocesses to 224 px.
     "image_size": 224,
     "initializer_factor": 1.0,
     "initializer_range": 0.02,
@@ -157,7 +157,7 @@ def build_tiny_model(seed: int = 0, unet_overrides: dict | None = None, family: 
         config = comfy.supported_models.SD20({**unet, "use_linear_in_transformer": True})
     else:
         config = comfy.supported_models.SD15(unet)
-    # SD15.__init__ forces num_heads=8 / num_head_channels=-1 (COMFYUI_INTERNALS.md).
+    # SD15.__init__ forces num_heads=8 / num_head_channels=-1.
     config.unet_config["num_heads"] = 8 if unet_overrides else 4
     config.unet_config["num_head_channels"] = -1
     config.set_inference_dtype(torch.float32, None)

@@ -176,7 +176,7 @@ def _target(width: int = D) -> ClipTarget:
         delta=1e-5,
         noise_multiplier=1.0,
         sampling_rate=1.0,
-        dataset_size=10,
+        declared_dataset_size=10,
     )
 
 
@@ -189,7 +189,7 @@ def test_target_must_be_a_finite_unit_vector():
             delta=1e-5,
             noise_multiplier=1.0,
             sampling_rate=1.0,
-            dataset_size=10,
+            declared_dataset_size=10,
         )
     with pytest.raises(DpAdaptError, match="NaN"):
         ClipTarget(
@@ -199,7 +199,7 @@ def test_target_must_be_a_finite_unit_vector():
             delta=1e-5,
             noise_multiplier=1.0,
             sampling_rate=1.0,
-            dataset_size=10,
+            declared_dataset_size=10,
         )
     assert _target().width == D
 

@@ -1,14 +1,24 @@
-"""The budget ledger: refusal, PLD composition, pinned totals, crash safety, concurrency,
-and unreadable files left byte for byte as found."""
+"""The budget ledger protects people, not folders: images shared between collections share
+their spending, adding/removing/renaming never opens a fresh budget, the public refusal
+depends on the collection's history only, identical requests are reused, and the file
+survives crashes, concurrent writers and tampering (left byte for byte as found)."""
 
 from __future__ import annotations
 
 import json
-import multiprocessing
+import logging
 import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import textwrap
 import time
+from dataclasses import fields
 from pathlib import Path
 
+import dp_accounting as dpa
 import pytest
 
 from comfyui_dp_adapt.dp import ledger as ledger_module
@@ -27,17 +37,18 @@ from comfyui_dp_adapt.dp.errors import (
     LedgerFormatError,
 )
 from comfyui_dp_adapt.dp.ledger import (
+    Commit,
     Ledger,
+    RecordedRelease,
     TotalBudget,
-    dataset_key,
     default_ledger_path,
     sanitize_ledger_name,
 )
 
+PACK_ROOT = Path(__file__).resolve().parents[2]
 DELTA = 1e-5
 EVENT = release_event(noise_multiplier=3.75, sampling_rate=1.0)  # epsilon ~1 at 1e-5
 SAMPLED = release_event(noise_multiplier=2.0, sampling_rate=0.2)
-FP = "hmac-sha256:0123abcd"
 
 
 def budget_for_exactly(k: int, event=EVENT) -> TotalBudget:
@@ -45,309 +56,487 @@ def budget_for_exactly(k: int, event=EVENT) -> TotalBudget:
     return TotalBudget(epsilon=compose_epsilon([event] * k, delta=DELTA), delta=DELTA)
 
 
-def recorded(ledger: Ledger, fingerprint: str = FP) -> list[dict]:
-    data = json.loads(ledger.path.read_text())
-    return data["datasets"][dataset_key("art", fingerprint)]["releases"]
+_requests = iter(range(10**9))
 
 
-def test_a_release_is_stored_in_the_documented_format(tmp_path):
-    ledger = Ledger(tmp_path / "art.json")
-    check = ledger.record("art", FP, SAMPLED, total=TotalBudget(5.0, DELTA), label="TI run")
-    data = json.loads(ledger.path.read_text())
-    assert data["format"] == "comfyui-dp-adapt-ledger" and data["version"] == 1
-    entry = data["datasets"][f"art|{FP}"]
-    assert entry["name"] == "art" and entry["fingerprint"] == FP
-    assert entry["total"] == {"epsilon": 5.0, "delta": DELTA}
-    (only,) = entry["releases"]
-    assert event_from_dict(only["event"]) == SAMPLED
-    assert only["epsilon"] == epsilon_for(SAMPLED, delta=DELTA) == check.requested
-    assert only["label"] == "TI run" and only["time"].startswith("20")
-    assert ledger.releases("art", FP) == [SAMPLED]
-    assert (check.spent, check.ok) == (0.0, True)
-    assert check.total_after == check.requested
-    assert check.remaining == 5.0
-    assert ledger.total("art", FP) == TotalBudget(5.0, DELTA)
+def commit(
+    ledger: Ledger,
+    image_keys,
+    *,
+    collection: str = "art",
+    total: TotalBudget | None = None,
+    event=EVENT,
+    request_key: str | None = None,
+    label: str = "",
+    result: dict | None = None,
+) -> tuple[Commit, tuple[bool, ...] | None]:
+    """One commit; returns it and the mask ``release`` was called with (None if not)."""
+    masks = []
+
+    def release(mask):
+        masks.append(mask)
+        return result if result is not None else {"estimate": [random.random()]}
+
+    done = ledger.commit(
+        collection=collection,
+        total=total or budget_for_exactly(2),
+        event=event,
+        image_keys=image_keys,
+        request_key=request_key or f"request-{next(_requests)}",
+        label=label,
+        release=release,
+    )
+    assert len(masks) <= 1
+    return done, (masks[0] if masks else None)
 
 
-def test_refuses_overspend_stating_spent_requested_and_total(tmp_path):
-    ledger = Ledger(tmp_path / "art.json")
+def never_called(mask):
+    raise AssertionError("release must not be called")
+
+
+def spent_on(ledger: Ledger, key: str) -> float:
+    return ledger.image_spent(key, delta=DELTA)
+
+
+# --- format ---------------------------------------------------------------------------
+
+
+def test_a_release_is_stored_in_the_documented_format_without_timestamps(tmp_path):
+    ledger = Ledger(default_ledger_path(tmp_path))
+    assert ledger.path == tmp_path / "ledger.json"
+    done, mask = commit(
+        ledger,
+        ["img-a", "img-b"],
+        total=TotalBudget(5.0, DELTA),
+        event=SAMPLED,
+        request_key="req-1",
+        label="TI run",
+        result={"estimate": [0.5, -1.25], "dimension": 2},
+    )
+    assert mask == (True, True) and not done.reused
+    text = ledger.path.read_text()
+    data = json.loads(text)
+    assert set(data) == {"format", "version", "collections", "releases", "images"}
+    assert data["format"] == "comfyui-dp-adapt-ledger" and data["version"] == 2
+    assert re.fullmatch(r"[0-9a-f]{32}", done.release_id)
+    assert data["collections"] == {
+        "art": {"total": {"epsilon": 5.0, "delta": DELTA}, "releases": [done.release_id]}
+    }
+    stored = data["releases"][done.release_id]
+    assert set(stored) == {"collection", "event", "epsilon", "label", "request_key", "result"}
+    assert event_from_dict(stored["event"]) == SAMPLED
+    assert stored["epsilon"] == epsilon_for(SAMPLED, delta=DELTA) == done.check.requested
+    assert (stored["label"], stored["request_key"]) == ("TI run", "req-1")
+    assert stored["result"] == done.result == {"estimate": [0.5, -1.25], "dimension": 2}
+    for key in ("img-a", "img-b"):
+        assert data["images"][key] == {
+            "total": {"epsilon": 5.0, "delta": DELTA},
+            "releases": [done.release_id],
+        }
+    # No wall-clock time anywhere (a release's duration depends on the private images).
+    assert not re.search(r"\d{4}-\d{2}-\d{2}|T\d{2}:\d{2}", text)
+    assert "time" not in text.lower() and "date" not in text.lower()
+    assert (done.check.spent, done.check.ok, done.check.remaining) == (0.0, True, 5.0)
+    assert ledger.collections() == ["art"] and ledger.total("art") == TotalBudget(5.0, DELTA)
+
+
+def test_results_expose_neither_the_mask_nor_any_count_of_images():
+    assert [f.name for f in fields(Commit)] == ["release_id", "result", "reused", "check"]
+    assert [f.name for f in fields(RecordedRelease)] == [
+        "release_id",
+        "collection",
+        "event",
+        "label",
+        "result",
+    ]
+
+
+# --- the per-image guarantee ------------------------------------------------------------
+
+
+def test_collections_sharing_images_share_their_spending(tmp_path):
+    ledger = Ledger(tmp_path / "ledger.json")
     total = budget_for_exactly(2)
-    ledger.record("art", FP, EVENT, total=total)
-    ledger.record("art", FP, EVENT, total=total)
+    for _ in range(2):
+        _, mask = commit(ledger, ["a", "b"], collection="art", total=total)
+        assert mask == (True, True)
+    spent_a = spent_on(ledger, "a")
+    assert spent_a == pytest.approx(total.epsilon)
+
+    # Another collection name, same people: "a" and "b" are spent, the new image is not.
+    done, mask = commit(ledger, ["a", "fresh", "b"], collection="photos", total=total)
+    assert mask == (False, True, False)
+    assert spent_on(ledger, "a") == spent_a and spent_on(ledger, "b") == spent_a
+    assert spent_on(ledger, "fresh") == epsilon_for(EVENT, delta=DELTA)
+    assert done.check.spent == 0.0  # the collection itself was fresh: a public fact
+
+
+def test_adding_removing_reencoding_or_renaming_never_gives_a_fresh_budget(tmp_path):
+    ledger = Ledger(tmp_path / "ledger.json")
+    total = budget_for_exactly(2)
+    folder = ["a", "b", "c"]
+    for _ in range(2):
+        commit(ledger, folder, collection="art", total=total)
+    spent = {key: spent_on(ledger, key) for key in folder}
+    with pytest.raises(BudgetExceededError):  # the collection itself is spent
+        commit(ledger, [*folder, "d"], collection="art", total=total)
+    variants = {
+        "art plus one": [*folder, "d"],  # one image added
+        "art minus one": ["a", "b"],  # one image removed
+        "art reencoded": ["a", "b", "c-reencoded"],  # one image re-encoded: a new key
+        "art renamed": folder,  # the same folder under another name
+    }
+    for name, keys in variants.items():
+        _, mask = commit(ledger, keys, collection=name, total=total)
+        assert mask == tuple(key not in folder for key in keys), name
+        assert {key: spent_on(ledger, key) for key in folder} == spent, name
+
+
+def test_an_image_keeps_the_total_of_its_first_collection(tmp_path):
+    ledger = Ledger(tmp_path / "ledger.json")
+    small, large = budget_for_exactly(2), budget_for_exactly(5)
+    for _ in range(2):
+        commit(ledger, ["a"], collection="small", total=small)
+    # A collection with a larger total does not raise the image's own total ...
+    _, mask = commit(ledger, ["a", "new"], collection="large", total=large)
+    assert mask == (False, True)
+    # ... while an image first released there does get it.
+    for _ in range(4):
+        _, mask = commit(ledger, ["a", "new"], collection="large", total=large)
+        assert mask == (False, True)
+    assert spent_on(ledger, "new") == pytest.approx(large.epsilon)
+    assert spent_on(ledger, "a") == pytest.approx(small.epsilon)
+
+
+def test_a_smaller_total_tightens_an_image_total_for_good(tmp_path):
+    ledger = Ledger(tmp_path / "ledger.json")
+    commit(ledger, ["a", "b"], collection="loose", total=budget_for_exactly(5))
+    # A strict collection admits one release in all: both images already took part in one.
+    strict = budget_for_exactly(1)
+    _, mask = commit(ledger, ["a", "fresh"], collection="strict", total=strict)
+    assert mask == (False, True)
+    # "fresh" took its only release under the strict total; the loose collection cannot
+    # raise it back.
+    _, mask = commit(ledger, ["a", "fresh"], collection="loose", total=budget_for_exactly(5))
+    assert mask == (True, False)
+    assert spent_on(ledger, "fresh") == pytest.approx(strict.epsilon)
+    data = json.loads(ledger.path.read_text())
+    assert data["images"]["fresh"]["total"] == {"epsilon": strict.epsilon, "delta": DELTA}
+
+    # An image charged under a smaller total keeps it: "b" (one release under the loose
+    # total) takes part in a release of a medium collection and is then held to it.
+    medium, loose = budget_for_exactly(3), budget_for_exactly(5)
+    _, mask = commit(ledger, ["b"], collection="medium", total=medium)
+    assert mask == (True,)
+    masks = [commit(ledger, ["b"], collection="loose", total=loose)[1] for _ in range(2)]
+    assert masks == [(True,), (False,)]
+    assert spent_on(ledger, "b") == pytest.approx(medium.epsilon)
+
+
+def test_each_image_is_charged_once_per_release_even_if_listed_twice(tmp_path):
+    ledger = Ledger(tmp_path / "ledger.json")
+    _, mask = commit(ledger, ["a", "b", "a", "a"])
+    assert mask == (True, True, False, False)
+    assert spent_on(ledger, "a") == epsilon_for(EVENT, delta=DELTA)
+    assert json.loads(ledger.path.read_text())["images"]["a"]["releases"] == [
+        json.loads(ledger.path.read_text())["collections"]["art"]["releases"][0]
+    ]
+
+
+def test_no_image_ever_spends_more_than_its_total(tmp_path):
+    """Random collections, totals, events and folders: the filter's invariant holds."""
+    rng = random.Random(7)
+    ledger = Ledger(tmp_path / "ledger.json")
+    people = [f"p{i}" for i in range(6)]
+    totals = {name: budget_for_exactly(k) for name, k in (("x", 2), ("y", 3), ("z", 1))}
+    first_total: dict[str, TotalBudget] = {}
+    for step in range(12):
+        name = rng.choice(sorted(totals))
+        keys = rng.sample(people, rng.randint(0, len(people)))
+        try:
+            _, mask = commit(ledger, keys, collection=name, total=totals[name])
+        except BudgetExceededError:
+            continue
+        for key, included in zip(keys, mask, strict=True):
+            if included:
+                first_total.setdefault(key, totals[name])
+        for key in people:
+            if key in first_total:
+                assert spent_on(ledger, key) <= first_total[key].epsilon, (step, key)
+    for name, total in totals.items():
+        assert ledger.spent(name, delta=DELTA) <= total.epsilon
+    assert first_total, "some releases went ahead"
+
+
+# --- the public, collection-level decision ----------------------------------------------
+
+
+@pytest.mark.parametrize("keys", [[], ["a"], ["fresh"], ["a", "fresh", "b"], ["x"] * 3])
+def test_the_collection_refusal_depends_only_on_its_history(tmp_path, keys):
+    ledger = Ledger(tmp_path / "ledger.json")
+    total = budget_for_exactly(2)
+    commit(ledger, ["a", "b"], collection="other", total=total)
+    commit(ledger, ["a", "b"], collection="other", total=total)  # a and b now spent
+    commit(ledger, ["a"], collection="art", total=total)
+    # One release left in "art": it goes ahead whichever images are passed.
+    done, mask = commit(ledger, keys, collection="art", total=total)
+    assert done.check.ok and len(mask) == len(keys)
     before = ledger.path.read_bytes()
     with pytest.raises(BudgetExceededError) as error:
-        ledger.record("art", FP, EVENT, total=total)
-    message = str(error.value)
+        ledger.commit(
+            collection="art",
+            total=total,
+            event=EVENT,
+            image_keys=keys,
+            request_key="refused",
+            label="",
+            release=never_called,
+        )
     spent = compose_epsilon([EVENT] * 2, delta=DELTA)
-    requested = epsilon_for(EVENT, delta=DELTA)
-    assert f"spent epsilon {spent:.6g}" in message
-    assert f"requests epsilon {requested:.6g}" in message
-    assert f"total budget epsilon {total.epsilon:g}" in message
+    assert str(error.value) == (
+        f"privacy budget of collection 'art' would be exceeded: spent epsilon {spent:.6g}, "
+        f"this release requests epsilon {epsilon_for(EVENT, delta=DELTA):.6g}, together (PLD "
+        f"composition) {compose_epsilon([EVENT] * 3, delta=DELTA):.6g} > total budget epsilon "
+        f"{total.epsilon:g} at delta {DELTA:g}. Nothing was released."
+    )
     assert ledger.path.read_bytes() == before
-    check = ledger.check("art", FP, EVENT, total=total)
-    assert not check.ok and check.total_after > total.epsilon
-    assert check.spent == pytest.approx(spent) and check.remaining == pytest.approx(0, abs=1e-12)
+    check = ledger.check(collection="art", event=EVENT, total=total)
+    assert not check.ok and check.spent == pytest.approx(spent)
 
 
-def test_spending_is_the_pld_composition_of_all_records_not_their_sum(tmp_path):
-    ledger = Ledger(tmp_path / "art.json")
+def test_spending_is_the_pld_composition_not_the_sum(tmp_path):
+    ledger = Ledger(tmp_path / "ledger.json")
     events = [EVENT, SAMPLED, EVENT]
     for event in events:
-        ledger.record("art", FP, event, total=TotalBudget(50.0, DELTA))
-    spent = ledger.spent("art", FP, delta=DELTA)
-    assert spent == compose_epsilon(events, delta=DELTA)
-    assert spent < sum(r["epsilon"] for r in recorded(ledger))
-    # ... and a budget that the sum of epsilons would refuse admits a fourth release.
-    total = TotalBudget(epsilon=compose_epsilon([*events, EVENT], delta=DELTA), delta=DELTA)
-    assert total.epsilon < sum(epsilon_for(e, delta=DELTA) for e in [*events, EVENT])
-    ledger_two = Ledger(tmp_path / "two.json")
+        commit(ledger, ["a"], event=event, total=TotalBudget(50.0, DELTA))
+    assert ledger.spent("art", delta=DELTA) == compose_epsilon(events, delta=DELTA)
+    assert spent_on(ledger, "a") == compose_epsilon(events, delta=DELTA)
+    assert ledger.spent("art", delta=DELTA) < sum(epsilon_for(e, delta=DELTA) for e in events)
+    # A total that the sum of epsilons would refuse admits a fourth release.
+    total = TotalBudget(compose_epsilon([*events, EVENT], delta=DELTA), DELTA)
+    other = Ledger(tmp_path / "other.json")
     for event in [*events, EVENT]:
-        ledger_two.record("art", FP, event, total=total)
-    assert len(ledger_two.releases("art", FP)) == 4
+        _, mask = commit(other, ["a"], event=event, total=total)
+        assert mask == (True,)
 
 
 def test_check_reads_only(tmp_path):
-    ledger = Ledger(tmp_path / "sub" / "art.json")
-    check = ledger.check("art", FP, EVENT, total=budget_for_exactly(1))
-    assert check.ok and not ledger.path.parent.exists()
-    ledger.record("art", FP, EVENT, total=budget_for_exactly(2))
+    ledger = Ledger(tmp_path / "sub" / "ledger.json")
+    assert ledger.check(collection="art", event=EVENT, total=budget_for_exactly(1)).ok
+    assert not ledger.path.parent.exists()
+    commit(ledger, ["a"])
     before = ledger.path.read_bytes()
-    ledger.check("art", FP, EVENT, total=budget_for_exactly(2))
+    ledger.check(collection="art", event=EVENT, total=budget_for_exactly(2))
+    ledger.spent("art", delta=DELTA)
+    ledger.image_spent("a", delta=DELTA)
+    ledger.find_release("request-x")
     assert ledger.path.read_bytes() == before
-
-
-def test_datasets_are_separate_by_fingerprint(tmp_path):
-    ledger = Ledger(tmp_path / "art.json")
-    total = budget_for_exactly(1)
-    ledger.record("art", FP, EVENT, total=total)
-    ledger.record("art", "hmac-sha256:other", EVENT, total=total)
-    with pytest.raises(BudgetExceededError):
-        ledger.record("art", FP, EVENT, total=total)
-    assert sorted(ledger.datasets_named("art")) == sorted([FP, "hmac-sha256:other"])
-    assert ledger.datasets_named("photos") == []
 
 
 def test_the_total_is_pinned_raising_is_refused_lowering_tightens_for_good(tmp_path):
-    ledger = Ledger(tmp_path / "art.json")
-    ledger.record("art", FP, EVENT, total=TotalBudget(epsilon=3.0, delta=DELTA))
+    ledger = Ledger(tmp_path / "ledger.json")
+    commit(ledger, ["a"], total=TotalBudget(3.0, DELTA))
     before = ledger.path.read_bytes()
     for larger in (TotalBudget(10.0, DELTA), TotalBudget(3.0, 2 * DELTA)):
         with pytest.raises(InvalidParameterError, match="pinned") as error:
-            ledger.record("art", FP, EVENT, total=larger)
+            commit(ledger, ["a"], total=larger)
         assert "epsilon 3" in str(error.value)
         with pytest.raises(InvalidParameterError, match="pinned"):
-            ledger.check("art", FP, EVENT, total=larger)
+            ledger.check(collection="art", event=EVENT, total=larger)
     assert ledger.path.read_bytes() == before
-    ledger.record("art", FP, EVENT, total=TotalBudget(epsilon=2.5, delta=DELTA))
-    assert ledger.total("art", FP) == TotalBudget(2.5, DELTA)
+    commit(ledger, ["a"], total=TotalBudget(2.5, DELTA))
+    assert ledger.total("art") == TotalBudget(2.5, DELTA)
     with pytest.raises(InvalidParameterError, match="pinned"):
-        ledger.record("art", FP, EVENT, total=TotalBudget(epsilon=3.0, delta=DELTA))
+        commit(ledger, ["a"], total=TotalBudget(3.0, DELTA))
 
 
-def test_a_failed_rename_loses_nothing_and_leaves_no_temp_file(tmp_path, monkeypatch):
-    ledger = Ledger(tmp_path / "art.json")
-    total = budget_for_exactly(3)
-    ledger.record("art", FP, EVENT, total=total)
+# --- idempotence --------------------------------------------------------------------------
+
+
+def test_an_identical_request_reuses_the_recorded_release_and_spends_nothing(tmp_path):
+    ledger = Ledger(tmp_path / "ledger.json")
+    total = budget_for_exactly(1)
+    first, _ = commit(ledger, ["a", "b"], total=total, request_key="same", label="run")
     before = ledger.path.read_bytes()
-
-    def power_cut(*args, **kwargs):
-        raise OSError("power cut")
-
-    monkeypatch.setattr(ledger_module.os, "replace", power_cut)
-    with pytest.raises(LedgerError, match="power cut"):
-        ledger.record("art", FP, EVENT, total=total)
-    monkeypatch.undo()
+    spent = spent_on(ledger, "a")
+    # The collection is now spent: a new release would be refused, the same one is reused.
+    again = ledger.commit(
+        collection="art",
+        total=total,
+        event=EVENT,
+        image_keys=["a", "b"],
+        request_key="same",
+        label="run",
+        release=never_called,
+    )
+    assert again.reused and again.release_id == first.release_id
+    assert again.result == first.result
+    assert again.check.requested == 0.0 and again.check.ok
+    assert again.check.spent == pytest.approx(total.epsilon)
     assert ledger.path.read_bytes() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["art.json", "art.json.lock"]
-    ledger.record("art", FP, EVENT, total=total)
-    assert len(ledger.releases("art", FP)) == 2
+    assert spent_on(ledger, "a") == spent
+    found = ledger.find_release("same")
+    assert found == RecordedRelease(first.release_id, "art", EVENT, "run", first.result)
+    assert ledger.find_release("other") is None
 
 
-needs_fork = pytest.mark.skipif(
-    "fork" not in multiprocessing.get_all_start_methods(),
-    reason="forked writer processes need the fork start method (POSIX)",
-)
+# --- nothing is recorded when the release fails -----------------------------------------
 
 
-def _killed_writer(path: Path, total: TotalBudget) -> None:
-    """Dies (like a kill -9 or a power cut) right after fsync'ing its temp file."""
-    os.replace = lambda *args, **kwargs: os._exit(9)
-    Ledger(path).record("art", FP, EVENT, total=total)
-    os._exit(0)  # not reached
-
-
-@needs_fork
-def test_a_writer_killed_between_write_and_rename_loses_nothing(tmp_path):
-    path = tmp_path / "art.json"
-    total = budget_for_exactly(3)
-    Ledger(path).record("art", FP, EVENT, total=total, label="first")
-    before = path.read_bytes()
-    writer = multiprocessing.get_context("fork").Process(target=_killed_writer, args=(path, total))
-    writer.start()
-    writer.join(timeout=120)
-    assert writer.exitcode == 9
-    leftovers = [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
-    assert len(leftovers) == 1, "the killed writer's temp file is left behind"
-    leftovers[0].write_text("garbage that must never be read")
-    assert path.read_bytes() == before
-    ledger = Ledger(path)
-    assert ledger.releases("art", FP) == [EVENT]
-    ledger.record("art", FP, EVENT, total=total, label="second")
-    assert [r["label"] for r in recorded(ledger)] == ["first", "second"]
-    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")], "leftover cleaned"
-
-
-def _racing_writer(path: Path, total: TotalBudget, tag: str, attempts: int, go: Path, out) -> None:
-    while not go.exists():
-        time.sleep(0.005)
-    ok = 0
-    for i in range(attempts):
-        try:
-            Ledger(path).record("art", FP, SAMPLED, total=total, label=f"{tag}{i}")
-            ok += 1
-        except BudgetExceededError:
-            pass
-        time.sleep(0.05)  # like separate prompts: lets the other process take the lock
-    out.put((tag, ok))
-
-
-@needs_fork
-def test_two_processes_recording_at_once_are_serialised(tmp_path):
-    path, go, k = tmp_path / "art.json", tmp_path / "go", 4
-    total = budget_for_exactly(k, SAMPLED)
-    context = multiprocessing.get_context("fork")
-    out = context.Queue()
-    writers = [
-        context.Process(target=_racing_writer, args=(path, total, tag, k, go, out)) for tag in "ab"
-    ]
-    for writer in writers:
-        writer.start()
-    go.touch()
-    for writer in writers:
-        writer.join(timeout=300)
-    assert [w.exitcode for w in writers] == [0, 0]
-    successes = dict(out.get(timeout=10) for _ in writers)
-    assert sum(successes.values()) == k, successes
-    releases = recorded(Ledger(path))  # parses: the file is valid JSON
-    labels = [r["label"] for r in releases]
-    assert len(labels) == k and len(set(labels)) == k, labels
-    assert sorted(labels) == sorted(f"{tag}{i}" for tag, n in successes.items() for i in range(n))
-    assert Ledger(path).spent("art", FP, delta=DELTA) <= total.epsilon
-
-
-VALID_ENTRY = {
-    "name": "art",
-    "fingerprint": "x",
-    "total": {"epsilon": 1, "delta": 1e-5},
-    "releases": [
-        {
-            "event": event_to_dict(EVENT),
-            "epsilon": 0.99,
-            "time": "2026-01-01T00:00:00+00:00",
-            "label": "",
-        }
-    ],
-}
-
-
-def _ledger_bytes(**changes) -> bytes:
-    data = {"format": "comfyui-dp-adapt-ledger", "version": 1, "datasets": {"art|x": VALID_ENTRY}}
-    data.update(changes)
-    return json.dumps(data).encode()
-
-
-def _with_release(**changes) -> bytes:
-    release = {**VALID_ENTRY["releases"][0], **changes}
-    return _ledger_bytes(datasets={"art|x": {**VALID_ENTRY, "releases": [release]}})
+def _raise(error: Exception):
+    raise error
 
 
 @pytest.mark.parametrize(
-    ("content", "error", "message"),
+    ("release", "error"),
     [
-        (_ledger_bytes(format="something-else"), LedgerFormatError, "not a comfyui-dp-adapt"),
-        (b"[1, 2]", LedgerFormatError, "not a comfyui-dp-adapt"),
-        (_ledger_bytes(version=2), LedgerFormatError, "version 2"),
-        (_ledger_bytes(version="1"), LedgerFormatError, "version '1'"),
-        (b'{"format": "comfyui-dp-adapt-ledger", "version": 1, "datas', LedgerCorruptError, "JSON"),
-        (b"", LedgerCorruptError, "JSON"),
-        (b"\xff\xfe not json", LedgerCorruptError, "JSON"),
-        (_ledger_bytes(datasets=[]), LedgerCorruptError, "datasets"),
-        (_with_release(event={"type": "Mystery"}), LedgerCorruptError, "DpEvent"),
-        (_with_release(event={"type": "Gaussian"}), LedgerCorruptError, "DpEvent"),
-        (_with_release(epsilon="a lot"), LedgerCorruptError, "epsilon"),
-        (_ledger_bytes(datasets={"other|x": VALID_ENTRY}), LedgerCorruptError, "key"),
-        (
-            _ledger_bytes(
-                datasets={"art|x": {**VALID_ENTRY, "total": {"epsilon": -1, "delta": 0}}}
-            ),
-            LedgerCorruptError,
-            "total",
-        ),
+        (lambda mask: _raise(RuntimeError("noise failed")), RuntimeError),
+        (lambda mask: {"estimate": [float("nan")]}, InvalidParameterError),
+        (lambda mask: {"estimate": object()}, InvalidParameterError),
+        (lambda mask: [1.0, 2.0], InvalidParameterError),
     ],
 )
-def test_unknown_or_corrupted_ledgers_are_refused_and_left_untouched(
-    tmp_path, content, error, message
-):
-    path = tmp_path / "art.json"
-    path.write_bytes(content)
-    ledger = Ledger(path)
-    with pytest.raises(error, match=message) as raised:
-        ledger.record("art", FP, EVENT, total=budget_for_exactly(2))
-    assert "untouched" in str(raised.value)
-    for read in (
-        lambda: ledger.spent("art", FP, delta=DELTA),
-        lambda: ledger.check("art", FP, EVENT, total=budget_for_exactly(2)),
-        lambda: ledger.releases("art", FP),
-        lambda: ledger.datasets_named("art"),
-    ):
-        with pytest.raises(error):
-            read()
-    assert path.read_bytes() == content
+def test_a_failed_release_leaves_the_file_byte_identical(tmp_path, release, error):
+    ledger = Ledger(tmp_path / "ledger.json")
+    commit(ledger, ["a"])
+    before = ledger.path.read_bytes()
+    with pytest.raises(error):
+        ledger.commit(
+            collection="art",
+            total=budget_for_exactly(2),
+            event=EVENT,
+            image_keys=["a", "b"],
+            request_key="failing",
+            label="",
+            release=release,
+        )
+    assert ledger.path.read_bytes() == before
+    assert ledger.find_release("failing") is None
 
 
-def test_the_valid_fixture_ledger_reads_back(tmp_path):
-    # Guards the corruption cases above: the unaltered document is accepted.
-    path = tmp_path / "art.json"
-    path.write_bytes(_ledger_bytes())
-    assert Ledger(path).releases("art", "x") == [EVENT]
+def test_a_failed_first_release_creates_no_ledger(tmp_path):
+    ledger = Ledger(tmp_path / "ledger.json")
+
+    def boom(mask):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        ledger.commit(
+            collection="art",
+            total=budget_for_exactly(1),
+            event=EVENT,
+            image_keys=["a"],
+            request_key="r",
+            label="",
+            release=boom,
+        )
+    assert not ledger.path.exists()
 
 
-@pytest.mark.parametrize(
-    "name", ["../x", "a/b", "a\\b", "", "   ", "..", ".hidden", "x..y", "con", "NUL.txt", "a.", 7]
-)
-def test_ledger_names_cannot_leave_their_folder(tmp_path, name):
-    with pytest.raises(InvalidParameterError, match="ledger name"):
-        default_ledger_path(tmp_path, name)
-    with pytest.raises(InvalidParameterError, match="ledger name"):
-        Ledger(tmp_path / "l.json").record(name, FP, EVENT, total=budget_for_exactly(1))
-    assert list(tmp_path.iterdir()) == []
+# --- what leaves the ledger --------------------------------------------------------------
 
 
-def test_ledger_paths_stay_in_their_directory(tmp_path):
-    assert sanitize_ledger_name("  my art v1.2 ") == "my art v1.2"
-    path = default_ledger_path(tmp_path, "my art_v1-2")
-    assert path == tmp_path / "my art_v1-2.json"
-    assert path.resolve().parent == tmp_path.resolve()
+def test_messages_and_logs_never_reveal_image_keys_or_their_count(tmp_path, caplog):
+    caplog.set_level(logging.DEBUG)
+    total = budget_for_exactly(1)
+    outcomes = []
+    for n in (7, 13):
+        ledger = Ledger(tmp_path / f"{n}" / "ledger.json")
+        keys = [f"secret-key-{i}" for i in range(n)]
+        commit(ledger, keys[:1], collection="warm", total=total)
+        done, _ = commit(ledger, keys, total=total, request_key="r")
+        with pytest.raises(BudgetExceededError) as refused:
+            commit(ledger, keys, total=total)
+        again = ledger.commit(
+            collection="art",
+            total=TotalBudget(total.epsilon / 2, DELTA),
+            event=EVENT,
+            image_keys=keys,
+            request_key="r",
+            label="",
+            release=never_called,
+        )
+        bad = [*keys, "secret key with spaces"]
+        with pytest.raises(InvalidParameterError) as invalid:
+            commit(ledger, bad, total=total)
+        messages = [str(refused.value), str(invalid.value), repr(done), repr(again)]
+        for message in messages:
+            assert "secret" not in message
+        outcomes.append(
+            [str(refused.value), str(invalid.value), repr(done.check), again.check.requested]
+        )
+    assert outcomes[0] == outcomes[1], "nothing published depends on the number of images"
+    assert "secret" not in caplog.text
 
 
-@pytest.mark.parametrize("fingerprint", ["", "has space", None, "x" * 300, "tab\there"])
-def test_bad_fingerprints_are_refused(tmp_path, fingerprint):
-    with pytest.raises(InvalidParameterError, match="fingerprint"):
-        Ledger(tmp_path / "art.json").record("art", fingerprint, EVENT, total=budget_for_exactly(1))
-    assert not (tmp_path / "art.json").exists()
+@pytest.mark.parametrize("key", ["", "has space", None, "x" * 257, "tab\there", "é"])
+def test_bad_image_keys_are_refused_without_echoing_them(tmp_path, key):
+    with pytest.raises(InvalidParameterError, match="image key") as error:
+        commit(Ledger(tmp_path / "ledger.json"), ["good", key])
+    if key:
+        assert repr(key) not in str(error.value) and str(key) not in str(error.value)
+    assert not (tmp_path / "ledger.json").exists()
 
 
-@pytest.mark.parametrize(
-    ("epsilon", "delta"), [(0, 1e-5), (float("nan"), 1e-5), (1, 0), (1, 1), (-1, 0.5), (True, 0.1)]
-)
-def test_bad_totals_are_refused(epsilon, delta):
-    with pytest.raises(InvalidParameterError, match="total"):
-        TotalBudget(epsilon=epsilon, delta=delta)
+@pytest.mark.parametrize("keys", ["abc", b"abc", {"a", "b"}, None])
+def test_image_keys_must_be_a_sequence_of_keys(tmp_path, keys):
+    with pytest.raises(InvalidParameterError, match="image_keys"):
+        commit(Ledger(tmp_path / "ledger.json"), keys)
 
 
-def test_a_total_must_be_a_total_budget(tmp_path):
-    with pytest.raises(InvalidParameterError, match="TotalBudget"):
-        Ledger(tmp_path / "art.json").record("art", FP, EVENT, total=(1.0, 1e-5))
+@pytest.mark.parametrize("request_key", ["", "has space", None, "y" * 257])
+def test_bad_request_keys_are_refused(tmp_path, request_key):
+    ledger = Ledger(tmp_path / "ledger.json")
+    with pytest.raises(InvalidParameterError, match="request_key"):
+        ledger.commit(
+            collection="art",
+            total=budget_for_exactly(1),
+            event=EVENT,
+            image_keys=["a"],
+            request_key=request_key,
+            label="",
+            release=never_called,
+        )
+    with pytest.raises(InvalidParameterError, match="request_key"):
+        ledger.find_release(request_key)
+    assert not ledger.path.exists()
+
+
+def test_an_empty_folder_is_released_like_any_other(tmp_path):
+    # Refusing it would make whether a release happens depend on the (private) count.
+    ledger = Ledger(tmp_path / "ledger.json")
+    done, mask = commit(ledger, [])
+    assert mask == () and not done.reused
+    assert ledger.spent("art", delta=DELTA) == epsilon_for(EVENT, delta=DELTA)
+
+
+# --- performance ----------------------------------------------------------------------------
+
+
+def test_a_thousand_images_with_three_histories_commit_quickly(tmp_path, monkeypatch):
+    ledger = Ledger(tmp_path / "ledger.json")
+    total = budget_for_exactly(5)
+    keys = [f"image-{i:04d}" for i in range(1000)]
+    commit(ledger, keys[:333], collection="one", total=total, event=EVENT)
+    commit(ledger, keys[333:666], collection="two", total=total, event=SAMPLED)
+    calls = []
+    real = ledger_module.compose_epsilon
+    monkeypatch.setattr(
+        ledger_module,
+        "compose_epsilon",
+        lambda events, *, delta: (calls.append(1), real(events, delta=delta))[1],
+    )
+    start = time.perf_counter()
+    _, mask = commit(ledger, keys, collection="three", total=total)
+    elapsed = time.perf_counter() - start
+    assert all(mask)
+    # Two compositions for the collection and one per distinct history, not one per image.
+    assert len(calls) <= 5, len(calls)
+    assert elapsed < 10, f"{elapsed:.1f} s"
+    assert spent_on(ledger, keys[0]) == compose_epsilon([EVENT, EVENT], delta=DELTA)
+
+
+# --- durability ---------------------------------------------------------------------------
 
 
 def test_ledger_files_use_an_atomic_replace(tmp_path, monkeypatch):
@@ -362,9 +551,326 @@ def test_ledger_files_use_an_atomic_replace(tmp_path, monkeypatch):
     monkeypatch.setattr(
         ledger_module.os, "fsync", lambda fd: (calls.append(("fsync",)), real_fsync(fd))
     )
-    ledger = Ledger(tmp_path / "art.json")
-    ledger.record("art", FP, EVENT, total=budget_for_exactly(1))
+    ledger = Ledger(tmp_path / "ledger.json")
+    commit(ledger, ["a"])
     kinds = [c[0] for c in calls]
     assert kinds == ["fsync", "replace", "fsync"], "file fsync, rename, folder fsync"
     _, source, target = calls[1]
     assert Path(source).parent == tmp_path and Path(target) == ledger.path
+
+
+def test_a_failed_rename_loses_nothing_and_leaves_no_temp_file(tmp_path, monkeypatch):
+    ledger = Ledger(tmp_path / "ledger.json")
+    commit(ledger, ["a"], total=budget_for_exactly(3))
+    before = ledger.path.read_bytes()
+
+    def power_cut(*args, **kwargs):
+        raise OSError("power cut")
+
+    monkeypatch.setattr(ledger_module.os, "replace", power_cut)
+    with pytest.raises(LedgerError, match="power cut"):
+        commit(ledger, ["a"], total=budget_for_exactly(3))
+    monkeypatch.undo()
+    assert ledger.path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ledger.json", "ledger.json.lock"]
+    commit(ledger, ["a"], total=budget_for_exactly(3))
+    assert ledger.image_spent("a", delta=DELTA) == compose_epsilon([EVENT] * 2, delta=DELTA)
+
+
+# Child processes are fresh interpreters (like multiprocessing's spawn start method): the
+# tests are imported with --import-mode=importlib, so a spawned child could not import a
+# target defined here; each child registers the pack package as tests/conftest.py does.
+_PRELUDE = f"""
+import sys, types
+_package = types.ModuleType("comfyui_dp_adapt")
+_package.__path__ = [{str(PACK_ROOT)!r}]
+sys.modules["comfyui_dp_adapt"] = _package
+import os, secrets, time
+from pathlib import Path
+from comfyui_dp_adapt.dp.accounting import release_event
+from comfyui_dp_adapt.dp.errors import BudgetExceededError
+from comfyui_dp_adapt.dp.ledger import Ledger, TotalBudget
+"""
+
+
+def _child(code: str, *args: object) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-c", _PRELUDE + textwrap.dedent(code), *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+_KILLED_BEFORE_RENAME = """
+path = Path(sys.argv[1])
+os.replace = lambda *args, **kwargs: os._exit(9)  # dies right after fsync'ing its temp file
+Ledger(path).commit(collection="art", total=TotalBudget(10.0, 1e-5),
+    event=release_event(noise_multiplier=3.75, sampling_rate=1.0), image_keys=["a", "b"],
+    request_key="killed", label="killed", release=lambda mask: {"x": 1})
+os._exit(0)  # not reached
+"""
+
+
+def test_a_writer_killed_between_write_and_rename_loses_nothing(tmp_path):
+    path = tmp_path / "ledger.json"
+    ledger = Ledger(path)
+    commit(ledger, ["a"], total=TotalBudget(10.0, DELTA), label="first")
+    before = path.read_bytes()
+    writer = _child(_KILLED_BEFORE_RENAME, path)
+    _, stderr = writer.communicate(timeout=120)
+    assert writer.returncode == 9, stderr
+    leftovers = [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert len(leftovers) == 1, "the killed writer's temp file is left behind"
+    leftovers[0].write_text("garbage that must never be read")
+    assert path.read_bytes() == before
+    assert ledger.find_release("killed") is None
+    commit(ledger, ["a"], total=TotalBudget(10.0, DELTA), label="second")
+    assert spent_on(ledger, "a") == compose_epsilon([EVENT] * 2, delta=DELTA)
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")], "leftover cleaned"
+
+
+_WRITE_LOOP = """
+path, ready = Path(sys.argv[1]), Path(sys.argv[2])
+ledger, event = Ledger(path), release_event(noise_multiplier=3.75, sampling_rate=1.0)
+for i in range(10**6):
+    ledger.commit(collection="art", total=TotalBudget(1000.0, 1e-5), event=event,
+        image_keys=[f"img-{i % 5}", "shared"], request_key=secrets.token_hex(8),
+        label=str(i), release=lambda mask: {"x": [float(i)] * 200})
+    if i == 2:
+        ready.touch()
+"""
+
+
+@pytest.mark.slow
+def test_a_writer_killed_at_any_moment_leaves_a_readable_consistent_ledger(tmp_path):
+    path, rng = tmp_path / "ledger.json", random.Random(3)
+    ledger = Ledger(path)
+    for round_ in range(3):
+        ready = tmp_path / f"ready-{round_}"
+        writer = _child(_WRITE_LOOP, path, ready)
+        deadline = time.monotonic() + 120
+        while not ready.exists():
+            assert writer.poll() is None, writer.communicate()[1]
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.05, 0.4))
+        writer.send_signal(signal.SIGKILL)  # kill -9, mid write loop
+        writer.communicate(timeout=60)
+        assert writer.returncode == -signal.SIGKILL
+        # Reading validates every record and every reference: the file is consistent.
+        data = json.loads(path.read_text())
+        releases = data["collections"]["art"]["releases"]
+        assert len(releases) == len(data["releases"]) >= 3
+        assert data["images"]["shared"]["releases"] == releases
+        assert ledger.spent("art", delta=DELTA) == spent_on(ledger, "shared")
+    _, mask = commit(ledger, ["shared"], total=TotalBudget(1000.0, DELTA))
+    assert mask == (True,)
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+_RACER = """
+path, go, tag, attempts, epsilon = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], int(
+    sys.argv[4]), float(sys.argv[5])
+event = release_event(noise_multiplier=2.0, sampling_rate=0.2)
+while not go.exists():
+    time.sleep(0.005)
+ok = 0
+for i in range(attempts):
+    try:
+        Ledger(path).commit(collection="art", total=TotalBudget(epsilon, 1e-5), event=event,
+            image_keys=[f"{tag}-{i}", "shared"], request_key=f"{tag}-{i}", label=f"{tag}{i}",
+            release=lambda mask: {"tag": tag})
+        ok += 1
+    except BudgetExceededError:
+        pass
+    time.sleep(0.05)  # like separate prompts: lets the other processes take the lock
+print(ok)
+"""
+
+
+@pytest.mark.slow
+def test_processes_committing_at_once_are_serialised_and_never_overspend(tmp_path):
+    path, go, k = tmp_path / "ledger.json", tmp_path / "go", 4
+    total = budget_for_exactly(k, SAMPLED)
+    writers = {tag: _child(_RACER, path, go, tag, k, repr(total.epsilon)) for tag in "abc"}
+    go.touch()
+    successes = {}
+    for tag, writer in writers.items():
+        stdout, stderr = writer.communicate(timeout=300)
+        assert writer.returncode == 0, stderr
+        successes[tag] = int(stdout)
+    assert sum(successes.values()) == k, successes
+    ledger = Ledger(path)
+    labels = [r["label"] for r in json.loads(path.read_text())["releases"].values()]
+    assert sorted(labels) == sorted(f"{tag}{i}" for tag, n in successes.items() for i in range(n))
+    assert ledger.spent("art", delta=DELTA) <= total.epsilon
+    assert spent_on(ledger, "shared") == ledger.spent("art", delta=DELTA)
+
+
+# --- unreadable ledgers are refused and left untouched --------------------------------------
+
+RID = "0123456789abcdef0123456789abcdef"
+VALID = {
+    "format": "comfyui-dp-adapt-ledger",
+    "version": 2,
+    "collections": {"art": {"total": {"epsilon": 2, "delta": 1e-5}, "releases": [RID]}},
+    "releases": {
+        RID: {
+            "collection": "art",
+            "event": event_to_dict(EVENT),
+            "epsilon": 0.99,
+            "label": "",
+            "request_key": "req",
+            "result": {"estimate": [0.25]},
+        }
+    },
+    "images": {"img": {"total": {"epsilon": 2, "delta": 1e-5}, "releases": [RID]}},
+}
+
+
+def _changed(path: tuple, value, base: dict = VALID) -> bytes:
+    data = json.loads(json.dumps(base))
+    target = data
+    for step in path[:-1]:
+        target = target[step]
+    target[path[-1]] = value
+    return json.dumps(data).encode()
+
+
+_GAUSSIAN = ("releases", RID, "event", "noise_multiplier")
+_V1 = {
+    "format": "comfyui-dp-adapt-ledger",
+    "version": 1,
+    "datasets": {"art|x": {"name": "art", "fingerprint": "x", "total": {}, "releases": []}},
+}
+
+
+@pytest.mark.parametrize(
+    ("content", "error", "message"),
+    [
+        (json.dumps(_V1).encode(), LedgerFormatError, "version-1 ledger.*images"),
+        (_changed(("format",), "something-else"), LedgerFormatError, "not a comfyui-dp-adapt"),
+        (b"[1, 2]", LedgerFormatError, "not a comfyui-dp-adapt"),
+        (_changed(("version",), 3), LedgerFormatError, "version 3"),
+        (_changed(("version",), "2"), LedgerFormatError, "version '2'"),
+        (_changed(("version",), True), LedgerFormatError, "version True"),
+        (json.dumps(VALID).encode()[:-40], LedgerCorruptError, "JSON"),
+        (b"", LedgerCorruptError, "JSON"),
+        (b"\xff\xfe not json", LedgerCorruptError, "JSON"),
+        (json.dumps(VALID).replace("0.99", "NaN").encode(), LedgerCorruptError, "JSON"),
+        (_changed(("images",), []), LedgerCorruptError, "'images' is not an object"),
+        (_changed(("extra",), 1), LedgerCorruptError, "exactly the fields"),
+        (_changed(("collections", "art", "releases"), ["f" * 32]), LedgerCorruptError, "not rec"),
+        (_changed(("images", "img", "releases"), [RID, "e" * 32]), LedgerCorruptError, "not rec"),
+        (_changed(("images", "img", "releases"), [RID, RID]), LedgerCorruptError, "twice"),
+        (_changed(("collections", "art", "releases"), []), LedgerCorruptError, "not listed"),
+        (_changed(("collections", "art", "total"), {"epsilon": -1, "delta": 0}), None, "total"),
+        (_changed(("images", "img", "total"), {"epsilon": 1}), LedgerCorruptError, "total"),
+        (_changed(("images", "img", "total", "delta"), 1.5), LedgerCorruptError, "total"),
+        (_changed(_GAUSSIAN, 0), LedgerCorruptError, "noise_multiplier=0"),
+        (_changed(_GAUSSIAN, 1e300), LedgerCorruptError, "noise_multiplier=1e"),
+        (_changed(_GAUSSIAN, 1e-3), LedgerCorruptError, "noise_multiplier=0.001"),
+        (
+            _changed(
+                ("releases", RID, "event"),
+                {"type": "SelfComposed", "count": 10**9, "event": event_to_dict(EVENT)},
+            ),
+            LedgerCorruptError,
+            "at most",
+        ),
+        (_changed(("releases", RID, "event"), {"type": "Mystery"}), None, "DpEvent"),
+        (_changed(("releases", RID, "event"), {"type": "Gaussian"}), None, "DpEvent"),
+        (_changed(("releases", RID, "epsilon"), "a lot"), LedgerCorruptError, "epsilon"),
+        (_changed(("releases", RID, "result"), [0.25]), LedgerCorruptError, "result"),
+        (_changed(("releases", RID, "time"), "2026-01-01"), LedgerCorruptError, "exactly"),
+        (_changed(("releases", RID, "collection"), "other"), LedgerCorruptError, "collection"),
+        (_changed(("releases", RID, "request_key"), "a b"), LedgerCorruptError, "request key"),
+        (_changed(("collections", "../x"), {"total": {}, "releases": []}), None, "name"),
+        (json.dumps(VALID).replace(RID, "not-hex").encode(), LedgerCorruptError, "hexadecimal"),
+    ],
+)
+def test_unknown_or_tampered_ledgers_are_refused_and_left_untouched(
+    tmp_path, content, error, message
+):
+    error = error or LedgerCorruptError
+    path = tmp_path / "ledger.json"
+    path.write_bytes(content)
+    ledger = Ledger(path)
+    start = time.perf_counter()
+    with pytest.raises(error, match=message) as raised:
+        commit(ledger, ["img"], total=budget_for_exactly(2))
+    assert "untouched" in str(raised.value) and "'img'" not in str(raised.value)
+    for read in (
+        lambda: ledger.spent("art", delta=DELTA),
+        lambda: ledger.check(collection="art", event=EVENT, total=budget_for_exactly(2)),
+        lambda: ledger.find_release("req"),
+        lambda: ledger.image_spent("img", delta=DELTA),
+        lambda: ledger.collections(),
+    ):
+        with pytest.raises(error):
+            read()
+    assert time.perf_counter() - start < 10, "a clear error, not a hang"
+    assert path.read_bytes() == content
+
+
+def test_the_valid_fixture_ledger_reads_back(tmp_path):
+    # Guards the tampering cases above: the unaltered document is accepted and extended.
+    path = tmp_path / "ledger.json"
+    path.write_bytes(json.dumps(VALID).encode())
+    ledger = Ledger(path)
+    assert ledger.find_release("req") == RecordedRelease(
+        RID, "art", EVENT, "", {"estimate": [0.25]}
+    )
+    assert spent_on(ledger, "img") == epsilon_for(EVENT, delta=DELTA)
+    _, mask = commit(ledger, ["img", "new"], total=TotalBudget(2, DELTA))
+    assert mask == (True, True)
+
+
+# --- parameters -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name", ["../x", "a/b", "a\\b", "", "   ", "..", ".hidden", "x..y", "con", "NUL.txt", "a.", 7]
+)
+def test_collection_names_are_refused_unless_safe(tmp_path, name):
+    with pytest.raises(InvalidParameterError, match="ledger name"):
+        commit(Ledger(tmp_path / "ledger.json"), ["a"], collection=name)
+    with pytest.raises(InvalidParameterError, match="ledger name"):
+        Ledger(tmp_path / "ledger.json").check(
+            collection=name, event=EVENT, total=budget_for_exactly(1)
+        )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_collection_names_are_stripped(tmp_path):
+    assert sanitize_ledger_name("  my art v1.2 ") == "my art v1.2"
+    ledger = Ledger(tmp_path / "ledger.json")
+    commit(ledger, ["a"], collection="  my art ")
+    assert ledger.collections() == ["my art"]
+
+
+@pytest.mark.parametrize(
+    ("epsilon", "delta"), [(0, 1e-5), (float("nan"), 1e-5), (1, 0), (1, 1), (-1, 0.5), (True, 0.1)]
+)
+def test_bad_totals_are_refused(epsilon, delta):
+    with pytest.raises(InvalidParameterError, match="total"):
+        TotalBudget(epsilon=epsilon, delta=delta)
+
+
+def test_a_total_must_be_a_total_budget(tmp_path):
+    with pytest.raises(InvalidParameterError, match="TotalBudget"):
+        commit(Ledger(tmp_path / "ledger.json"), ["a"], total=(1.0, 1e-5))
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        "Gaussian",
+        dpa.GaussianDpEvent(noise_multiplier=1e-3),
+    ],
+)
+def test_events_the_ledger_cannot_account_for_are_refused(tmp_path, event):
+    with pytest.raises(InvalidParameterError, match=r"event|noise_multiplier"):
+        commit(Ledger(tmp_path / "ledger.json"), ["a"], event=event)
+    assert not (tmp_path / "ledger.json").exists()

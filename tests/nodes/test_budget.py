@@ -14,7 +14,7 @@ DEFAULTS = dict(
     delta=1e-5,
     total_epsilon=4.0,
     total_delta=1e-5,
-    report_dataset_size=100,
+    declared_dataset_size=100,
     report_dimension=768,
     report_sampling_rate=1.0,
 )
@@ -44,12 +44,12 @@ def test_outputs_a_budget_and_a_report_with_the_calibrated_noise(node):
     z = calibrate_noise_multiplier(epsilon=1.0, delta=1e-5, sampling_rate=1.0).noise_multiplier
     assert f"{z:.4g}" in report
     assert "paper" in report and "no release recorded yet" in report
-    assert budget.ledger_path.parent.name == "ledgers"
+    assert budget.ledger_path.name == "ledger.json"
     assert not budget.ledger_path.exists(), "planning a budget records nothing"
 
 
 def test_report_warns_when_delta_is_not_below_one_over_n(node):
-    _, report = run(node, delta=0.02, total_delta=0.02, report_dataset_size=100)["result"]
+    _, report = run(node, delta=0.02, total_delta=0.02, declared_dataset_size=100)["result"]
     assert "WARNING" in report and "1/n" in report
     _, quiet = run(node)["result"]
     assert "1/n" not in quiet
@@ -61,9 +61,22 @@ def test_report_shows_spending_and_warns_when_nearly_spent(node):
     name = f"spent-{uuid.uuid4().hex[:8]}"
     budget, _ = run(node, ledger_name=name, total_epsilon=1.1)["result"]
     event = calibrate_noise_multiplier(epsilon=1.0, delta=1e-5, sampling_rate=1.0).event
-    budget.ledger().record(name, "hmac-sha256:x", event, total=budget.total)
+    budget.ledger().commit(
+        collection=name,
+        total=budget.total,
+        event=event,
+        image_keys=["hmac-sha256:x"],
+        request_key=f"request-{uuid.uuid4().hex}",
+        label="test",
+        release=lambda included: {"value": 1},
+    )
     _, report = run(node, ledger_name=name, total_epsilon=1.1)["result"]
-    assert "1 release(s)" in report and "nearly spent" in report
+    assert f"ledger '{name}': epsilon spent" in report and "nearly spent" in report
+
+
+def test_the_report_states_the_declared_size_as_public(node):
+    budget, report = run(node, declared_dataset_size=250)["result"]
+    assert budget.declared_dataset_size == 250 and "n_hat=250" in report
 
 
 @pytest.mark.parametrize(
@@ -76,6 +89,11 @@ def test_report_shows_spending_and_warns_when_nearly_spent(node):
         ({"total_epsilon": 0.5}, "larger than the dataset's total"),
         ({"report_sampling_rate": 0.0}, "sampling_rate"),
         ({"ledger_name": "../escape"}, "ledger name"),
+        ({"declared_dataset_size": 1}, "declared_dataset_size"),
+        (
+            {"delta": 0.5, "total_delta": 0.5, "report_sampling_rate": 0.3},
+            "below the sampling rate",
+        ),
     ],
 )
 def test_bad_inputs_are_refused_clearly(node, overrides, message):

@@ -13,7 +13,6 @@ import torch
 from comfyui_dp_adapt.dp.errors import BudgetExceededError, DpAdaptError
 
 N_IMAGES = 6
-FINGERPRINT = "hmac-sha256:test-clip-images"
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +29,7 @@ def env(comfy):
     }
 
 
-def make_budget(env, *, epsilon=1.0, total=8.0):
+def make_budget(env, *, epsilon=1.0, total=8.0, declared=N_IMAGES):
     from comfyui_dp_adapt.dp.budget import PrivacyBudget
     from comfyui_dp_adapt.dp.ledger import TotalBudget
 
@@ -40,15 +39,22 @@ def make_budget(env, *, epsilon=1.0, total=8.0):
         total=TotalBudget(epsilon=total, delta=1e-5),
         ledger_name=f"clip-{uuid.uuid4().hex[:8]}",
         ledger_directory=env["ledgers"],
+        declared_dataset_size=declared,
     )
+
+
+def private_set(images):
+    """The images with fresh keys, so that no two calls share an image's budget."""
+    from comfyui_dp_adapt.dp.private_set import PrivateImageSet
+
+    keys = tuple(f"hmac-sha256:clip-{uuid.uuid4().hex}" for _ in range(len(images)))
+    return PrivateImageSet(images=images, image_keys=keys)
 
 
 def aggregate(env, budget, **overrides):
     kwargs = dict(
         clip_vision=env["clip_vision"],
-        images=env["images"],
-        dataset_size=N_IMAGES,
-        fingerprint=FINGERPRINT,
+        private_images=private_set(env["images"]),
         budget=budget,
         sampling_rate=1.0,
         images_per_batch=4,
@@ -60,10 +66,11 @@ def aggregate(env, budget, **overrides):
 
 
 def ledger_records(budget) -> int:
+    """Releases recorded under the budget's collection (ledger name)."""
     if not budget.ledger_path.exists():
         return 0
-    data = json.loads(budget.ledger_path.read_text())
-    return sum(len(d["releases"]) for d in data["datasets"].values())
+    collection = json.loads(budget.ledger_path.read_text())["collections"].get(budget.ledger_name)
+    return len(collection["releases"]) if collection else 0
 
 
 def ledger_snapshot(env) -> dict[str, str]:
@@ -95,34 +102,33 @@ def test_release_records_exactly_one_entry_and_returns_a_unit_target(env, encode
     budget = make_budget(env)
     target, _, report = aggregate(env, budget)
     assert ledger_records(budget) == 1
-    assert sum(encoded) == N_IMAGES and max(encoded) <= 4, "batched, every kept image once"
+    assert encoded == [4, 4], "every image, in batches of exactly 4 rows (6 padded to 8)"
     assert target.width == 32
     assert torch.isclose(target.embedding.norm(), torch.tensor(1.0), atol=1e-5)
     assert target.event == release_event(
         noise_multiplier=target.noise_multiplier, sampling_rate=1.0
     )
-    assert target.epsilon <= 1.0 and target.dataset_size == N_IMAGES
+    assert target.epsilon <= 1.0 and target.declared_dataset_size == N_IMAGES
     assert budget.ledger_name in report and "epsilon" in report
 
 
-def test_the_ledger_entry_is_written_before_the_noise_is_drawn(env, monkeypatch):
-    from comfyui_dp_adapt.dp import ledger, mechanism
+def test_a_ledger_that_cannot_be_written_releases_nothing(env, monkeypatch):
+    """The noise is drawn inside the ledger commit and published only after the record is
+    durable: a failed write leaves no release and no record."""
+    import os
 
-    events = []
-    record, generator = ledger.Ledger.record, mechanism.os_entropy_generator
+    from comfyui_dp_adapt.dp import ledger
+    from comfyui_dp_adapt.dp.errors import LedgerError
 
-    def spy_record(self, *args, **kwargs):
-        events.append("ledger")
-        return record(self, *args, **kwargs)
+    def failing_replace(*args, **kwargs):
+        raise OSError("disk full")
 
-    def spy_generator(*args, **kwargs):
-        events.append("noise")
-        return generator(*args, **kwargs)
-
-    monkeypatch.setattr(ledger.Ledger, "record", spy_record)
-    monkeypatch.setattr(mechanism, "os_entropy_generator", spy_generator)
-    aggregate(env, make_budget(env), sampling_rate=1.0)
-    assert events == ["ledger", "noise"]
+    budget = make_budget(env)
+    monkeypatch.setattr(ledger.os, "replace", failing_replace)
+    with pytest.raises(LedgerError):
+        aggregate(env, budget)
+    monkeypatch.setattr(ledger.os, "replace", os.replace)
+    assert ledger_records(budget) == 0
 
 
 def test_clip_vision_output_holds_the_estimate_and_nothing_else(env):
@@ -155,41 +161,39 @@ def test_clip_vision_output_works_in_comfyuis_unclip_path(env):
     assert adm.shape == (1, 64) and torch.isfinite(adm).all()
 
 
-@pytest.mark.slow  # calibrating z for q < 1 takes seconds
-def test_only_the_poisson_sampled_images_are_embedded(env, encoded, monkeypatch):
-    from comfyui_dp_adapt.dp import mechanism
-
-    kept = []
-    original = mechanism.poisson_sample
-
-    def spy(*args, **kwargs):
-        result = original(*args, **kwargs)
-        kept.append(len(result.indices))
-        return result
-
+def test_work_and_progress_do_not_depend_on_the_sample_or_the_true_count(env, encoded):
+    """Constant work (docs/privacy.md §3.2): every image is embedded whatever the Poisson sample, in
+    batches padded to the declared n_hat, so folders of 5 and 6 images look the same."""
     import comfy.utils
 
-    monkeypatch.setattr(mechanism, "poisson_sample", spy)
-    progress = []
-    comfy.utils.set_progress_bar_global_hook(lambda v, total, *a, **k: progress.append((v, total)))
-    budget = make_budget(env)
-    try:
-        for _ in range(2):
-            aggregate(env, budget, sampling_rate=0.5)
-    finally:
-        comfy.utils.set_progress_bar_global_hook(None)
-    assert set(progress) == {(N_IMAGES, N_IMAGES)}, "progress shows the public n, never m"
-    assert len(kept) == 2
-    assert sum(encoded) == sum(kept), "exactly the kept images, each once"
-    assert ledger_records(budget) == 2
+    seen = {}
+    for count in (5, 6):
+        progress = []
+        encoded.clear()
+        comfy.utils.set_progress_bar_global_hook(
+            lambda v, total, *a, progress=progress, **k: progress.append((v, total))
+        )
+        try:
+            aggregate(
+                env,
+                make_budget(env, declared=8),
+                private_images=private_set(env["images"][:count]),
+                sampling_rate=0.5,
+            )
+        finally:
+            comfy.utils.set_progress_bar_global_hook(None)
+        seen[count] = (list(encoded), progress)
+    assert seen[5] == seen[6]
+    assert seen[5][0] == [4, 4], "8 declared images in batches of 4, whatever the sample"
 
 
 def test_identical_runs_release_different_targets(env):
-    budget = make_budget(env)
+    """Two releases (two collections) of the same images with the same workflow seed."""
+    images = private_set(env["images"])
     torch.manual_seed(0)
-    first, _, _ = aggregate(env, budget)
+    first, _, _ = aggregate(env, make_budget(env), private_images=images)
     torch.manual_seed(0)
-    second, _, _ = aggregate(env, budget)
+    second, _, _ = aggregate(env, make_budget(env), private_images=images)
     assert not torch.equal(first.embedding, second.embedding), "noise from OS entropy"
 
 
@@ -244,14 +248,10 @@ def test_exhausted_budget_is_refused_before_any_image_is_embedded(env, encoded):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"images": torch.zeros(0, 64, 64, 3), "dataset_size": 0}, "non-empty"),
-        ({"images": torch.zeros(0, 64, 64, 3)}, "non-empty"),
         ({"clip_vision": None}, "clip_vision is missing"),
-        ({"dataset_size": N_IMAGES + 1}, "dataset_size"),
-        ({"images": "pixels"}, "IMAGE"),
+        ({"private_images": torch.zeros(2, 64, 64, 3)}, "DP Load Private Images"),
         ({"sampling_rate": 0.0}, "sampling"),
         ({"sampling_rate": float("nan")}, "sampling"),
-        ({"fingerprint": ""}, "fingerprint"),
         ({"images_per_batch": 0}, "images_per_batch"),
     ],
 )
@@ -263,8 +263,25 @@ def test_bad_inputs_fail_clearly_and_spend_nothing(env, encoded, overrides, mess
     assert encoded == []
 
 
-def test_a_single_image_is_refused(env):
+def test_an_identical_rerun_reuses_the_target_and_spends_nothing(env):
     budget = make_budget(env)
-    with pytest.raises(DpAdaptError, match="more than one private image"):
-        aggregate(env, budget, images=env["images"][:1], dataset_size=1)
-    assert ledger_records(budget) == 0
+    images = private_set(env["images"])
+    first, _, _ = aggregate(env, budget, private_images=images)
+    second, _, report = aggregate(env, budget, private_images=images)
+    assert torch.equal(first.embedding, second.embedding)
+    assert first.parameters["release_id"] == second.parameters["release_id"]
+    assert ledger_records(budget) == 1 and "nothing was spent" in report
+
+
+def test_a_nan_image_does_not_change_whether_the_release_happens(env, monkeypatch):
+    """One image whose embedding is not finite contributes 0 (docs/privacy.md §2.4)."""
+    original = env["clip_vision"].encode_image
+
+    def poisoned(images, *args, **kwargs):
+        out = original(images, *args, **kwargs)
+        out["image_embeds"][0] = float("nan")
+        return out
+
+    monkeypatch.setattr(env["clip_vision"], "encode_image", poisoned)
+    target, _, _ = aggregate(env, make_budget(env))
+    assert torch.isfinite(target.embedding).all()

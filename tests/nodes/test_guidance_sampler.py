@@ -56,7 +56,7 @@ def make_target(vector: torch.Tensor) -> ClipTarget:
         delta=1e-5,
         noise_multiplier=1.0,
         sampling_rate=1.0,
-        dataset_size=10,
+        declared_dataset_size=10,
     )
 
 

@@ -40,7 +40,7 @@ def env(comfy):
     }
 
 
-def make_budget(env, *, name=None, epsilon=1.0, total=8.0):
+def make_budget(env, *, name=None, epsilon=1.0, total=8.0, declared=N_IMAGES):
     from comfyui_dp_adapt.dp.budget import PrivacyBudget
     from comfyui_dp_adapt.dp.ledger import TotalBudget
 
@@ -50,7 +50,16 @@ def make_budget(env, *, name=None, epsilon=1.0, total=8.0):
         total=TotalBudget(epsilon=total, delta=1e-5),
         ledger_name=name or f"test-{uuid.uuid4().hex[:8]}",
         ledger_directory=env["ledgers"],
+        declared_dataset_size=declared,
     )
+
+
+def private_set(images, keys=None):
+    """The images with fresh keys, so that no two tests share an image's budget."""
+    from comfyui_dp_adapt.dp.private_set import PrivateImageSet
+
+    keys = keys or tuple(f"hmac-sha256:test-{uuid.uuid4().hex}" for _ in range(len(images)))
+    return PrivateImageSet(images=images, image_keys=tuple(keys))
 
 
 def train(env, budget, name, **overrides):
@@ -58,9 +67,7 @@ def train(env, budget, name, **overrides):
         model=env["model"],
         clip=env["clip"],
         vae=env["vae"],
-        images=env["images"],
-        dataset_size=N_IMAGES,
-        fingerprint="sha256:test-images",
+        private_images=private_set(env["images"]),
         budget=budget,
         embedding_name=name,
         num_vectors=2,
@@ -80,11 +87,12 @@ def train(env, budget, name, **overrides):
 
 
 def ledger_records(budget) -> int:
+    """Releases recorded under the budget's collection (ledger name)."""
     path = budget.ledger_path
     if not path.exists():
         return 0
-    data = json.loads(path.read_text())
-    return sum(len(d["releases"]) for d in data["datasets"].values())
+    collection = json.loads(path.read_text())["collections"].get(budget.ledger_name)
+    return len(collection["releases"]) if collection else 0
 
 
 def test_release_writes_file_ledger_entry_and_token(env):
@@ -112,16 +120,17 @@ def test_metadata_holds_the_dp_event_and_public_parameters_only(env):
     z = float(metadata["dp_adapt.noise_multiplier"])
     assert event == release_event(noise_multiplier=z, sampling_rate=1.0)
     assert float(metadata["dp_adapt.epsilon"]) <= 1.0
-    assert metadata["dp_adapt.dataset_size"] == str(N_IMAGES)
+    assert metadata["dp_adapt.declared_dataset_size"] == str(budget.declared_dataset_size)
     allowed = {
         "method",
+        "release_id",
         "dp_event",
         "epsilon",
         "epsilon_target",
         "delta",
         "adjacency",
         "sampling_rate",
-        "dataset_size",
+        "declared_dataset_size",
         "clip_norm",
         "noise_multiplier",
         "bound_mode",
@@ -134,15 +143,16 @@ def test_metadata_holds_the_dp_event_and_public_parameters_only(env):
         "package_version",
     }
     assert {key.removeprefix("dp_adapt.") for key in metadata} == allowed
-    assert "sha256:test-images" not in json.dumps(metadata), "the fingerprint stays in the ledger"
+    assert "hmac-sha256" not in json.dumps(metadata), "image keys stay in the ledger"
 
 
 def test_the_released_token_differs_between_identical_runs(env):
-    budget = make_budget(env)
+    """Two releases (two collections) with identical inputs and workflow seeds differ."""
+    images = private_set(env["images"])
     torch.manual_seed(0)
-    train(env, budget, "same_a")
+    train(env, make_budget(env), "same_a", private_images=images)
     torch.manual_seed(0)
-    train(env, budget, "same_b")
+    train(env, make_budget(env), "same_b", private_images=images)
     a = read_embedding(env["embeddings"] / "same_a.safetensors")[0]["emb_params"]
     b = read_embedding(env["embeddings"] / "same_b.safetensors")[0]["emb_params"]
     assert not torch.equal(a, b), "DP noise must come from OS entropy, not the workflow seed"
@@ -171,7 +181,7 @@ def test_cancel_mid_training_writes_nothing_and_spends_nothing(env):
     assert 2 in seen, "training had started"
     assert not (env["embeddings"] / f"{name}.safetensors").exists()
     assert ledger_records(budget) == 0
-    assert budget.ledger().spent(budget.ledger_name, "sha256:test-images", delta=1e-5) == 0
+    assert budget.ledger().spent(budget.ledger_name, delta=1e-5) == 0
 
 
 def test_exhausted_budget_is_refused_before_training(env):
@@ -190,17 +200,14 @@ def test_exhausted_budget_is_refused_before_training(env):
     [
         ({"embedding_name": "../escape"}, "embedding name"),
         ({"steps": 0}, "steps"),
-        ({"dataset_size": 1, "images": None}, "more than one private image"),
-        ({"dataset_size": 3}, "dataset_size"),
+        ({"private_images": "wrong socket"}, "DP Load Private Images"),
         ({"clip_norm": 0.0}, "clip_norm"),
         ({"sampling_rate": 0.0}, "sampling"),
-        ({"fingerprint": ""}, "fingerprint"),
+        ({"num_vectors": 0}, "num_vectors"),
     ],
 )
 def test_bad_inputs_fail_clearly_and_write_nothing(env, overrides, message):
     budget = make_budget(env)
-    if overrides.get("images", 0) is None:
-        overrides["images"] = env["images"][:1]
     before = sorted(p.name for p in env["embeddings"].iterdir())
     with pytest.raises(DpAdaptError, match=message):
         train(
@@ -215,8 +222,51 @@ def test_existing_name_is_refused_before_spending(env):
     name = f"exists_{uuid.uuid4().hex[:6]}"
     train(env, budget, name)
     with pytest.raises(DpAdaptError, match="already exists"):
-        train(env, budget, name)
+        train(env, budget, name, steps=3)
     assert ledger_records(budget) == 1
+
+
+def test_identical_rerun_reuses_the_release_and_spends_nothing(env):
+    """Idempotent releases (docs/privacy.md §7): same settings, same images -> same file, no spend,
+    even when the previous run's file was deleted and ComfyUI's cache is gone."""
+    budget = make_budget(env)
+    images = private_set(env["images"])
+    name = f"again_{uuid.uuid4().hex[:6]}"
+    first = train(env, budget, name, private_images=images)
+    path = env["embeddings"] / f"{name}.safetensors"
+    token_a, meta_a = read_embedding(path)
+    train(env, budget, name, private_images=images)  # the file exists: same release, fine
+    path.unlink()
+    again = train(env, budget, name, private_images=images)
+    token_b, meta_b = read_embedding(path)
+    assert torch.equal(token_a["emb_params"], token_b["emb_params"])
+    assert meta_a["dp_adapt.release_id"] == meta_b["dp_adapt.release_id"]
+    assert ledger_records(budget) == 1
+    assert "nothing was spent" in again["result"][1]
+    assert first["result"][0] == again["result"][0]
+
+
+def test_a_failed_run_in_between_does_not_make_the_rerun_spend(env):
+    budget = make_budget(env)
+    images = private_set(env["images"])
+    name = f"fail_{uuid.uuid4().hex[:6]}"
+    train(env, budget, name, private_images=images)
+    with pytest.raises(DpAdaptError):
+        train(env, budget, name, private_images=images, clip_norm=0.0)
+    train(env, budget, name, private_images=images)
+    assert ledger_records(budget) == 1
+
+
+def test_embeddings_folder_that_is_a_file_is_a_clear_error(env, monkeypatch, tmp_path):
+    from comfyui_dp_adapt.nodes import comfy_compat
+
+    blocker = tmp_path / "embeddings"
+    blocker.write_text("not a folder")
+    monkeypatch.setattr(comfy_compat, "embeddings_directories", lambda: [blocker])
+    budget = make_budget(env)
+    with pytest.raises(InvalidParameterError, match="is a file, not a folder"):
+        train(env, budget, f"file_{uuid.uuid4().hex[:6]}")
+    assert ledger_records(budget) == 0
 
 
 def test_unknown_model_family_is_refused(env):

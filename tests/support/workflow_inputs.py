@@ -29,6 +29,8 @@ PREPARERS = {"DPAdaptLoadPrivateImages": _private_image_folder}
 # graph runs with small images and few steps so the whole execution takes seconds.
 TINY_MODEL_OVERRIDES = {
     ("DPAdaptLoadPrivateImages", "resolution"): 64,
+    # The test folder holds 6 images; a declared n_hat of 8 pads the work to 8.
+    ("DPAdaptPrivacyBudget", "declared_dataset_size"): 8,
     ("DPAdaptTextualInversionTrain", "steps"): 3,
     ("EmptyLatentImage", "width"): 64,
     ("EmptyLatentImage", "height"): 64,
