@@ -36,7 +36,7 @@ def validate_embedding_name(name: str) -> str:
     if not isinstance(stem, str) or not _NAME.fullmatch(stem) or ".." in stem:
         raise InvalidParameterError(
             f"embedding name must be 1-64 letters, digits, '_', '-' or '.', starting with a letter "
-            f"or digit and without '..' or path separators, got name={name!r}."
+            f"or digit and without '..' or path separators, got name={shown_path(repr(name))}."
         )
     return stem
 
@@ -47,7 +47,7 @@ def embedding_path(directory: Path, name: str) -> Path:
     directory = Path(directory).resolve()
     path = (directory / f"{stem}{SUFFIX}").resolve()
     if path.parent != directory:
-        raise InvalidParameterError(f"embedding name {name!r} would leave the embeddings folder.")
+        raise InvalidParameterError(f"embedding name {shown_path(repr(name))} would leave the embeddings folder.")
     return path
 
 

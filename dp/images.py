@@ -1,4 +1,4 @@
-"""Loading a folder of private images into one IMAGE batch (DP_SPEC section 1).
+"""Loading a folder of private images into one IMAGE batch (docs/privacy.md §1).
 
 Under add/remove adjacency everything about the folder is private: the images, their file
 names, which file is which, and even HOW MANY there are. This module therefore:

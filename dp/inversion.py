@@ -1,7 +1,7 @@
-"""Per-image textual inversion, many images per forward/backward pass (DP_SPEC section 3).
+"""Per-image textual inversion, many images per forward/backward pass (docs/privacy.md §3).
 
 Each private image ``i`` gets its own ``k x d`` embedding ``e_i``, learned on image ``i``
-alone. Images are batched for speed, but nothing couples them (DP_SPEC 3.2), which is what
+alone. Images are batched for speed, but nothing couples them (docs/privacy.md §3.2), which is what
 makes the later aggregate's sensitivity analysis hold (one image changes one ``e_i``):
 
 - every image has its own random generator (timesteps, noise, templates);
@@ -102,7 +102,7 @@ def train_per_image_embeddings(
 ) -> torch.Tensor:
     """Learn one embedding per image; returns a float32 CPU tensor (m, k, d).
 
-    Work is constant (DP_SPEC 3.2): every forward/backward pass has exactly
+    Work is constant (docs/privacy.md §3.2): every forward/backward pass has exactly
     ``images_per_batch`` rows, the last chunk padded with public padding rows (zero latents,
     a fixed seed), and whole padding chunks are added until at least ``public_rows`` rows
     were processed. So the number of passes, the progress total and (up to timing noise)
@@ -175,7 +175,7 @@ def _train_chunk(latents, initial, ids, mask, config, generators, text_forward, 
     b = latents.shape[0]
     vectors = initial.detach().float().to(latents.device).unsqueeze(0).repeat(b, 1, 1)
     vectors.requires_grad_(True)
-    # Adam is element-wise: the state and update of e_i only see e_i's gradient (DP_SPEC 3.2).
+    # Adam is element-wise: the state and update of e_i only see e_i's gradient (docs/privacy.md §3.2).
     optimizer = torch.optim.Adam([vectors], lr=config.learning_rate, weight_decay=0.0)
     for _ in range(config.steps):
         template_idx, timesteps, noise = _draw_per_image(latents, ids.shape[0], config, generators)

@@ -87,6 +87,7 @@ import dp_accounting as dpa
 from dp_accounting import pld
 
 from .accounting import compose_epsilon, epsilon_for, event_from_dict, event_to_dict
+from .display import shown_path
 from .errors import (
     BudgetExceededError,
     DpAdaptError,
@@ -131,7 +132,7 @@ def sanitize_ledger_name(name: str) -> str:
     """
     if not isinstance(name, str):
         raise InvalidParameterError(
-            f"ledger name must be a string, got ledger_name={name!r} ({type(name).__name__})."
+            f"ledger name must be a string, got ledger_name={shown_path(repr(name))} ({type(name).__name__})."
         )
     stripped = name.strip()
     if (
@@ -142,7 +143,7 @@ def sanitize_ledger_name(name: str) -> str:
         raise InvalidParameterError(
             "ledger name must be 1-100 ASCII letters, digits, spaces, '_', '-' or '.', start "
             "with a letter or digit, not end with '.' or a space, contain no '..' or path "
-            f"separators and not be a Windows device name, got ledger_name={name!r}."
+            f"separators and not be a Windows device name, got ledger_name={shown_path(repr(name))}."
         )
     return stripped
 

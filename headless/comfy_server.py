@@ -154,12 +154,15 @@ class ComfyServer:
         except urllib.error.HTTPError as error:
             raise PromptFailed(error.read().decode(errors="replace")) from error
 
-    def run_prompt(self, prompt: dict, timeout: float = 600) -> dict:
+    def run_prompt(self, prompt: dict, timeout: float = 600, client_id: str | None = None) -> dict:
         """Queue an API-format prompt, wait for it, return its history entry.
 
-        Raises PromptFailed with ComfyUI's error text when validation or execution fails.
+        ``client_id``: the websocket client that should receive the prompt's progress
+        messages (a fresh one when None). Raises PromptFailed with ComfyUI's error text when
+        validation or execution fails.
         """
-        queued = self.post_json("/prompt", {"prompt": prompt, "client_id": uuid.uuid4().hex})
+        client_id = client_id or uuid.uuid4().hex
+        queued = self.post_json("/prompt", {"prompt": prompt, "client_id": client_id})
         prompt_id = queued["prompt_id"]
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -1,4 +1,4 @@
-"""dp/ is the method, usable alone: it never imports ComfyUI (HOUSE_STYLE.md, DP_SPEC 1)."""
+"""dp/ is the method, usable alone: it never imports ComfyUI (docs/privacy.md §1)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""A released token file loads in diffusers' ``load_textual_inversion`` too (DP_SPEC 3.4).
+"""A released token file loads in diffusers' ``load_textual_inversion`` too (docs/privacy.md §3.4).
 
 The pipeline is built from tiny random "dummy components" the way diffusers' own tests do;
 its tokenizer is ComfyUI's bundled SD1 CLIP tokenizer (local files, no download).

@@ -1,4 +1,4 @@
-"""Per-image inversion without coupling (DP_SPEC 3.2), on a small differentiable toy model.
+"""Per-image inversion without coupling (docs/privacy.md §3.2), on a small differentiable toy model.
 
 The toy "text encoder" mixes the placeholder vectors into every position and the toy
 "denoiser" is a nonlinear function of latents, context, timestep and noise, so gradients
@@ -98,7 +98,7 @@ def test_removing_an_image_does_not_change_the_others():
 @pytest.mark.parametrize("per_batch", [2, 3, 4])
 def test_removing_any_image_leaves_the_others_bitwise_identical_in_padded_chunks(per_batch):
     """Fixed-size chunks: removing image j moves the others to other chunks and positions,
-    yet every other result is bitwise the same (DP_SPEC 3.2)."""
+    yet every other result is bitwise the same (docs/privacy.md §3.2)."""
     latents = latents_for(5)
     seeds = [21, 22, 23, 24, 25]
     config = InversionConfig(steps=3, learning_rate=0.05, images_per_batch=per_batch)

@@ -327,7 +327,7 @@ def test_a_postprocess_that_changes_the_shape_is_refused():
         release(torch.randn(2, 4), torch.zeros(4), postprocess=lambda x: x[:2])
 
 
-# --- non-finite rows and the declared size (DP_SPEC 2.4) ----------------------------------
+# --- non-finite rows and the declared size (docs/privacy.md §2.4) ----------------------------------
 
 
 @pytest.mark.parametrize(

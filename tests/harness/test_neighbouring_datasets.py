@@ -1,0 +1,138 @@
+"""The auditor's test (docs/privacy.md §1): run every shipped workflow through a real ComfyUI
+on a folder and on the same folder with one image removed, in several independent worlds
+(a fresh server, user folder and ledger each), and check that nothing published is a
+deterministic function of which folder was used.
+
+Published = everything an observer of the server can see: every websocket message a client
+receives (progress values and totals, executed outputs, ui text), the prompt history, the
+metadata of every saved PNG and embedding file, the server's log, and the ledger's release
+records. The ledger's per-image index (keyed hashes, one entry per image) is the curator's
+private bookkeeping, never shown by any node, and is left out.
+
+An observation is a string "path=value". A leak is an observation present in EVERY world of
+one folder and in NO world of the other: a deterministic difference. Random values (the noisy
+release, keys under a per-world secret) differ between worlds of the same folder and so can
+never be one.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from comfyui_dp_adapt.headless import workflows as wf
+from comfyui_dp_adapt.headless.comfy_server import ComfyServer
+from comfyui_dp_adapt.tests.support.pack import shipped_workflows
+from comfyui_dp_adapt.tests.support.websocket_messages import WebsocketMessages
+from comfyui_dp_adapt.tests.support.workflow_inputs import TINY_MODEL_OVERRIDES
+
+pytestmark = [pytest.mark.comfy_server, pytest.mark.slow]
+
+WORLDS_PER_FOLDER = 2
+FOLDER = "dp_private_images"
+RANDOM_KEY = re.compile(r"[0-9a-f]{16,}")
+
+
+def _flatten(value, path: str, out: set[str]) -> None:
+    if isinstance(value, dict):
+        out.add(f"{path}.keys={len(value)}")
+        for key, item in value.items():
+            _flatten(item, f"{path}.{RANDOM_KEY.sub('*', str(key))}", out)
+    elif isinstance(value, list):
+        out.add(f"{path}.len={len(value)}")
+        for index, item in enumerate(value):
+            _flatten(item, f"{path}[{index}]", out)
+    elif isinstance(value, str) and value[:1] in "[{":
+        try:
+            _flatten(json.loads(value), path, out)
+        except ValueError:
+            out.add(f"{path}={value}")
+    elif isinstance(value, str) and "\n" in value:
+        for number, line in enumerate(value.splitlines()):
+            out.add(f"{path}#{number}={line}")
+    else:
+        out.add(f"{path}={value!r}")
+
+
+def _observe_world(comfy_dir: Path, pack_dir: Path, work_dir: Path, images: list[Path]) -> set[str]:
+    from PIL import Image
+
+    from comfyui_dp_adapt.dp.embedding_file import read_embedding
+    from comfyui_dp_adapt.nodes.tiny_loaders import REPLACES
+
+    server = ComfyServer(
+        comfy_dir=comfy_dir,
+        pack_dir=pack_dir,
+        work_dir=work_dir,
+        extra_env={"COMFYUI_DP_ADAPT_TINY_MODELS": "1"},
+    )
+    # A fresh world: the scratch ComfyUI's embeddings folder is shared between servers.
+    shutil.rmtree(server.default_embeddings_dir, ignore_errors=True)
+    folder = server.input_dir / FOLDER
+    folder.mkdir(parents=True)
+    for image in images:
+        shutil.copy2(image, folder / image.name)
+    observed: set[str] = set()
+    server.start()
+    try:
+        object_info = server.get_json("/object_info")
+        for path in shipped_workflows():
+            prompt = wf.to_api_prompt(
+                wf.load_workflow(path),
+                object_info,
+                replace=REPLACES,
+                overrides={**TINY_MODEL_OVERRIDES, ("DPAdaptLoadPrivateImages", "folder"): FOLDER},
+            )
+            with WebsocketMessages(server.url) as socket:
+                entry = server.run_prompt(prompt, client_id=socket.client_id)
+            prompt_record = entry.get("prompt")
+            if isinstance(prompt_record, list) and len(prompt_record) > 4:
+                # The output nodes to execute: ComfyUI builds this list from a set, so its
+                # order follows the server process's string hashing, not the data.
+                prompt_record[4] = sorted(prompt_record[4])
+            _flatten(entry, f"{path.name}.history", observed)
+            _flatten(socket.messages, f"{path.name}.ws", observed)
+        for png in sorted(server.output_dir.rglob("*.png")):
+            with Image.open(png) as image:
+                _flatten(dict(image.text), f"png.{png.name}", observed)
+        for embedding in sorted(server.default_embeddings_dir.glob("*.safetensors")):
+            _flatten(read_embedding(embedding)[1], f"embedding.{embedding.name}", observed)
+        ledger = next(server.user_dir.rglob("ledger.json"))
+        records = json.loads(ledger.read_text())
+        records.pop("images")  # the curator's private per-image index (module docstring)
+        _flatten(records, "ledger", observed)
+    finally:
+        server.stop()
+    observed.update(f"log={line}" for line in server.log().splitlines())
+    return observed
+
+
+def test_nothing_published_depends_deterministically_on_one_image(comfy_dir, tmp_path):
+    from comfyui_dp_adapt.demo.synthetic_images import write_synthetic_style_set
+    from comfyui_dp_adapt.tests.conftest import PACK_ROOT
+
+    source = tmp_path / "source"
+    write_synthetic_style_set(source, count=6, size=64)
+    every = sorted(source.glob("*.png"))
+    folders = {"with": every, "without": every[:3] + every[4:]}  # one image removed
+    worlds = {
+        name: [
+            _observe_world(comfy_dir, PACK_ROOT, tmp_path / f"{name}-{i}", images)
+            for i in range(WORLDS_PER_FOLDER)
+        ]
+        for name, images in folders.items()
+    }
+    leaks = []
+    for name, other in (("with", "without"), ("without", "with")):
+        always = set.intersection(*worlds[name])
+        ever_other = set.union(*worlds[other])
+        leaks += [f"{name}: {item}" for item in sorted(always - ever_other)]
+    assert not leaks, "published values that differ deterministically:\n" + "\n".join(leaks[:40])
+    # The test can see: a workflow's outputs really were observed in every world.
+    for observed in (*worlds["with"], *worlds["without"]):
+        assert any(item.startswith("embedding.") for item in observed)
+        assert any(".ws" in item and "progress" in item for item in observed)
