@@ -6,11 +6,15 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import time
 
 import dp_accounting as dpa
+import numpy as np
 import pytest
 from dp_accounting import pld, rdp
+from dp_accounting.pld import privacy_loss_mechanism
 
+from comfyui_dp_adapt.dp import accounting
 from comfyui_dp_adapt.dp.accounting import (
     calibrate_noise_multiplier,
     classical_gaussian_sigma,
@@ -371,3 +375,357 @@ def test_paper_calibration_refuses_bad_sizes():
     ):
         with pytest.raises(InvalidParameterError, match="size"):
             paper_calibration(epsilon=1.0, delta=1e-5, clip_norm=1.0, **kwargs)
+
+
+# --- bounded time, honest refusals, cancellation (every input a widget allows) -------------
+
+HOSTILE_EPSILONS = (1e-300, 1e-6, 0.001, 0.01, 0.05, 0.1, 1.0, 10.0, 100.0)
+HOSTILE_DELTAS = (1e-12, 1e-5, 0.01, 0.1, 0.3, 0.9)
+HOSTILE_RATES = (1e-4, 0.01, 0.1, 0.3, 1.0)
+# A hang guard, not a benchmark: one cold calibration takes about a second at most on two
+# cores; the bound leaves room for a loaded CI machine.
+PER_CALL_BOUND_S = 8.0
+# Targets that used to hang or take minutes (delta >= q, an epsilon tiny next to delta).
+FORMERLY_SLOW = [
+    (1.0, 0.3, 0.3),
+    (0.001, 0.1, 0.1),
+    (0.01, 0.09, 0.1),
+    (1e-300, 0.01, 1.0),
+    (1e-6, 0.1, 1.0),
+    (1e-6, 0.01, 0.3),
+    (0.001, 0.9, 1.0),
+    (0.001, 1e-5, 1e-4),
+    (100.0, 0.9, 1.0),
+]
+
+
+@pytest.fixture
+def cold_cache():
+    """Calibrate without the cache, so that each call does the full work."""
+    accounting._cache.clear()
+    yield
+    accounting._cache.clear()
+
+
+def _calibrate_or_refuse(epsilon, delta, q):
+    start = time.perf_counter()
+    try:
+        cal = calibrate_noise_multiplier(epsilon=epsilon, delta=delta, sampling_rate=q)
+    except InvalidParameterError as error:
+        cal, refusal = None, str(error)
+    else:
+        refusal = None
+    elapsed = time.perf_counter() - start
+    assert elapsed < PER_CALL_BOUND_S, f"{epsilon=}, {delta=}, {q=} took {elapsed:.1f} s"
+    if cal is not None:
+        assert cal.epsilon_achieved <= epsilon
+        assert epsilon_for(cal.event, delta=delta) == cal.epsilon_achieved
+        assert accounting.Z_MIN <= cal.noise_multiplier <= accounting.Z_MAX
+        # The exact divergence of the returned z (no discretisation) meets the target too.
+        assert _exact_delta(cal.noise_multiplier, q, epsilon) <= delta * (1 + 1e-9)
+    else:
+        # Every refusal names the target, or starts with the delta it cannot accept.
+        assert f"epsilon={epsilon!r}" in refusal or refusal.startswith("delta")
+    return cal, refusal
+
+
+def _exact_delta(z, q, epsilon):
+    """Hockey-stick divergence of the (subsampled) Gaussian at epsilon, both directions."""
+    return max(
+        privacy_loss_mechanism.GaussianPrivacyLoss(
+            z, sampling_prob=q, adjacency_type=adjacency
+        ).get_delta_for_epsilon(epsilon)
+        for adjacency in privacy_loss_mechanism.AdjacencyType
+        if adjacency != privacy_loss_mechanism.AdjacencyType.REPLACE
+    )
+
+
+@pytest.mark.parametrize(("epsilon", "delta", "q"), FORMERLY_SLOW)
+def test_formerly_hanging_targets_answer_or_refuse_within_seconds(cold_cache, epsilon, delta, q):
+    _calibrate_or_refuse(epsilon, delta, q)
+
+
+@pytest.mark.slow
+def test_every_target_of_the_hostile_grid_answers_or_refuses_within_seconds(cold_cache):
+    refused = 0
+    for epsilon, delta, q in itertools.product(HOSTILE_EPSILONS, HOSTILE_DELTAS, HOSTILE_RATES):
+        accounting._cache.clear()
+        cal, _ = _calibrate_or_refuse(epsilon, delta, q)
+        refused += cal is None
+    assert 0 < refused < len(HOSTILE_EPSILONS) * len(HOSTILE_DELTAS) * len(HOSTILE_RATES)
+
+
+@pytest.mark.parametrize(("delta", "q"), [(0.3, 0.3), (0.1, 0.1), (0.5, 0.01), (0.9, 1e-4)])
+def test_delta_at_or_above_the_sampling_rate_is_refused_for_that_reason(cold_cache, delta, q):
+    start = time.perf_counter()
+    with pytest.raises(InvalidParameterError) as error:
+        calibrate_noise_multiplier(epsilon=1.0, delta=delta, sampling_rate=q)
+    assert time.perf_counter() - start < 1.0
+    message = str(error.value)
+    assert message.startswith("delta must be below the sampling rate")
+    assert f"delta={delta!r}" in message and f"sampling_rate={q!r}" in message
+    assert "smaller epsilon" not in message
+    # Just below q is a meaningful target and is calibrated.
+    _calibrate_or_refuse(1.0, 0.9 * q, q)
+
+
+@pytest.mark.parametrize("epsilon", [1e-300, 1e-12])
+@pytest.mark.parametrize("q", HOSTILE_RATES)
+def test_targets_needing_more_than_z_max_are_refused_at_once(cold_cache, epsilon, q):
+    start = time.perf_counter()
+    with pytest.raises(InvalidParameterError) as error:
+        calibrate_noise_multiplier(epsilon=epsilon, delta=1e-12, sampling_rate=q)
+    assert time.perf_counter() - start < 1.0, "decided by the exact bound, no PLD pass"
+    message = str(error.value)
+    assert f"epsilon={epsilon!r}" in message
+    assert "noise multiplier above Z_MAX" in message and "times the signal bound" in message
+
+
+def test_a_tiny_epsilon_at_a_moderate_delta_is_calibrated_not_refused(cold_cache):
+    # (1e-300, 1e-5) is essentially (0, 1e-5)-DP: z ~ 0.4 / delta suffices (Gaussian TV).
+    cal, refusal = _calibrate_or_refuse(1e-300, 1e-5, 1.0)
+    assert refusal is None
+    assert cal.noise_multiplier == pytest.approx(1 / (1e-5 * math.sqrt(2 * math.pi)), rel=1e-2)
+
+
+def test_deltas_below_what_the_pld_resolves_are_refused_with_the_reason(cold_cache):
+    with pytest.raises(InvalidParameterError, match=r"delta=1e-20 is below 1e-14"):
+        calibrate_noise_multiplier(epsilon=1.0, delta=1e-20, sampling_rate=1.0)
+
+
+def test_targets_met_without_real_noise_are_still_refused(cold_cache):
+    with pytest.raises(InvalidParameterError, match="met even with noise multiplier"):
+        calibrate_noise_multiplier(epsilon=1000.0, delta=1e-5, sampling_rate=1.0)
+
+
+def test_poll_is_called_between_passes_and_often(cold_cache):
+    times = []
+    start = time.perf_counter()
+    cal = calibrate_noise_multiplier(
+        epsilon=1e-6, delta=0.3, sampling_rate=1.0, poll=lambda: times.append(time.perf_counter())
+    )
+    end = time.perf_counter()
+    assert cal.epsilon_achieved <= 1e-6
+    assert len(times) >= 2
+    gaps = np.diff([start, *times, end])
+    assert gaps.max() < 2.0, "the accountant passes between polls are short"
+
+
+class _Cancelled(Exception):
+    pass
+
+
+def test_an_exception_from_poll_propagates_and_nothing_is_cached(cold_cache):
+    def cancel():
+        raise _Cancelled
+
+    with pytest.raises(_Cancelled):
+        calibrate_noise_multiplier(epsilon=1.0, delta=1e-5, sampling_rate=0.3, poll=cancel)
+    assert not accounting._cache
+    calls = []
+    first = calibrate_noise_multiplier(
+        epsilon=1.0, delta=1e-5, sampling_rate=0.3, poll=lambda: calls.append(1)
+    )
+    assert calls, "not served from a cache"
+    # Success is cached, and the cache does not depend on poll.
+    again = calibrate_noise_multiplier(epsilon=1.0, delta=1e-5, sampling_rate=0.3, poll=cancel)
+    assert again is first
+    with pytest.raises(_Cancelled):
+        noise_comparison(
+            epsilon=2.0,
+            delta=1e-5,
+            clip_norm=1.0,
+            dataset_size=100,
+            sampling_rate=0.5,
+            dimension=8,
+            poll=cancel,
+        )
+
+
+def test_poll_must_be_callable(cold_cache):
+    with pytest.raises(InvalidParameterError, match="poll"):
+        calibrate_noise_multiplier(epsilon=1.0, delta=1e-5, sampling_rate=1.0, poll=3)
+
+
+def test_a_calibration_past_its_time_limit_is_refused_and_not_cached(cold_cache, monkeypatch):
+    monkeypatch.setattr(accounting, "CALIBRATION_TIME_LIMIT_S", 0.0)
+    with pytest.raises(InvalidParameterError) as error:
+        calibrate_noise_multiplier(epsilon=0.5, delta=1e-5, sampling_rate=0.2)
+    message = str(error.value)
+    assert message.startswith("could not calibrate within 0 s for epsilon=0.5, delta=1e-05")
+    assert "sampling_rate=0.2" in message
+    assert not accounting._cache
+
+
+NORMAL_GRID = list(itertools.product((0.2, 1.0, 3.0), (1e-6, 1e-9), (0.02, 0.3, 1.0)))
+
+
+@pytest.mark.parametrize(("epsilon", "delta", "q"), NORMAL_GRID)
+def test_calibration_meets_the_target_exactly_as_well_as_under_the_pld(epsilon, delta, q):
+    cal = calibrate_noise_multiplier(epsilon=epsilon, delta=delta, sampling_rate=q)
+    assert (1 - 2e-3) * epsilon <= cal.epsilon_achieved <= epsilon
+    # Independent of the PLD grid: the exact divergence at the target is within delta.
+    assert _exact_delta(cal.noise_multiplier, q, epsilon) <= delta * (1 + 1e-9)
+
+
+# --- stored events: tampered values refused, any accepted event accounted in bounded time --
+
+
+@pytest.mark.parametrize(
+    ("z", "shown"),
+    [
+        (0, "noise_multiplier=0"),
+        (0.0, "noise_multiplier=0.0"),
+        (1e300, "noise_multiplier=1e+300"),
+        (1e6 * (1 + 1e-9), "noise_multiplier=1000000.001"),
+        (-2.0, "noise_multiplier=-2.0"),
+    ],
+)
+def test_stored_noise_multipliers_outside_the_calibrated_range_are_refused(z, shown):
+    with pytest.raises(InvalidParameterError) as error:
+        event_from_dict({"type": "Gaussian", "noise_multiplier": z})
+    message = str(error.value)
+    assert shown in message and "(0, 1e+06]" in message and "noise_multiplier" in message
+
+
+def test_stored_non_finite_noise_multipliers_are_refused():
+    for z in (math.inf, -math.inf, math.nan):
+        with pytest.raises(InvalidParameterError, match="noise_multiplier"):
+            event_from_dict({"type": "Gaussian", "noise_multiplier": z})
+
+
+def test_stored_compositions_are_bounded():
+    gaussian = {"type": "Gaussian", "noise_multiplier": 1.0}
+    for count in (0, 10**6):
+        with pytest.raises(InvalidParameterError, match="count"):
+            event_from_dict({"type": "SelfComposed", "count": count, "event": gaussian})
+    nested = {"type": "SelfComposed", "count": 1000, "event": gaussian}
+    with pytest.raises(InvalidParameterError, match="at most"):
+        event_from_dict({"type": "SelfComposed", "count": 1000, "event": nested})
+    with pytest.raises(InvalidParameterError, match="at most 100 parts"):
+        event_from_dict({"type": "Composed", "events": [gaussian] * 100})
+    assert event_from_dict({"type": "Gaussian", "noise_multiplier": 1e6}) == (
+        dpa.GaussianDpEvent(1e6)
+    )
+
+
+def _poisson(q, z):
+    return {
+        "type": "PoissonSampled",
+        "sampling_probability": q,
+        "event": {"type": "Gaussian", "noise_multiplier": z},
+    }
+
+
+HOSTILE_STORED = {
+    "tiny noise": {"type": "Gaussian", "noise_multiplier": 1e-300},
+    "largest noise": {"type": "Gaussian", "noise_multiplier": 1e6},
+    "subnormal rate": _poisson(5e-324, 1.0),
+    "tiny rate, little noise": _poisson(1e-300, 1e-3),
+    "many compositions": {"type": "SelfComposed", "count": 10**5, "event": _poisson(0.5, 0.05)},
+    "many quiet compositions": {
+        "type": "SelfComposed",
+        "count": 10**5,
+        "event": _poisson(0.99, 1e6),
+    },
+    "many distinct parts": {
+        "type": "Composed",
+        "events": [_poisson(0.01 + 0.02 * i, 0.05 + 0.2 * i) for i in range(49)],
+    },
+}
+
+
+@pytest.mark.parametrize("data", HOSTILE_STORED.values(), ids=HOSTILE_STORED.keys())
+def test_any_stored_event_that_is_accepted_is_accounted_in_bounded_time(data):
+    event = event_from_dict(data)
+    for delta in (1e-12, 1e-5, 0.5, 0.999999):
+        start = time.perf_counter()
+        epsilon = epsilon_for(event, delta=delta)
+        composed = compose_epsilon([event, event], delta=delta)
+        assert time.perf_counter() - start < PER_CALL_BOUND_S
+        assert 0 <= epsilon <= composed  # inf is an (uninformative) upper bound
+        assert not math.isnan(composed)
+
+
+def test_events_without_meaningful_noise_have_infinite_epsilon():
+    assert epsilon_for(dpa.GaussianDpEvent(1e-300), delta=1e-5) == math.inf
+    assert epsilon_for(dpa.GaussianDpEvent(0.0), delta=1e-5) == math.inf
+    # Above the floor the PLD still answers, close to the exact value.
+    exact = dpa.get_epsilon_gaussian(2e-3, 1e-5)
+    assert exact <= epsilon_for(dpa.GaussianDpEvent(2e-3), delta=1e-5) <= exact * 1.002
+
+
+def test_a_subnormal_sampling_rate_is_accounted_as_the_smallest_normal_one():
+    tiny = dpa.PoissonSampledDpEvent(5e-324, dpa.GaussianDpEvent(1.0))
+    assert epsilon_for(tiny, delta=1e-5) == 0.0
+
+
+# --- the paper's comparison on extreme inputs: a finite result or a clear refusal ----------
+
+
+@pytest.mark.parametrize("epsilon", [1e-300, 1e-12, 100.0, 1e5])
+@pytest.mark.parametrize("delta", [1e-300, 1e-12, 0.999999])
+def test_paper_calibration_never_raises_a_raw_arithmetic_error(epsilon, delta):
+    for n, m in ((1, 1), (10, 1), (10, 5), (10**6, 5)):
+        try:
+            paper = paper_calibration(
+                epsilon=epsilon, delta=delta, clip_norm=1.0, dataset_size=n, sample_size=m
+            )
+        except InvalidParameterError as error:
+            assert str(error)
+            continue
+        assert math.isfinite(paper.sigma) and paper.sigma > 0
+        assert math.isfinite(paper.base_epsilon) and paper.base_epsilon >= epsilon * (1 - 1e-12)
+        assert not math.isnan(paper.rdp_epsilon) and paper.rdp_epsilon >= 0
+
+
+def test_the_paper_rdp_epsilon_of_enormous_noise_is_a_small_upper_bound():
+    paper = paper_calibration(
+        epsilon=1e-300, delta=1e-5, clip_norm=1.0, dataset_size=10, sample_size=5
+    )
+    assert paper.noise_multiplier > 1e290
+    assert 0 <= paper.rdp_epsilon < 1e-4
+
+
+def test_classical_sigma_refuses_to_overflow():
+    assert classical_gaussian_sigma(epsilon=1e-300, delta=1e-5, sensitivity=1.0) < math.inf
+    with pytest.raises(InvalidParameterError, match="overflows"):
+        classical_gaussian_sigma(epsilon=1e-300, delta=1e-5, sensitivity=1e300)
+    with pytest.raises(InvalidParameterError, match="sensitivity"):
+        classical_gaussian_sigma(epsilon=1.0, delta=1e-5, sensitivity=0.0)
+    with pytest.raises(InvalidParameterError, match="delta"):
+        classical_gaussian_sigma(epsilon=1.0, delta=1.0, sensitivity=1.0)
+
+
+@pytest.mark.parametrize(
+    ("epsilon", "delta", "q"),
+    [
+        (1e-300, 1e-5, 0.3),
+        (1e-300, 1e-5, 1.0),
+        (1e-6, 1e-12, 1e-4),
+        (100.0, 0.9, 1.0),
+        (0.01, 0.3, 1.0),
+    ],
+)
+def test_noise_comparison_on_extreme_targets_is_finite_or_refused(cold_cache, epsilon, delta, q):
+    start = time.perf_counter()
+    try:
+        comparison = noise_comparison(
+            epsilon=epsilon,
+            delta=delta,
+            clip_norm=1.0,
+            dataset_size=1000,
+            sampling_rate=q,
+            dimension=768,
+        )
+    except InvalidParameterError as error:
+        assert str(error)
+    else:
+        for value in (
+            comparison.relative_noise,
+            comparison.paper_relative_noise,
+            comparison.ratio,
+            comparison.same_adjacency_ratio,
+        ):
+            assert math.isfinite(value) and value >= 0
+    assert time.perf_counter() - start < 2 * PER_CALL_BOUND_S

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import uuid
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,10 @@ pytestmark = [pytest.mark.comfy_server, pytest.mark.slow]
 WORLDS_PER_FOLDER = 2
 FOLDER = "dp_private_images"
 RANDOM_KEY = re.compile(r"[0-9a-f]{16,}")
+# Wall-clock durations are compared by design, not here: rounded to 0.01 s they coincide by
+# chance. The work itself is constant (same passes and progress for both folders, tested in
+# tests/nodes), which is what keeps run time independent of the private images.
+TIMING = re.compile(r"\d+(\.\d+)? seconds")
 
 
 def _flatten(value, path: str, out: set[str]) -> None:
@@ -70,8 +75,10 @@ def _observe_world(comfy_dir: Path, pack_dir: Path, work_dir: Path, images: list
         work_dir=work_dir,
         extra_env={"COMFYUI_DP_ADAPT_TINY_MODELS": "1"},
     )
-    # A fresh world: the scratch ComfyUI's embeddings folder is shared between servers.
-    shutil.rmtree(server.default_embeddings_dir, ignore_errors=True)
+    # The scratch ComfyUI's embeddings folder is shared with other tests' servers: each
+    # world writes its own file name (random-looking, so never a deterministic difference)
+    # and removes it afterwards.
+    token_name = f"audit_{work_dir.name}_{uuid.uuid4().hex[:8]}"
     folder = server.input_dir / FOLDER
     folder.mkdir(parents=True)
     for image in images:
@@ -85,7 +92,11 @@ def _observe_world(comfy_dir: Path, pack_dir: Path, work_dir: Path, images: list
                 wf.load_workflow(path),
                 object_info,
                 replace=REPLACES,
-                overrides={**TINY_MODEL_OVERRIDES, ("DPAdaptLoadPrivateImages", "folder"): FOLDER},
+                overrides={
+                    **TINY_MODEL_OVERRIDES,
+                    ("DPAdaptLoadPrivateImages", "folder"): FOLDER,
+                    ("DPAdaptTextualInversionTrain", "embedding_name"): token_name,
+                },
             )
             with WebsocketMessages(server.url) as socket:
                 entry = server.run_prompt(prompt, client_id=socket.client_id)
@@ -99,15 +110,16 @@ def _observe_world(comfy_dir: Path, pack_dir: Path, work_dir: Path, images: list
         for png in sorted(server.output_dir.rglob("*.png")):
             with Image.open(png) as image:
                 _flatten(dict(image.text), f"png.{png.name}", observed)
-        for embedding in sorted(server.default_embeddings_dir.glob("*.safetensors")):
-            _flatten(read_embedding(embedding)[1], f"embedding.{embedding.name}", observed)
+        for embedding in sorted(server.default_embeddings_dir.glob(f"{token_name}.*")):
+            _flatten(read_embedding(embedding)[1], "embedding", observed)
+            embedding.unlink()
         ledger = next(server.user_dir.rglob("ledger.json"))
         records = json.loads(ledger.read_text())
         records.pop("images")  # the curator's private per-image index (module docstring)
         _flatten(records, "ledger", observed)
     finally:
         server.stop()
-    observed.update(f"log={line}" for line in server.log().splitlines())
+    observed.update(f"log={TIMING.sub('<seconds>', line)}" for line in server.log().splitlines())
     return observed
 
 
@@ -135,4 +147,5 @@ def test_nothing_published_depends_deterministically_on_one_image(comfy_dir, tmp
     # The test can see: a workflow's outputs really were observed in every world.
     for observed in (*worlds["with"], *worlds["without"]):
         assert any(item.startswith("embedding.") for item in observed)
+        assert any(item.startswith("png.") for item in observed)
         assert any(".ws" in item and "progress" in item for item in observed)

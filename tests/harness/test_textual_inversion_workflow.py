@@ -35,10 +35,10 @@ def test_workflow_produces_embedding_ledger_entry_and_images(comfy_server):
 
     _, metadata = read_embedding(comfy_server.default_embeddings_dir / f"{name}.safetensors")
     assert float(metadata["dp_adapt.epsilon"]) <= 1.0
-    ledgers = list(comfy_server.user_dir.rglob(f"{ledger}.json"))
+    ledgers = list(comfy_server.user_dir.rglob("ledger.json"))
     assert len(ledgers) == 1
-    datasets = json.loads(ledgers[0].read_text())["datasets"]
-    assert sum(len(d["releases"]) for d in datasets.values()) == 1
+    collections = json.loads(ledgers[0].read_text())["collections"]
+    assert len(collections[ledger]["releases"]) == 1
     images = set(comfy_server.output_dir.glob(f"{name}*.png")) - before
     assert len(images) == 1
     texts = [t for output in entry["outputs"].values() for t in output.get("text", [])]

@@ -47,7 +47,7 @@ def test_readme_command_writes_embedding_images_report_and_ledger(tmp_path):
     report = (out / "privacy_report.txt").read_text()
     assert "noise multiplier" in report and "ledger" in report
     ledgers = list((out / "user").rglob("*.json"))
-    assert any(json.loads(p.read_text()).get("datasets") for p in ledgers)
+    assert any(json.loads(p.read_text()).get("collections") for p in ledgers)
 
 
 def test_points_at_a_real_image_folder(tmp_path):
@@ -57,4 +57,6 @@ def test_points_at_a_real_image_folder(tmp_path):
     write_synthetic_style_set(images, count=3, size=64, seed=5)
     done = run(tmp_path / "out", "--images", str(images))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "dataset size n = 3" in (tmp_path / "out" / "privacy_report.txt").read_text()
+    report = (tmp_path / "out" / "privacy_report.txt").read_text()
+    # The real count (3) is private: the report states the declared, public n_hat only.
+    assert "declared dataset size n_hat = 100" in report and " 3 " not in report

@@ -50,8 +50,8 @@ def empirical_epsilon_lower_bound(with_canary: list[float], without: list[float]
         threshold = pooled[len(pooled) * k // (THRESHOLDS + 1)]
         tp = sum(s > threshold for s in with_canary)
         fp = sum(s > threshold for s in without)
-        tpr_low, tpr_high = _clopper_pearson(tp, len(with_canary), alpha)
-        fpr_low, fpr_high = _clopper_pearson(fp, len(without), alpha)
+        tpr_low, _ = _clopper_pearson(tp, len(with_canary), alpha)
+        _, fpr_high = _clopper_pearson(fp, len(without), alpha)
         for numerator, denominator in (
             (tpr_low - DELTA, fpr_high),  # TPR <= e^eps FPR + delta
             (1 - fpr_high - DELTA, 1 - tpr_low),  # TNR <= e^eps FNR + delta
