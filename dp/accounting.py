@@ -9,24 +9,44 @@ its default): the discretised distribution dominates the true one, so the epsilo
 is an upper bound on the true epsilon at any ``value_discretization_interval``; a coarser
 interval only overstates epsilon (costing noise, never privacy). Measured on this project's
 events the overstatement is at most about one interval, in absolute epsilon, while the cost
-grows as the interval shrinks (seconds per event at 1e-4 for small noise multipliers). So
-the interval is chosen relative to the answer: one pass at ``PLD_COARSE_INTERVAL`` gives
-eps0, the next pass uses ``PLD_RELATIVE_INTERVAL * eps0`` (floor ``PLD_MIN_INTERVAL``), and
-passes repeat while the interval would shrink by more than 2x. The reported epsilon is thus
-an upper bound that exceeds the true one by about 0.1 % (at most ~0.2 %).
+is linear in the number of grid points (dp_accounting builds each point in Python, and reads
+epsilon off the grid in a Python loop), so the interval is chosen relative to the answer:
+- one release (a Gaussian, or a Poisson-subsampled Gaussian): the exact epsilon is computed
+  first from the closed-form hockey-stick divergence (see ``_exact_epsilon``), and ONE PLD
+  pass is made at ``PLD_RELATIVE_INTERVAL * epsilon``;
+- a composition: one pass at ``PLD_COARSE_INTERVAL`` gives eps0, the next pass uses
+  ``PLD_RELATIVE_INTERVAL * eps0``, and passes repeat (at most ``PLD_MAX_PASSES``) while
+  the interval would shrink by more than 2x.
+Either way the interval never drops below what keeps the grid within ``PLD_MAX_BINS``
+points to build and ``PLD_MAX_COMPOSED_BINS`` after composition, so every call takes
+bounded time (well under a second per pass on two cores). The reported epsilon is thus an
+upper bound that exceeds the true one by about 0.1 % (at most ~0.2 %) for every useful
+target. Only where epsilon is tiny next to the range of the privacy loss (a delta close to
+its largest meaningful value) does the grid bound bind; the result is still an upper bound,
+just a looser one. Events with (next to) no noise are reported with epsilon = inf (see
+PLD_MIN_NOISE_MULTIPLIER).
+
+Calibration (``calibrate_noise_multiplier``) answers or refuses within
+CALIBRATION_TIME_LIMIT_S: the exact divergence of the release (closed form) gives the
+smallest possible noise z* in milliseconds, so targets needing z > Z_MAX are refused at
+once and the PLD search starts next to its answer (typically 3-6 passes).
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
-from collections.abc import Iterable, Sequence
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from numbers import Integral, Real
 
 import dp_accounting as dpa
+import numpy as np
 from dp_accounting import pld, rdp
+from dp_accounting.pld import privacy_loss_mechanism
 
 from .errors import InvalidParameterError, LedgerFormatError
 from .validation import (
@@ -42,9 +62,35 @@ logger = logging.getLogger(__name__)
 
 PLD_COARSE_INTERVAL = 5e-2
 PLD_RELATIVE_INTERVAL = 1e-3
-PLD_MIN_INTERVAL = 1e-6
-# Calibration stops once epsilon(z) lies in [(1 - CALIBRATION_BAND) * target, target].
+# A guard against denormal grids only: the grid budgets below bound the cost.
+PLD_MIN_INTERVAL = 1e-12
+# Grid budgets. Building one point of a Gaussian PLD costs ~3 us here, one point of a
+# Poisson-subsampled Gaussian ~10 us per direction (add and remove are both built), so
+# PLD_MAX_BINS (in Gaussian-point units) is ~0.3 s of construction; composition works on
+# numpy arrays (FFT) and reading epsilon off the result is a Python loop over its points.
+PLD_MAX_BINS = 100_000
+PLD_MAX_COMPOSED_BINS = 1_000_000
+_SUBSAMPLED_BIN_COST = 6  # ~ 2 directions x 3 times the Gaussian cost per point
+PLD_MAX_PASSES = 4
+# Below this noise multiplier (after folding k Gaussian compositions into z / sqrt(k)) the
+# privacy loss reaches ~1/(2 z^2) > 5e5 and the PLD loses floating-point meaning; likewise
+# when the grid budgets would need an interval above PLD_MAX_INTERVAL (a composition whose
+# privacy loss ranges over more than ~1e7; dp_accounting also overflows exp(interval)
+# beyond ~700). Such an event gives no privacy at any useful delta, and its epsilon is
+# reported as infinite (a valid, if uninformative, upper bound).
+PLD_MIN_NOISE_MULTIPLIER = 1e-3
+PLD_MAX_INTERVAL = 10.0
+# Calibration stops once epsilon(z) lies in [(1 - CALIBRATION_BAND) * target, target], or
+# once the bracket on z is narrower than CALIBRATION_Z_TOLERANCE (relative), which only
+# happens for targets the PLD grid cannot resolve (an epsilon near 0 at a large delta).
 CALIBRATION_BAND = 2e-3
+CALIBRATION_Z_TOLERANCE = 5e-4
+# A calibration that has not finished after this many seconds is refused (it never runs on).
+CALIBRATION_TIME_LIMIT_S = 10.0
+CALIBRATION_MAX_PASSES = 40
+# dp_accounting's PLD computes divergences in double precision: below delta ~ 1e-15 its
+# epsilon is infinite for every noise multiplier, so calibration refuses such a delta.
+CALIBRATION_MIN_DELTA = 1e-14
 # Calibrated noise multipliers must lie in this range. Z_MIN = 0.05 is one release at
 # epsilon ~ 280 (delta 1e-5, q = 1), far beyond any meaningful guarantee; below it the PLD
 # grid grows quickly. Z_MAX = 1e6 is epsilon ~ 5e-6.
@@ -64,7 +110,174 @@ def release_event(*, noise_multiplier: float, sampling_rate: float) -> dpa.DpEve
     return dpa.PoissonSampledDpEvent(sampling_probability=q, event=gaussian)
 
 
+# --- exact hockey-stick divergence of one release -----------------------------------------
+
+# dp_accounting truncates the Gaussian noise where its log tail mass is -50 (its default
+# ``log_mass_truncation_bound``); the PLD's losses then lie within t/z + 1/(2 z^2) of
+# log(1 - q) (see ``_Leaf.loss_span``), with t the matching normal quantile.
+_TAIL_QUANTILE = 9.745474864965935  # -Phi^{-1}(0.5 * exp(-50))
+
+
+def _remove_delta(noise_multiplier: float, q: float, epsilon: float) -> float:
+    """The exact epsilon-hockey-stick divergence of the Poisson-subsampled Gaussian, remove.
+
+    delta(eps) = P[X <= x_eps] - e^eps Q[X <= x_eps] in closed form (normal CDFs), with
+    P = (1 - q) N(0, z^2) + q N(-1, z^2), Q = N(0, z^2) (dp_accounting's
+    GaussianPrivacyLoss, REMOVE adjacency; Balle & Wang 2018, Thm 8, for q = 1). For every
+    eps >= 0 it is at least the add direction's divergence (as dp_accounting's
+    GaussianPrivacyLoss.from_privacy_guarantee notes), so it is the divergence of the
+    mechanism; calibration relies only on it being a LOWER bound on that divergence.
+    """
+    loss = privacy_loss_mechanism.GaussianPrivacyLoss(
+        noise_multiplier,
+        sampling_prob=q,
+        adjacency_type=privacy_loss_mechanism.AdjacencyType.REMOVE,
+    )
+    return float(loss.get_delta_for_epsilon(epsilon))
+
+
+def _bisect_log(too_small: Callable[[float], bool], lo: float, hi: float, rel: float) -> float:
+    """The smallest x in [lo, hi] (to relative precision ``rel``) with too_small(x) False.
+
+    ``too_small`` must be monotone (True below some point, False above) and False at hi;
+    returns an x with too_small(x) False.
+    """
+    while hi / lo - 1 > rel:
+        mid = math.sqrt(lo * hi)
+        if too_small(mid):
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+def _exact_epsilon(noise_multiplier: float, q: float, delta: float) -> float:
+    """epsilon of one release at ``delta`` from the closed form, to ~0.1 % (a grid guide).
+
+    q = 1: the analytic Gaussian mechanism (Balle & Wang 2018, Thm 8). q < 1: the remove
+    divergence of ``_remove_delta``, inverted by bisection; it lies below the q = 1 value
+    (amplification by subsampling never hurts).
+    """
+    with np.errstate(divide="ignore"):  # log1p(-1) = -inf there is the right limit
+        upper = float(dpa.get_epsilon_gaussian(noise_multiplier, delta))
+    if q == 1 or upper <= 0:
+        return max(upper, 0.0)
+    if _remove_delta(noise_multiplier, q, 0.0) <= delta:
+        return 0.0
+    for _ in range(64):  # only rounding in get_epsilon_gaussian can make upper too small
+        if not _remove_delta(noise_multiplier, q, upper) > delta:
+            break
+        upper *= 2
+    lower = upper * 1e-12
+    if _remove_delta(noise_multiplier, q, lower) <= delta:
+        return lower
+    return _bisect_log(
+        lambda eps: _remove_delta(noise_multiplier, q, eps) > delta, lower, upper, 1e-3
+    )
+
+
 # --- epsilon ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Leaf:
+    """A Gaussian (q = 1) or Poisson-subsampled Gaussian, composed ``count`` times.
+
+    ``count`` Gaussians with multiplier z are one Gaussian with z / sqrt(count) (dp_accounting
+    composes them so too), so Gaussian leaves always have count 1.
+    """
+
+    noise_multiplier: float
+    q: float
+    count: int
+
+    def loss_span(self) -> float:
+        """Width of the privacy-loss range of one copy in dp_accounting's PLD (both sides).
+
+        The remove loss log(1 - q + q exp((-1/2 - x)/z^2)) is decreasing in x and x runs
+        over [-t z - 1, t z] (``_TAIL_QUANTILE``), so it spans
+        log(1 - q + q e^a) - log(1 - q + q e^-a) with a = t/z + 1/(2 z^2); the add loss
+        spans the same width.
+        """
+        z, q = self.noise_multiplier, self.q
+        a = _TAIL_QUANTILE / z + 0.5 / (z * z)
+        if q == 1:
+            return 2 * a
+        log_rest = math.log1p(-q)
+        high = max(log_rest, math.log(q) + a) + math.log1p(
+            math.exp(-abs(log_rest - math.log(q) - a))
+        )
+        return high - math.log1p(q * math.expm1(-a))
+
+    def build_cost(self) -> float:
+        return self.loss_span() * (1 if self.q == 1 else _SUBSAMPLED_BIN_COST)
+
+    def event(self) -> dpa.DpEvent:
+        """The event dp_accounting composes ``count`` times for this leaf.
+
+        dp_accounting fails on a subnormal sampling probability; it is raised to
+        _MIN_SAMPLING_PROBABILITY, which can only overstate epsilon (a smaller q is a
+        further subsampling, which never costs privacy; Balle, Barthe, Gaboardi 2018).
+        """
+        gaussian = dpa.GaussianDpEvent(self.noise_multiplier)
+        if self.q == 1:
+            return gaussian
+        return dpa.PoissonSampledDpEvent(sampling_probability=self.accounted_q, event=gaussian)
+
+    @property
+    def accounted_q(self) -> float:
+        return max(self.q, _MIN_SAMPLING_PROBABILITY)
+
+
+_MIN_SAMPLING_PROBABILITY = 1e-300
+
+
+class _NonPrivate(Exception):
+    """An event without noise (z = 0): epsilon is infinite."""
+
+
+def _leaves(event: object, count: int, out: list[_Leaf]) -> None:
+    """Flatten ``event`` composed ``count`` times into leaves, as dp_accounting composes it."""
+    if isinstance(event, dpa.NoOpDpEvent):
+        return
+    if isinstance(event, dpa.GaussianDpEvent):
+        z = float(event.noise_multiplier)
+        if z == 0:
+            raise _NonPrivate
+        out.append(_Leaf(z / math.sqrt(count), 1.0, 1))
+        return
+    if isinstance(event, dpa.PoissonSampledDpEvent) and isinstance(
+        event.event, dpa.GaussianDpEvent
+    ):
+        q, z = float(event.sampling_probability), float(event.event.noise_multiplier)
+        if q == 0:
+            return
+        if z == 0:
+            raise _NonPrivate
+        if q == 1:  # keeps every image: the plain Gaussian
+            out.append(_Leaf(z / math.sqrt(count), 1.0, 1))
+            return
+        # Chunks of at most _MAX_COUNT: dp_accounting self-composes a small (sparse) PLD
+        # by computing size**count exactly, which takes seconds beyond count ~ 1e6.
+        while count > 0:
+            out.append(_Leaf(z, q, min(count, _MAX_COUNT)))
+            count -= _MAX_COUNT
+        return
+    if isinstance(event, dpa.SelfComposedDpEvent) and event.count >= 1:
+        _leaves(event.event, count * int(event.count), out)
+        return
+    if isinstance(event, dpa.ComposedDpEvent):
+        for inner in event.events:
+            _leaves(inner, count, out)
+        return
+    if not isinstance(event, dpa.DpEvent):
+        raise InvalidParameterError(
+            f"expected a dp_accounting DpEvent, got {event!r:.200} ({type(event).__name__})."
+        )
+    raise InvalidParameterError(
+        f"the PLD accountant (add/remove adjacency) cannot account for {event!r:.200}; "
+        "supported here: Gaussian, Poisson-sampled Gaussian and their compositions."
+    )
 
 
 def _grouped(events: Sequence[dpa.DpEvent]) -> list[tuple[dpa.DpEvent, int]]:
@@ -87,44 +300,75 @@ def _grouped(events: Sequence[dpa.DpEvent]) -> list[tuple[dpa.DpEvent, int]]:
     return [(event, count) for event, count in groups]
 
 
-def _pld_pass(groups: list[tuple[dpa.DpEvent, int]], delta: float, interval: float) -> float:
+def _pld_pass(leaves: list[_Leaf], delta: float, interval: float) -> float:
     accountant = pld.PLDAccountant(value_discretization_interval=interval)
-    for event, count in groups:
-        accountant.compose(event, count)
+    for leaf in leaves:
+        accountant.compose(leaf.event(), leaf.count)
     return float(accountant.get_epsilon(delta))
 
 
-def _pld_epsilon(groups: list[tuple[dpa.DpEvent, int]], delta: float) -> float:
-    if not groups:
+def _grid_floor(leaves: list[_Leaf]) -> float:
+    """The smallest interval that keeps the PLD grids within the budgets (module docstring).
+
+    Composing supports adds their widths, so ``count`` copies of a leaf span at most
+    ``count`` times its width; with several leaves, each of the (len(leaves) - 1) FFT
+    compositions works on an array up to the final size.
+    """
+    build = sum(leaf.build_cost() for leaf in leaves) / PLD_MAX_BINS
+    composed_width = sum(leaf.count * leaf.loss_span() for leaf in leaves)
+    composed = composed_width * max(1, len(leaves) - 1) / PLD_MAX_COMPOSED_BINS
+    return max(build, composed, PLD_MIN_INTERVAL)
+
+
+def _pld_epsilon(
+    groups: list[tuple[dpa.DpEvent, int]],
+    delta: float,
+    poll: Callable[[], None] | None = None,
+) -> float:
+    leaves: list[_Leaf] = []
+    try:
+        for event, count in groups:
+            _leaves(event, count, leaves)
+    except _NonPrivate:
+        return math.inf
+    if not leaves:
         return 0.0
-    accountant = pld.PLDAccountant()
-    for event, _ in groups:
-        if not isinstance(event, dpa.DpEvent):
-            raise InvalidParameterError(
-                f"expected a dp_accounting DpEvent, got {event!r} ({type(event).__name__})."
-            )
-        if not accountant.supports(event):
-            raise InvalidParameterError(
-                f"the PLD accountant (add/remove adjacency) cannot account for {event!r}; "
-                "supported here: Gaussian, Poisson-sampled Gaussian and their compositions."
-            )
-    interval = PLD_COARSE_INTERVAL
-    epsilon = _pld_pass(groups, delta, interval)
+    if min(leaf.noise_multiplier for leaf in leaves) < PLD_MIN_NOISE_MULTIPLIER:
+        return math.inf
+    floor = _grid_floor(leaves)
+    if floor > PLD_MAX_INTERVAL:
+        return math.inf
+    if len(leaves) == 1 and leaves[0].count == 1:
+        leaf = leaves[0]
+        guide = _exact_epsilon(leaf.noise_multiplier, leaf.accounted_q, delta)
+        if poll is not None:
+            poll()
+        interval = min(max(floor, PLD_RELATIVE_INTERVAL * guide), PLD_MAX_INTERVAL)
+        return _pld_pass(leaves, delta, interval)
+    interval = max(floor, PLD_COARSE_INTERVAL)
+    if poll is not None:
+        poll()
+    epsilon = _pld_pass(leaves, delta, interval)
     # epsilon == 0 from a pessimistic PLD is exact (the true epsilon is 0 too).
-    while math.isfinite(epsilon) and epsilon > 0:
-        finer = max(PLD_MIN_INTERVAL, PLD_RELATIVE_INTERVAL * epsilon)
+    for _ in range(PLD_MAX_PASSES - 1):
+        if not (math.isfinite(epsilon) and epsilon > 0):
+            break
+        finer = min(max(floor, PLD_RELATIVE_INTERVAL * epsilon), PLD_MAX_INTERVAL)
         if finer > interval / 2:
             break
         interval = finer
-        epsilon = _pld_pass(groups, delta, interval)
+        if poll is not None:
+            poll()
+        epsilon = _pld_pass(leaves, delta, interval)
     return epsilon
 
 
 def epsilon_for(event: dpa.DpEvent, *, delta: float) -> float:
     """epsilon of ``event`` at ``delta`` from the PLD accountant (add/remove adjacency).
 
-    An upper bound on the true epsilon, about 0.1 % (at most ~0.2 %) above it (module
-    docstring).
+    An upper bound on the true epsilon, about 0.1 % (at most ~0.2 %) above it for useful
+    targets (module docstring); ``math.inf`` for an event without noise. Bounded time for
+    any event ``event_from_dict`` accepts.
     """
     return _pld_epsilon([(event, 1)], check_delta(delta))
 
@@ -159,8 +403,10 @@ class Calibration:
     """The noise multiplier for a target (epsilon, delta) at sampling rate q.
 
     ``epsilon_achieved`` = ``epsilon_for(event, delta=delta)``; it is never above
-    ``epsilon_target`` and lies within CALIBRATION_BAND (0.2 %) of it (a warning is logged
-    in the unexpected case that the search ends outside that band).
+    ``epsilon_target`` and lies within CALIBRATION_BAND (0.2 %) of it, unless z is the exact
+    minimum z* (then no smaller z can do) or the target is one the PLD grid cannot resolve
+    (an epsilon near 0 at a large delta; a warning is logged and z is within
+    CALIBRATION_Z_TOLERANCE of the smallest z the accountant accepts).
     """
 
     noise_multiplier: float
@@ -171,86 +417,178 @@ class Calibration:
     event: dpa.DpEvent
 
 
+_CACHE_SIZE = 256
+_cache: OrderedDict[tuple[float, float, float], Calibration] = OrderedDict()
+_cache_lock = threading.Lock()
+
+
 def calibrate_noise_multiplier(
-    *, epsilon: float, delta: float, sampling_rate: float
+    *,
+    epsilon: float,
+    delta: float,
+    sampling_rate: float,
+    poll: Callable[[], None] | None = None,
 ) -> Calibration:
     """The (near-)smallest z with epsilon(z) <= target, for one M1 release (DP_SPEC 2.6).
 
-    epsilon(z) is ``epsilon_for(release_event(z, q), delta)``. The search keeps a bracket
-    epsilon(lo) > target >= epsilon(hi) and returns ``hi``, a z whose epsilon was computed
-    and found <= target (the re-check of DP_SPEC 2.6 is the loop invariant, and it is
-    verified once more at the end). It stops when epsilon(hi) is within CALIBRATION_BAND
-    (0.2 %) of the target. Results are cached per (epsilon, delta, q).
+    epsilon(z) is ``epsilon_for(release_event(z, q), delta)``. The exact hockey-stick
+    divergence first gives z* (``_exact_noise``), below which no z can meet the target.
+    Meaningless targets are refused with the reason before any PLD work (delta >= q, a
+    delta below what the PLD resolves, a target that needs z > Z_MAX), or after one PLD
+    pass at Z_MIN (a target met even there promises nothing). The search then keeps a bracket
+    epsilon(lo) > target >= epsilon(hi), starting at z*, and returns ``hi``, a z whose
+    epsilon was computed and found <= target (the re-check of DP_SPEC 2.6 is the loop
+    invariant, and it is verified once more at the end). It stops when epsilon(hi) is within
+    CALIBRATION_BAND (0.2 %) of the target.
+
+    ``poll``, if given, is called before every PLD pass (each well under a second); an
+    exception it raises (e.g. a user's cancel) propagates. A calibration still running after
+    CALIBRATION_TIME_LIMIT_S seconds is refused with InvalidParameterError. Successful
+    results are cached per (epsilon, delta, q); refusals and interruptions are not.
     """
-    return _calibrate(
-        check_epsilon(epsilon), check_delta(delta), check_sampling_rate(sampling_rate)
-    )
+    key = (check_epsilon(epsilon), check_delta(delta), check_sampling_rate(sampling_rate))
+    if poll is not None and not callable(poll):
+        raise InvalidParameterError(f"poll must be callable or None, got poll={poll!r}.")
+    with _cache_lock:
+        cached = _cache.get(key)
+        if cached is not None:
+            _cache.move_to_end(key)
+            return cached
+    result = _calibrate(*key, poll=poll)
+    with _cache_lock:
+        _cache[key] = result
+        _cache.move_to_end(key)
+        while len(_cache) > _CACHE_SIZE:
+            _cache.popitem(last=False)
+    return result
 
 
 def _initial_guess(epsilon: float, delta: float, q: float) -> float:
-    """A starting z: exact Gaussian calibration (Balle & Wang 2018) of the base mechanism.
+    """An upper bound on z*: exact Gaussian calibration (Balle & Wang 2018) with no sampling.
 
-    For q < 1 the base (epsilon0, delta0) inverts amplification by Poisson subsampling,
-    epsilon = log(1 + q (e^epsilon0 - 1)), delta = q delta0 (Li, Qardaji, Su 2012; Balle,
-    Barthe, Gaboardi 2018, Thm 8). Only a guess: the bracket search below decides.
+    An (epsilon, delta)-DP Gaussian stays (epsilon, delta)-DP after Poisson subsampling
+    (amplification never hurts; Balle, Barthe, Gaboardi 2018, Thm 8), so the q = 1 noise
+    always suffices; for q = 1 it is z* itself.
     """
-    if q < 1:
-        epsilon = math.log1p(math.expm1(epsilon) / q) if epsilon < 700 else epsilon - math.log(q)
-        delta = min(delta / q, 0.5)
-    return min(max(float(dpa.get_sigma_gaussian(epsilon, delta)), 2 * Z_MIN), Z_MAX / 2)
+    with np.errstate(divide="ignore"):  # log1p(-1) = -inf at huge z is the right limit
+        return float(dpa.get_sigma_gaussian(epsilon, delta))
 
 
-@functools.lru_cache(maxsize=256)
-def _calibrate(epsilon: float, delta: float, q: float) -> Calibration:
-    def eps_of(z: float) -> float:
-        return epsilon_for(release_event(noise_multiplier=z, sampling_rate=q), delta=delta)
+def _exact_noise(epsilon: float, delta: float, q: float) -> float:
+    """z* = the smallest z whose exact (epsilon, delta) divergence is <= delta, to ~1e-9.
 
-    def too_far(direction: str) -> InvalidParameterError:
-        if direction == "loose":
-            return InvalidParameterError(
-                f"the target epsilon={epsilon!r} at delta={delta!r}, sampling_rate={q!r} is "
-                f"met even with noise multiplier {Z_MIN:g}: it promises (next to) nothing. "
-                "Choose a smaller epsilon (at most a few units) and a delta well below 1/n."
-            )
-        return InvalidParameterError(
-            f"the target epsilon={epsilon!r} at delta={delta!r}, sampling_rate={q!r} needs a "
-            f"noise multiplier above {Z_MAX:g}; choose a larger epsilon."
+    No z < z* meets the target under any correct accountant (the pessimistic PLD included),
+    so z* starts the PLD search. Returns ``math.inf`` when z* > Z_MAX and a value <= Z_MIN
+    when z* <= Z_MIN. Closed-form divergences only: milliseconds.
+    """
+    upper = _initial_guess(epsilon, delta, q)
+    if q == 1 or upper <= Z_MIN:
+        return upper if upper <= Z_MAX else math.inf
+    if upper > Z_MAX:
+        if _remove_delta(Z_MAX, q, epsilon) > delta:
+            return math.inf
+        upper = Z_MAX
+    if _remove_delta(Z_MIN, q, epsilon) <= delta:
+        return Z_MIN
+    return _bisect_log(lambda z: _remove_delta(z, q, epsilon) > delta, Z_MIN, upper, 1e-9)
+
+
+def _calibrate(
+    epsilon: float, delta: float, q: float, *, poll: Callable[[], None] | None
+) -> Calibration:
+    started = time.monotonic()
+    passes = 0
+    target = f"epsilon={epsilon!r}, delta={delta!r}, sampling_rate={q!r}"
+
+    if q < 1 and delta >= q:
+        raise InvalidParameterError(
+            f"delta must be below the sampling rate, got delta={delta!r} >= "
+            f"sampling_rate={q!r}: with Poisson sampling each image is left out with "
+            "probability 1 - q, so every noise multiplier (even none) satisfies "
+            "(epsilon, delta)-DP for delta >= q, and the target promises nothing. Choose "
+            "delta well below q and below 1/n."
         )
 
-    # 1. Bracket: eps_of(lo) > target >= eps_of(hi); epsilon decreases as z grows.
-    z = _initial_guess(epsilon, delta, q)
-    eps_z = eps_of(z)
-    if eps_z <= epsilon:
-        hi, eps_hi = z, eps_z
-        while True:
-            lo = hi / 1.5
-            if lo < Z_MIN:
-                raise too_far("loose")
-            eps_lo = eps_of(lo)
-            if eps_lo > epsilon:
-                break
-            hi, eps_hi = lo, eps_lo
+    if delta < CALIBRATION_MIN_DELTA:
+        raise InvalidParameterError(
+            f"delta={delta!r} is below {CALIBRATION_MIN_DELTA:g}, the smallest delta "
+            "dp_accounting's PLD accountant resolves in double precision (below it every "
+            f"noise multiplier gets epsilon = inf). Choose delta >= {CALIBRATION_MIN_DELTA:g}; "
+            "that is still far below 1/n for any dataset."
+        )
+
+    def eps_of(z: float) -> float:
+        nonlocal passes
+        if time.monotonic() - started > CALIBRATION_TIME_LIMIT_S:
+            raise InvalidParameterError(
+                f"could not calibrate within {CALIBRATION_TIME_LIMIT_S:g} s for {target}; "
+                "the PLD accountant cannot resolve this target in time (an epsilon tiny next to "
+                "delta needs a very fine grid). Choose a larger epsilon (e.g. 0.1 to 10) and a "
+                "delta well below q and below 1/n."
+            )
+        if passes >= CALIBRATION_MAX_PASSES:
+            raise InvalidParameterError(
+                f"could not calibrate in {CALIBRATION_MAX_PASSES} accountant passes for "
+                f"{target}; choose a larger epsilon (e.g. 0.1 to 10) and a delta well below "
+                "q and below 1/n."
+            )
+        passes += 1
+        if poll is not None:
+            poll()
+        return epsilon_for(release_event(noise_multiplier=z, sampling_rate=q), delta=delta)
+
+    def too_tight(z_star: float) -> InvalidParameterError:
+        needs = f" (about {z_star:.3g})" if math.isfinite(z_star) else ""
+        return InvalidParameterError(
+            f"the target {target} needs a noise multiplier above Z_MAX = {Z_MAX:g}{needs}: "
+            f"the noise on the sum would exceed {Z_MAX:g} times the signal bound C, drowning "
+            "any signal. Choose a larger epsilon or delta."
+        )
+
+    # 1. The exact bound: no z below z* meets the target, so the search starts there.
+    z_star = _exact_noise(epsilon, delta, q)
+    if z_star > Z_MAX:
+        raise too_tight(z_star)
+    lo = max(z_star, Z_MIN)
+    eps_lo = eps_of(lo)
+
+    # 2. Bracket: eps_of(lo) > target >= eps_of(hi); epsilon decreases as z grows.
+    if eps_lo <= epsilon:
+        if z_star <= Z_MIN:
+            raise InvalidParameterError(
+                f"the target {target} is met even with noise multiplier {Z_MIN:g}: it "
+                "promises (next to) nothing. Choose a smaller epsilon (at most a few units) "
+                "and a delta well below 1/n."
+            )
+        hi, eps_hi = lo, eps_lo
+        lo, eps_lo = lo * (1 - 1e-9), math.inf  # below z*: above the target (step 1)
     else:
-        lo, eps_lo = z, eps_z
+        step = 2e-3
         while True:
-            hi = lo * 1.5
-            if hi > Z_MAX:
-                raise too_far("tight")
+            hi = min(lo * (1 + step), Z_MAX)
             eps_hi = eps_of(hi)
             if eps_hi <= epsilon:
                 break
+            if hi >= Z_MAX:
+                raise too_tight(math.inf)
             lo, eps_lo = hi, eps_hi
+            step *= 5
 
-    # 2. Illinois false position on g(t) = log epsilon(e^t) - log target, t = log z (nearly
+    # 3. Illinois false position on g(t) = log epsilon(e^t) - log target, t = log z (nearly
     # linear there), keeping g(log lo) > 0 >= g(log hi); bisection while a side is infinite.
     def g(eps: float) -> float:
-        return math.log(eps) - math.log(epsilon) if eps > 0 else -math.inf
+        return (
+            math.log(eps) - math.log(epsilon)
+            if 0 < eps < math.inf
+            else math.copysign(math.inf, eps - epsilon)
+        )
+
+    def done() -> bool:
+        return eps_hi >= (1 - CALIBRATION_BAND) * epsilon or hi / lo - 1 < CALIBRATION_Z_TOLERANCE
 
     g_lo, g_hi = g(eps_lo), g(eps_hi)
     last_replaced = 0  # +1: hi was replaced last, -1: lo
-    for _ in range(100):
-        if eps_hi >= (1 - CALIBRATION_BAND) * epsilon or hi / lo - 1 < 1e-12:
-            break
+    while not done():
         a, b = math.log(lo), math.log(hi)
         if math.isfinite(g_lo) and math.isfinite(g_hi):
             t = b - g_hi * (b - a) / (g_hi - g_lo)
@@ -269,7 +607,10 @@ def _calibrate(epsilon: float, delta: float, q: float) -> Calibration:
             if last_replaced == -1:
                 g_hi /= 2
             last_replaced = -1
-    if not eps_hi >= (1 - CALIBRATION_BAND) * epsilon:
+    if not (eps_hi >= (1 - CALIBRATION_BAND) * epsilon or hi == z_star):
+        # z* itself is provably the smallest z; otherwise the PLD grid could not resolve
+        # the band (an epsilon near 0 next to a large delta) and z is within
+        # CALIBRATION_Z_TOLERANCE of the smallest z the accountant accepts.
         logger.warning(
             "calibration for epsilon=%g, delta=%g, q=%g stopped at epsilon(z)=%g",
             epsilon,
@@ -278,13 +619,15 @@ def _calibrate(epsilon: float, delta: float, q: float) -> Calibration:
             eps_hi,
         )
 
-    # 3. Re-check (DP_SPEC 2.6): never report a z whose epsilon exceeds the target.
+    # 4. Re-check (DP_SPEC 2.6): never report a z whose epsilon exceeds the target.
     event = release_event(noise_multiplier=hi, sampling_rate=q)
+    if poll is not None:
+        poll()
     achieved = epsilon_for(event, delta=delta)
     while not achieved <= epsilon:  # only if the accountant were not deterministic
         hi *= 1.0 + CALIBRATION_BAND / 4
         event = release_event(noise_multiplier=hi, sampling_rate=q)
-        achieved = epsilon_for(event, delta=delta)
+        achieved = eps_of(hi)
     return Calibration(
         noise_multiplier=hi,
         epsilon_target=epsilon,
@@ -298,6 +641,11 @@ def _calibrate(epsilon: float, delta: float, q: float) -> Calibration:
 # --- DpEvent <-> JSON ---------------------------------------------------------------------
 
 _MAX_DEPTH = 32
+# Limits on a stored event, so that its epsilon takes bounded time (``epsilon_for``): this
+# pack stores one release per event; a ledger written by hand or tampered with may not.
+_MAX_NODES = 100
+# At most this many repetitions of one event (see ``_leaves``).
+_MAX_COUNT = 10**5
 
 
 def event_to_dict(event: dpa.DpEvent) -> dict:
@@ -351,14 +699,20 @@ def event_from_dict(data: dict) -> dpa.DpEvent:
     """The DpEvent described by ``data`` (as written by ``event_to_dict``).
 
     Raises LedgerFormatError for an unknown event type and InvalidParameterError for a known
-    type with missing, extra or out-of-range fields.
+    type with missing, extra or out-of-range fields: a Gaussian noise multiplier must lie in
+    (0, Z_MAX] (0 would be no privacy at all, a larger value was never calibrated here), a
+    count in [1, 10^5] (also multiplied along nested compositions), and an event may have
+    at most 100 parts, so that its epsilon can be computed in bounded time.
     """
-    return _event_from_dict(data, depth=0)
+    return _event_from_dict(data, depth=0, multiplicity=1, nodes=[0])
 
 
-def _event_from_dict(data: object, depth: int) -> dpa.DpEvent:
+def _event_from_dict(data: object, depth: int, multiplicity: int, nodes: list[int]) -> dpa.DpEvent:
     if depth > _MAX_DEPTH:
         raise InvalidParameterError(f"DpEvent nested deeper than {_MAX_DEPTH} levels.")
+    nodes[0] += 1
+    if nodes[0] > _MAX_NODES:
+        raise InvalidParameterError(f"a stored DpEvent may have at most {_MAX_NODES} parts.")
     if not isinstance(data, dict) or not isinstance(data.get("type"), str):
         raise InvalidParameterError(
             f"a stored DpEvent must be a dict with a string 'type', got {data!r:.200}."
@@ -375,15 +729,19 @@ def _event_from_dict(data: object, depth: int) -> dpa.DpEvent:
             f"DpEvent of type {kind!r} must have the fields {sorted(_FIELDS[kind])}, got "
             f"{sorted(fields)} in {data!r:.200}."
         )
+
+    def inner(key: str = "event", times: int = 1) -> dpa.DpEvent:
+        return _event_from_dict(data[key], depth + 1, multiplicity * times, nodes)
+
     if kind == "NoOp":
         return dpa.NoOpDpEvent()
     if kind == "Gaussian":
-        z = _stored_real(data, "noise_multiplier", 0.0, math.inf)
+        z = _stored_real(data, "noise_multiplier", 0.0, Z_MAX, low_open=True)
         return dpa.GaussianDpEvent(noise_multiplier=z)
     if kind == "PoissonSampled":
         return dpa.PoissonSampledDpEvent(
             sampling_probability=_stored_real(data, "sampling_probability", 0.0, 1.0),
-            event=_event_from_dict(data["event"], depth + 1),
+            event=inner(),
         )
     if kind == "SampledWithoutReplacement":
         n = _stored_int(data, "source_dataset_size")
@@ -393,27 +751,38 @@ def _event_from_dict(data: object, depth: int) -> dpa.DpEvent:
                 f"sample_size must be <= source_dataset_size, got {m} > {n} in {data!r:.200}."
             )
         return dpa.SampledWithoutReplacementDpEvent(
-            source_dataset_size=n,
-            sample_size=m,
-            event=_event_from_dict(data["event"], depth + 1),
+            source_dataset_size=n, sample_size=m, event=inner()
         )
     if kind == "SelfComposed":
-        return dpa.SelfComposedDpEvent(
-            event=_event_from_dict(data["event"], depth + 1), count=_stored_int(data, "count")
-        )
+        count = _stored_int(data, "count", low=1, high=_MAX_COUNT)
+        if multiplicity * count > _MAX_COUNT:
+            raise InvalidParameterError(
+                f"nested SelfComposed DpEvents repeat an event {multiplicity * count} times; "
+                f"at most {_MAX_COUNT} are allowed."
+            )
+        return dpa.SelfComposedDpEvent(event=inner(times=count), count=count)
     events = data["events"]
     if not isinstance(events, list):
         raise InvalidParameterError(
             f"'events' of a Composed DpEvent must be a list, got {events!r:.200}."
         )
-    return dpa.ComposedDpEvent(events=[_event_from_dict(e, depth + 1) for e in events])
+    return dpa.ComposedDpEvent(
+        events=[_event_from_dict(e, depth + 1, multiplicity, nodes) for e in events]
+    )
 
 
-def _stored_real(data: dict, key: str, low: float, high: float) -> float:
+def _stored_real(data: dict, key: str, low: float, high: float, *, low_open: bool = False) -> float:
     value = data[key]
-    if isinstance(value, bool) or not isinstance(value, Real) or not low <= value <= high:
+    in_range = (
+        not isinstance(value, bool)
+        and isinstance(value, Real)
+        and (low < value if low_open else low <= value)
+        and value <= high
+    )
+    if not in_range:
+        allowed = f"{'(' if low_open else '['}{low:g}, {high:g}]"
         raise InvalidParameterError(
-            f"DpEvent field {key} must be a number in [{low:g}, {high:g}], got {key}={value!r}."
+            f"DpEvent field {key} must be a number in {allowed}, got {key}={value!r}."
         )
     value = float(value)
     if not math.isfinite(value):
@@ -421,11 +790,15 @@ def _stored_real(data: dict, key: str, low: float, high: float) -> float:
     return value
 
 
-def _stored_int(data: dict, key: str) -> int:
+def _stored_int(data: dict, key: str, low: int = 0, high: int | None = None) -> int:
     value = data[key]
-    if isinstance(value, bool) or not isinstance(value, Integral) or value < 0:
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < low:
         raise InvalidParameterError(
-            f"DpEvent field {key} must be a non-negative integer, got {key}={value!r}."
+            f"DpEvent field {key} must be an integer >= {low}, got {key}={value!r}."
+        )
+    if high is not None and value > high:
+        raise InvalidParameterError(
+            f"DpEvent field {key} must be at most {high} (and >= {low}), got {key}={value!r}."
         )
     return int(value)
 
@@ -436,9 +809,20 @@ def _stored_int(data: dict, key: str) -> int:
 def classical_gaussian_sigma(*, epsilon: float, delta: float, sensitivity: float) -> float:
     """sigma = Delta sqrt(2 ln(1.25/delta)) / epsilon (Dwork & Roth 2014, Thm A.1).
 
-    The theorem proves (epsilon, delta)-DP only for 0 < epsilon < 1.
+    The theorem proves (epsilon, delta)-DP only for 0 < epsilon < 1. Raises
+    InvalidParameterError when sigma would overflow a float (epsilon near 1e-300).
     """
-    return sensitivity * math.sqrt(2.0 * math.log(1.25 / delta)) / epsilon
+    epsilon = check_epsilon(epsilon)
+    delta = check_delta(delta)
+    sensitivity = check_clip_norm(sensitivity, "sensitivity")
+    sigma = sensitivity * math.sqrt(2.0 * math.log(1.25 / delta)) / epsilon
+    if not math.isfinite(sigma):
+        raise InvalidParameterError(
+            f"the classical Gaussian bound overflows for epsilon={epsilon!r}, delta={delta!r}, "
+            f"sensitivity={sensitivity!r}: sigma = sensitivity sqrt(2 ln(1.25/delta)) / epsilon "
+            "exceeds the largest float. Choose a larger epsilon."
+        )
+    return sigma
 
 
 @dataclass(frozen=True)
@@ -454,7 +838,8 @@ class PaperCalibration:
     where the bound proves nothing. ``rdp_epsilon``: the epsilon this sigma really gives at
     the target delta under replace-one with sampling without replacement, from dp_accounting's
     RdpAccountant(REPLACE_ONE) on ``event`` (the only accountant there for this pair; an
-    upper bound, RDP being looser than PLD).
+    upper bound, RDP being looser than PLD; for a noise multiplier above Z_MAX it is
+    evaluated at Z_MAX, still an upper bound, see ``_paper_rdp_epsilon``).
     """
 
     epsilon: float
@@ -502,7 +887,10 @@ def paper_calibration(
             f"sample_size must be <= dataset_size, got sample_size={m}, dataset_size={n}."
         )
     ratio = m / n
-    base_epsilon = math.log1p(math.expm1(epsilon) / ratio) if epsilon < 700 else epsilon
+    if epsilon < 30:
+        base_epsilon = math.log1p(math.expm1(epsilon) / ratio)
+    else:  # the same, without overflowing e^epsilon
+        base_epsilon = epsilon - math.log(ratio) + math.log1p((ratio - 1) * math.exp(-epsilon))
     base_delta = delta / ratio
     if not base_delta < 1:
         raise InvalidParameterError(
@@ -515,8 +903,6 @@ def paper_calibration(
     )
     gaussian = dpa.GaussianDpEvent(sigma / sensitivity)
     event = gaussian if m == n else dpa.SampledWithoutReplacementDpEvent(n, m, gaussian)
-    accountant = rdp.RdpAccountant(neighboring_relation=dpa.NeighboringRelation.REPLACE_ONE)
-    rdp_eps = float(accountant.compose(event).get_epsilon(delta))
     return PaperCalibration(
         epsilon=epsilon,
         delta=delta,
@@ -529,9 +915,33 @@ def paper_calibration(
         sigma=sigma,
         noise_multiplier=sigma / sensitivity,
         classical_valid=base_epsilon < 1.0,
-        rdp_epsilon=rdp_eps,
+        rdp_epsilon=_paper_rdp_epsilon(sigma / sensitivity, n, m, delta),
         event=event,
     )
+
+
+def _paper_rdp_epsilon(z: float, n: int, m: int, delta: float) -> float:
+    """RdpAccountant(REPLACE_ONE) epsilon of ``z`` on a sample of m of n, at ``delta``.
+
+    dp_accounting's RDP for sampling without replacement (Wang, Balle, Kasiviswanathan 2019)
+    fails with a math domain error above z ~ 1e9, and its Gaussian RDP overflows near
+    z ~ 1e155, so z is capped at Z_MAX: more noise never costs privacy, so the epsilon at
+    the cap is still an upper bound (and below ~1e-5 there). Where the RDP overflows for a
+    tiny z the mechanism promises nothing and the bound is infinite.
+    """
+    z_eval = min(z, Z_MAX)
+    gaussian = dpa.GaussianDpEvent(z_eval)
+    event = gaussian if m == n else dpa.SampledWithoutReplacementDpEvent(n, m, gaussian)
+    accountant = rdp.RdpAccountant(neighboring_relation=dpa.NeighboringRelation.REPLACE_ONE)
+    try:
+        return float(accountant.compose(event).get_epsilon(delta))
+    except (OverflowError, ValueError, ZeroDivisionError) as error:
+        if z_eval < 1:
+            return math.inf
+        raise InvalidParameterError(
+            f"dp_accounting's RDP accountant failed on the paper's noise multiplier "
+            f"z={z!r} (sample {m} of {n}, delta={delta!r}): {error}."
+        ) from error
 
 
 @dataclass(frozen=True)
@@ -571,25 +981,39 @@ def noise_comparison(
     dataset_size: int,
     sampling_rate: float,
     dimension: int,
+    poll: Callable[[], None] | None = None,
 ) -> NoiseComparison:
-    """Our calibrated noise against the paper's for one release at (epsilon, delta)."""
+    """Our calibrated noise against the paper's for one release at (epsilon, delta).
+
+    Raises InvalidParameterError where our calibration refuses the target (see
+    ``calibrate_noise_multiplier``, which receives ``poll``) or the paper's cannot be
+    applied (delta * n / m >= 1). If only the q = 1 calibration behind
+    ``same_adjacency_ratio`` is refused (its z would leave [Z_MIN, Z_MAX]), that ratio uses
+    the exact analytic Gaussian noise instead (Balle & Wang 2018, Thm 8), which the PLD
+    calibration matches to 0.5 %.
+    """
     epsilon = check_epsilon(epsilon)
     delta = check_delta(delta)
     c = check_clip_norm(clip_norm)
     n = check_positive_int("dataset_size", dataset_size)
     q = check_sampling_rate(sampling_rate)
     d = check_positive_int("dimension", dimension)
-    z = calibrate_noise_multiplier(epsilon=epsilon, delta=delta, sampling_rate=q).noise_multiplier
+    z = calibrate_noise_multiplier(
+        epsilon=epsilon, delta=delta, sampling_rate=q, poll=poll
+    ).noise_multiplier
     relative = z * math.sqrt(d) / (q * n)
     m = max(1, round(q * n))
     paper = paper_calibration(
         epsilon=epsilon, delta=delta, clip_norm=c, dataset_size=n, sample_size=m
     )
     paper_relative = paper.sigma * math.sqrt(d) / (m * c)
-    z_full = calibrate_noise_multiplier(epsilon=epsilon, delta=delta, sampling_rate=1.0)
-    same = z_full.noise_multiplier / classical_gaussian_sigma(
-        epsilon=epsilon, delta=delta, sensitivity=1.0
-    )
+    try:
+        z_full = calibrate_noise_multiplier(
+            epsilon=epsilon, delta=delta, sampling_rate=1.0, poll=poll
+        ).noise_multiplier
+    except InvalidParameterError:
+        z_full = _initial_guess(epsilon, delta, 1.0)
+    same = z_full / classical_gaussian_sigma(epsilon=epsilon, delta=delta, sensitivity=1.0)
     return NoiseComparison(
         epsilon=epsilon,
         delta=delta,

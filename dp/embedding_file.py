@@ -47,7 +47,9 @@ def embedding_path(directory: Path, name: str) -> Path:
     directory = Path(directory).resolve()
     path = (directory / f"{stem}{SUFFIX}").resolve()
     if path.parent != directory:
-        raise InvalidParameterError(f"embedding name {shown_path(repr(name))} would leave the embeddings folder.")
+        raise InvalidParameterError(
+            f"embedding name {shown_path(repr(name))} would leave the embeddings folder."
+        )
     return path
 
 

@@ -41,6 +41,8 @@ def _assert_calibrated(epsilon, delta, q):
     assert recomputed == cal.epsilon_achieved
     assert recomputed <= epsilon, "never report more privacy than achieved"
     assert recomputed >= 0.99 * epsilon, "no more noise than needed (within 1%)"
+    # Independent of the PLD grid: the exact divergence of z at the target is within delta.
+    assert _exact_delta(cal.noise_multiplier, q, epsilon) <= delta * (1 + 1e-9)
     assert (cal.epsilon_target, cal.delta, cal.sampling_rate) == (epsilon, delta, q)
 
 
@@ -457,25 +459,29 @@ def test_every_target_of_the_hostile_grid_answers_or_refuses_within_seconds(cold
 
 @pytest.mark.parametrize(("delta", "q"), [(0.3, 0.3), (0.1, 0.1), (0.5, 0.01), (0.9, 1e-4)])
 def test_delta_at_or_above_the_sampling_rate_is_refused_for_that_reason(cold_cache, delta, q):
-    start = time.perf_counter()
+    passes = []
     with pytest.raises(InvalidParameterError) as error:
-        calibrate_noise_multiplier(epsilon=1.0, delta=delta, sampling_rate=q)
-    assert time.perf_counter() - start < 1.0
+        calibrate_noise_multiplier(
+            epsilon=1.0, delta=delta, sampling_rate=q, poll=lambda: passes.append(1)
+        )
+    assert not passes, "refused before any PLD pass"
     message = str(error.value)
     assert message.startswith("delta must be below the sampling rate")
     assert f"delta={delta!r}" in message and f"sampling_rate={q!r}" in message
     assert "smaller epsilon" not in message
-    # Just below q is a meaningful target and is calibrated.
-    _calibrate_or_refuse(1.0, 0.9 * q, q)
 
 
 @pytest.mark.parametrize("epsilon", [1e-300, 1e-12])
 @pytest.mark.parametrize("q", HOSTILE_RATES)
 def test_targets_needing_more_than_z_max_are_refused_at_once(cold_cache, epsilon, q):
+    passes = []
     start = time.perf_counter()
     with pytest.raises(InvalidParameterError) as error:
-        calibrate_noise_multiplier(epsilon=epsilon, delta=1e-12, sampling_rate=q)
-    assert time.perf_counter() - start < 1.0, "decided by the exact bound, no PLD pass"
+        calibrate_noise_multiplier(
+            epsilon=epsilon, delta=1e-12, sampling_rate=q, poll=lambda: passes.append(1)
+        )
+    assert not passes, "decided by the exact bound, before any PLD pass"
+    assert time.perf_counter() - start < PER_CALL_BOUND_S
     message = str(error.value)
     assert f"epsilon={epsilon!r}" in message
     assert "noise multiplier above Z_MAX" in message and "times the signal bound" in message
@@ -557,17 +563,6 @@ def test_a_calibration_past_its_time_limit_is_refused_and_not_cached(cold_cache,
     assert not accounting._cache
 
 
-NORMAL_GRID = list(itertools.product((0.2, 1.0, 3.0), (1e-6, 1e-9), (0.02, 0.3, 1.0)))
-
-
-@pytest.mark.parametrize(("epsilon", "delta", "q"), NORMAL_GRID)
-def test_calibration_meets_the_target_exactly_as_well_as_under_the_pld(epsilon, delta, q):
-    cal = calibrate_noise_multiplier(epsilon=epsilon, delta=delta, sampling_rate=q)
-    assert (1 - 2e-3) * epsilon <= cal.epsilon_achieved <= epsilon
-    # Independent of the PLD grid: the exact divergence at the target is within delta.
-    assert _exact_delta(cal.noise_multiplier, q, epsilon) <= delta * (1 + 1e-9)
-
-
 # --- stored events: tampered values refused, any accepted event accounted in bounded time --
 
 
@@ -638,7 +633,7 @@ HOSTILE_STORED = {
 @pytest.mark.parametrize("data", HOSTILE_STORED.values(), ids=HOSTILE_STORED.keys())
 def test_any_stored_event_that_is_accepted_is_accounted_in_bounded_time(data):
     event = event_from_dict(data)
-    for delta in (1e-12, 1e-5, 0.5, 0.999999):
+    for delta in (1e-12, 0.999999):
         start = time.perf_counter()
         epsilon = epsilon_for(event, delta=delta)
         composed = compose_epsilon([event, event], delta=delta)
@@ -663,8 +658,18 @@ def test_a_subnormal_sampling_rate_is_accounted_as_the_smallest_normal_one():
 # --- the paper's comparison on extreme inputs: a finite result or a clear refusal ----------
 
 
-@pytest.mark.parametrize("epsilon", [1e-300, 1e-12, 100.0, 1e5])
-@pytest.mark.parametrize("delta", [1e-300, 1e-12, 0.999999])
+PAPER_EXTREMES = list(itertools.product((1e-300, 1e-12, 100.0, 1e5), (1e-300, 1e-12, 0.999999)))
+
+
+@pytest.mark.parametrize(
+    ("epsilon", "delta"),
+    [
+        pytest.param(
+            *target, marks=() if target[0] < 1e-6 and target[1] < 1e-6 else pytest.mark.slow
+        )
+        for target in PAPER_EXTREMES
+    ],
+)
 def test_paper_calibration_never_raises_a_raw_arithmetic_error(epsilon, delta):
     for n, m in ((1, 1), (10, 1), (10, 5), (10**6, 5)):
         try:
