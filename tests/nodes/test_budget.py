@@ -100,3 +100,18 @@ def test_the_report_states_the_declared_size_as_public(node):
 def test_bad_inputs_are_refused_clearly(node, overrides, message):
     with pytest.raises(DpAdaptError, match=message):
         run(node, **overrides)
+
+
+def test_cancel_interrupts_a_calibration(node, monkeypatch):
+    """ComfyUI's Cancel is honoured between PLD passes (a fresh target, not cached)."""
+    import comfy.model_management
+
+    from comfyui_dp_adapt.dp import accounting
+
+    monkeypatch.setattr(accounting, "_cache", type(accounting._cache)())
+    comfy.model_management.interrupt_current_processing(True)
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            run(node, epsilon=0.77, report_sampling_rate=0.37)
+    finally:
+        comfy.model_management.interrupt_current_processing(False)

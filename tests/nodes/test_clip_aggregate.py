@@ -285,3 +285,24 @@ def test_a_nan_image_does_not_change_whether_the_release_happens(env, monkeypatc
     monkeypatch.setattr(env["clip_vision"], "encode_image", poisoned)
     target, _, _ = aggregate(env, make_budget(env))
     assert torch.isfinite(target.embedding).all()
+
+
+def test_overlapping_folders_share_their_images_budget(env):
+    """Two collections (ledger names) with shared images: the shared images' spending
+    carries over, so no image ever exceeds its own total (docs/privacy.md §7)."""
+    from comfyui_dp_adapt.dp.private_set import PrivateImageSet
+
+    shared = private_set(env["images"][:5])
+    first = make_budget(env, epsilon=1.0, total=1.0)
+    aggregate(env, first, private_images=shared)
+    added = PrivateImageSet(
+        images=env["images"],
+        image_keys=(*shared.image_keys, f"hmac-sha256:clip-new-{uuid.uuid4().hex}"),
+    )
+    second = make_budget(env, epsilon=1.0, total=1.0)  # another ledger name, fresh collection
+    aggregate(env, second, private_images=added)
+    ledger = second.ledger()
+    spent = [ledger.image_spent(key, delta=1e-5) for key in added.image_keys]
+    assert all(s <= 1.0 for s in spent), "a shared image was charged past its total"
+    assert spent[-1] > 0, "the new image took part in the second release"
+    assert ledger_records(first) == 1 and ledger_records(second) == 1

@@ -108,6 +108,42 @@ def test_real_models_train_without_coupling_bitwise(tiny, im):
     assert (first - init).abs().amax() > 0, "training must move the embeddings"
 
 
+@pytest.mark.parametrize("per_batch", [2, 4])
+def test_real_models_removing_any_image_leaves_the_others_bitwise_identical(tiny, im, per_batch):
+    """docs/privacy.md §3.2 on ComfyUI's own kernels (convolutions, attention, norms):
+    removing image j re-splits the padded chunks, yet every other result is unchanged."""
+    from comfyui_dp_adapt.nodes import comfy_compat
+
+    model, clip, vae = tiny
+    family = im.detect_family(model, clip)
+    images = torch.rand(5, 64, 64, 3, generator=torch.Generator().manual_seed(3))
+    latents = torch.cat(
+        [comfy_compat.encode_latents(model, vae, images[i : i + 1]) for i in range(5)]
+    )
+    prompts = im.tokenize_templates(clip, family, STYLE_TEMPLATES, 1)
+    init = im.token_vectors(clip, family, "painting")
+    config = InversionConfig(steps=2, learning_rate=0.01, images_per_batch=per_batch)
+    seeds = [31, 32, 33, 34, 35]
+
+    def run(rows):
+        with torch.inference_mode(False), torch.enable_grad():
+            return train_per_image_embeddings(
+                latents[rows],
+                initial=init,
+                prompts=prompts,
+                config=config,
+                seeds=[seeds[i] for i in rows],
+                text_forward=im.make_text_forward(clip, family),
+                denoise_loss=im.make_denoise_loss(model),
+                public_rows=6,
+            )
+
+    full = run(list(range(5)))
+    for removed in range(5):
+        keep = [i for i in range(5) if i != removed]
+        assert torch.equal(full[keep], run(keep)), f"removing image {removed} moved another"
+
+
 def test_unsupported_families_are_refused_by_name(tiny, im):
     import comfy.supported_models
 
