@@ -98,10 +98,13 @@ def plan_release(
     sampling_rate: float,
     settings: Mapping[str, object],
     poll: Callable[[], None] | None = None,
+    calibrate: Callable[..., Calibration] = calibrate_noise_multiplier,
 ) -> ReleasePlan:
     """Calibrate, look for an identical recorded release, check the collection's budget.
 
-    Raises BudgetExceededError (a public decision: it depends on the collection's recorded
+    ``calibrate(epsilon=, delta=, sampling_rate=, poll=)`` gives the noise multiplier and
+    DpEvent of the release (one M1 release by default; DP-SGD passes its own). Raises
+    BudgetExceededError (a public decision: it depends on the collection's recorded
     releases only, never on the images) if a new release cannot be afforded.
     """
     if not isinstance(budget, PrivacyBudget):
@@ -109,9 +112,7 @@ def plan_release(
             f"budget must come from the Privacy Budget node, got {type(budget).__name__}."
         )
     q = check_sampling_rate(sampling_rate)
-    calibration = calibrate_noise_multiplier(
-        epsilon=budget.epsilon, delta=budget.delta, sampling_rate=q, poll=poll
-    )
+    calibration = calibrate(epsilon=budget.epsilon, delta=budget.delta, sampling_rate=q, poll=poll)
     key = request_key(
         image_keys=image_keys,
         settings={
@@ -219,15 +220,13 @@ def execute_release(
     by q n_hat; the estimate is stored with the record. A request recorded before is not
     released again (its stored estimate is returned).
     """
-    budget = plan.budget
     if vectors.dim() != 2 or vectors.shape[0] != len(image_keys):
         raise InvalidParameterError("vectors must be (n, D) with one row per private image key.")
-    dimension = int(vectors.shape[1])
 
-    def release(included: tuple[bool, ...]) -> dict:
+    def release(included: tuple[bool, ...]) -> torch.Tensor:
         kept = poisson_sample(len(image_keys), sampling_rate=plan.sampling_rate)
         rows = [i for i in kept.indices if included[i]]
-        aggregate = release_noisy_aggregate(
+        return release_noisy_aggregate(
             vectors[rows],
             centre=centre,
             clip_norm=clip_norm,
@@ -236,9 +235,29 @@ def execute_release(
             dataset_size=plan.declared_dataset_size,
             mode=mode,
             postprocess=postprocess,
-        )
-        return encode_estimate(aggregate.estimate)
+        ).estimate
 
+    return commit_release(
+        plan, image_keys=image_keys, release=release, dimension=int(vectors.shape[1]), label=label
+    )
+
+
+def commit_release(
+    plan: ReleasePlan,
+    *,
+    image_keys: Sequence[str],
+    release: Callable[[tuple[bool, ...]], torch.Tensor],
+    dimension: int,
+    label: str = "",
+) -> ReleaseOutcome:
+    """Run ``release(included)`` inside the ledger's commit and store its (D,) result.
+
+    ``included[i]`` says whether image i still has budget (excluded images must contribute
+    nothing). Everything random and private happens inside ``release``, under the lock, so
+    nothing exists outside before the record is durable; if it raises (Cancel), nothing is
+    recorded or spent.
+    """
+    budget = plan.budget
     commit = budget.ledger().commit(
         collection=budget.ledger_name,
         total=budget.total,
@@ -246,14 +265,9 @@ def execute_release(
         image_keys=list(image_keys),
         request_key=plan.request_key,
         label=label,
-        release=release,
+        release=lambda included: encode_estimate(release(included)),
     )
-    estimate = decode_estimate(commit.result)
-    if estimate.shape != (dimension,):
-        raise LedgerCorruptError(
-            f"the recorded release {commit.release_id[:12]} holds an estimate of another "
-            f"dimension than {dimension}."
-        )
+    estimate = _recorded_estimate(commit.result, commit.release_id, dimension)
     return ReleaseOutcome(estimate=estimate, release_id=commit.release_id, reused=commit.reused)
 
 
@@ -261,13 +275,19 @@ def reused_estimate(plan: ReleasePlan, *, dimension: int) -> ReleaseOutcome:
     """The recorded estimate of a reused release (``plan.reused``), checked for its shape."""
     if plan.reused is None:
         raise InvalidParameterError("this plan has no recorded release to reuse.")
-    estimate = decode_estimate(plan.reused.result)
+    release_id = plan.reused.release_id
+    estimate = _recorded_estimate(plan.reused.result, release_id, dimension)
+    return ReleaseOutcome(estimate=estimate, release_id=release_id, reused=True)
+
+
+def _recorded_estimate(result: Mapping[str, object], release_id: str, dimension: int):
+    estimate = decode_estimate(result)
     if estimate.shape != (dimension,):
         raise LedgerCorruptError(
-            f"the recorded release {plan.reused.release_id[:12]} holds an estimate of another "
-            f"dimension than {dimension}."
+            f"the recorded release {release_id[:12]} holds an estimate of another dimension "
+            f"than {dimension}."
         )
-    return ReleaseOutcome(estimate=estimate, release_id=plan.reused.release_id, reused=True)
+    return estimate
 
 
 def encode_estimate(estimate: torch.Tensor) -> dict:
