@@ -418,7 +418,7 @@ class Calibration:
 
 
 _CACHE_SIZE = 256
-_cache: OrderedDict[tuple[float, float, float], Calibration] = OrderedDict()
+_cache: OrderedDict[tuple, Calibration] = OrderedDict()
 _cache_lock = threading.Lock()
 
 
@@ -449,12 +449,17 @@ def calibrate_noise_multiplier(
     key = (check_epsilon(epsilon), check_delta(delta), check_sampling_rate(sampling_rate))
     if poll is not None and not callable(poll):
         raise InvalidParameterError(f"poll must be callable or None, got poll={poll!r}.")
+    return _cached(key, lambda: _calibrate(*key, poll=poll))
+
+
+def _cached(key: tuple, compute: Callable[[], Calibration]) -> Calibration:
+    """``compute()``, cached under ``key`` (LRU, _CACHE_SIZE entries); failures are not cached."""
     with _cache_lock:
         cached = _cache.get(key)
         if cached is not None:
             _cache.move_to_end(key)
             return cached
-    result = _calibrate(*key, poll=poll)
+    result = compute()
     with _cache_lock:
         _cache[key] = result
         _cache.move_to_end(key)
@@ -493,13 +498,8 @@ def _exact_noise(epsilon: float, delta: float, q: float) -> float:
     return _bisect_log(lambda z: _remove_delta(z, q, epsilon) > delta, Z_MIN, upper, 1e-9)
 
 
-def _calibrate(
-    epsilon: float, delta: float, q: float, *, poll: Callable[[], None] | None
-) -> Calibration:
-    started = time.monotonic()
-    passes = 0
-    target = f"epsilon={epsilon!r}, delta={delta!r}, sampling_rate={q!r}"
-
+def _check_calibration_delta(delta: float, q: float) -> None:
+    """Refuse a delta that no noise multiplier can make meaningful, saying why."""
     if q < 1 and delta >= q:
         raise InvalidParameterError(
             f"delta must be below the sampling rate, got delta={delta!r} >= "
@@ -517,8 +517,50 @@ def _calibrate(
             "that is still far below 1/n for any dataset."
         )
 
-    def eps_of(z: float) -> float:
-        nonlocal passes
+
+def _calibrate(
+    epsilon: float, delta: float, q: float, *, poll: Callable[[], None] | None
+) -> Calibration:
+    started = time.monotonic()
+    _check_calibration_delta(delta, q)
+    z_star = _exact_noise(epsilon, delta, q)
+    return _search_noise(
+        epsilon,
+        delta,
+        q,
+        make_event=lambda z: release_event(noise_multiplier=z, sampling_rate=q),
+        z_star=z_star,
+        guess=z_star,
+        target=f"epsilon={epsilon!r}, delta={delta!r}, sampling_rate={q!r}",
+        started=started,
+        poll=poll,
+    )
+
+
+def _search_noise(
+    epsilon: float,
+    delta: float,
+    q: float,
+    *,
+    make_event: Callable[[float], dpa.DpEvent],
+    z_star: float,
+    guess: float,
+    target: str,
+    started: float,
+    poll: Callable[[], None] | None,
+    poll_inside_passes: bool = False,
+) -> Calibration:
+    """The (near-)smallest z with epsilon_for(make_event(z)) <= epsilon (see the callers).
+
+    ``z_star`` must be a lower bound on every z that meets the target under a correct
+    accountant (no z below it can do), ``guess`` any starting point (the search is fastest
+    when it is close to the answer). With ``poll_inside_passes`` the time limit and ``poll``
+    are also checked between the PLD passes of one epsilon (for compositions, whose
+    epsilon takes several passes).
+    """
+    passes = 0
+
+    def check_time() -> None:
         if time.monotonic() - started > CALIBRATION_TIME_LIMIT_S:
             raise InvalidParameterError(
                 f"could not calibrate within {CALIBRATION_TIME_LIMIT_S:g} s for {target}; "
@@ -526,6 +568,15 @@ def _calibrate(
                 "delta needs a very fine grid). Choose a larger epsilon (e.g. 0.1 to 10) and a "
                 "delta well below q and below 1/n."
             )
+
+    def between_passes() -> None:
+        check_time()
+        if poll is not None:
+            poll()
+
+    def eps_of(z: float) -> float:
+        nonlocal passes
+        check_time()
         if passes >= CALIBRATION_MAX_PASSES:
             raise InvalidParameterError(
                 f"could not calibrate in {CALIBRATION_MAX_PASSES} accountant passes for "
@@ -535,7 +586,9 @@ def _calibrate(
         passes += 1
         if poll is not None:
             poll()
-        return epsilon_for(release_event(noise_multiplier=z, sampling_rate=q), delta=delta)
+        if poll_inside_passes:
+            return _pld_epsilon([(make_event(z), 1)], delta, between_passes)
+        return epsilon_for(make_event(z), delta=delta)
 
     def too_tight(z_star: float) -> InvalidParameterError:
         needs = f" (about {z_star:.3g})" if math.isfinite(z_star) else ""
@@ -545,25 +598,35 @@ def _calibrate(
             "any signal. Choose a larger epsilon or delta."
         )
 
-    # 1. The exact bound: no z below z* meets the target, so the search starts there.
-    z_star = _exact_noise(epsilon, delta, q)
+    # 1. The exact bound: no z below z* meets the target, so the search starts at or above it.
     if z_star > Z_MAX:
         raise too_tight(z_star)
-    lo = max(z_star, Z_MIN)
-    eps_lo = eps_of(lo)
+    floor = max(z_star, Z_MIN)
+    start = min(max(guess, floor), Z_MAX)
+    eps_start = eps_of(start)
 
     # 2. Bracket: eps_of(lo) > target >= eps_of(hi); epsilon decreases as z grows.
-    if eps_lo <= epsilon:
-        if z_star <= Z_MIN:
-            raise InvalidParameterError(
-                f"the target {target} is met even with noise multiplier {Z_MIN:g}: it "
-                "promises (next to) nothing. Choose a smaller epsilon (at most a few units) "
-                "and a delta well below 1/n."
-            )
-        hi, eps_hi = lo, eps_lo
-        lo, eps_lo = lo * (1 - 1e-9), math.inf  # below z*: above the target (step 1)
+    step = 2e-3
+    if eps_start <= epsilon:
+        hi, eps_hi = start, eps_start
+        while True:
+            if hi <= floor:
+                if z_star <= Z_MIN:
+                    raise InvalidParameterError(
+                        f"the target {target} is met even with noise multiplier {Z_MIN:g}: it "
+                        "promises (next to) nothing. Choose a smaller epsilon (at most a few "
+                        "units) and a delta well below 1/n."
+                    )
+                lo, eps_lo = hi * (1 - 1e-9), math.inf  # below z*: above the target (step 1)
+                break
+            lo = max(hi / (1 + step), floor)
+            eps_lo = eps_of(lo)
+            if eps_lo > epsilon:
+                break
+            hi, eps_hi = lo, eps_lo
+            step *= 5
     else:
-        step = 2e-3
+        lo, eps_lo = start, eps_start
         while True:
             hi = min(lo * (1 + step), Z_MAX)
             eps_hi = eps_of(hi)
@@ -612,21 +675,19 @@ def _calibrate(
         # the band (an epsilon near 0 next to a large delta) and z is within
         # CALIBRATION_Z_TOLERANCE of the smallest z the accountant accepts.
         logger.warning(
-            "calibration for epsilon=%g, delta=%g, q=%g stopped at epsilon(z)=%g",
-            epsilon,
-            delta,
-            q,
+            "calibration for %s stopped at epsilon(z)=%g",
+            target,
             eps_hi,
         )
 
-    # 4. Re-check (DP_SPEC 2.6): never report a z whose epsilon exceeds the target.
-    event = release_event(noise_multiplier=hi, sampling_rate=q)
+    # 4. Re-check (docs/privacy.md §2.6): never report a z whose epsilon exceeds the target.
+    event = make_event(hi)
     if poll is not None:
         poll()
     achieved = epsilon_for(event, delta=delta)
     while not achieved <= epsilon:  # only if the accountant were not deterministic
         hi *= 1.0 + CALIBRATION_BAND / 4
-        event = release_event(noise_multiplier=hi, sampling_rate=q)
+        event = make_event(hi)
         achieved = eps_of(hi)
     return Calibration(
         noise_multiplier=hi,
@@ -1028,4 +1089,112 @@ def noise_comparison(
         paper_relative_noise=paper_relative,
         ratio=relative / paper_relative,
         same_adjacency_ratio=same,
+    )
+
+
+# --- DP-SGD textual inversion (docs/privacy.md §4) ---------------------------------------
+
+DPSGD_MAX_STEPS = _MAX_COUNT
+"""The most DP-SGD steps accounted (and stored in a ledger, see ``event_from_dict``)."""
+
+
+def _check_steps(steps: int) -> int:
+    if (
+        isinstance(steps, bool)
+        or not isinstance(steps, Integral)
+        or not 1 <= steps <= DPSGD_MAX_STEPS
+    ):
+        raise InvalidParameterError(
+            f"steps must be an integer from 1 to {DPSGD_MAX_STEPS}, got steps={steps!r}."
+        )
+    return int(steps)
+
+
+def dpsgd_event(*, noise_multiplier: float, sampling_rate: float, steps: int) -> dpa.DpEvent:
+    """The DpEvent of a DP-SGD run (Abadi et al. 2016): T Poisson-subsampled Gaussian steps.
+
+    ``SelfComposedDpEvent(PoissonSampledDpEvent(q, GaussianDpEvent(z)), T)``, with the plain
+    ``GaussianDpEvent(z)`` inside when q = 1. Each step releases a sum of per-example
+    gradients clipped to norm C (add/remove sensitivity C) plus N(0, (z C)^2 I).
+    """
+    steps = _check_steps(steps)
+    return dpa.SelfComposedDpEvent(
+        event=release_event(noise_multiplier=noise_multiplier, sampling_rate=sampling_rate),
+        count=steps,
+    )
+
+
+def _dpsgd_guess(epsilon: float, delta: float, q: float, steps: int) -> float:
+    """A starting point for the DP-SGD search: the central-limit approximation.
+
+    T Poisson-subsampled Gaussian steps are close to mu-GDP with mu = q sqrt(T (e^{1/z^2} - 1))
+    (Bu, Dong, Long, Su 2020, "Deep learning with Gaussian differential privacy"), and mu-GDP
+    is (epsilon, delta)-DP exactly when a Gaussian with noise multiplier 1/mu is (Dong, Roth,
+    Su 2022, Cor. 2.13). Only a guess (the approximation can err either way); the search
+    checks every z with the PLD accountant.
+    """
+    z_gauss = _initial_guess(epsilon, delta, 1.0)
+    no_amplification = math.sqrt(steps) * z_gauss  # T Gaussians = one with z / sqrt(T)
+    try:
+        mu = 1.0 / z_gauss
+        guess = 1.0 / math.sqrt(math.log1p((mu / q) ** 2 / steps))
+    except (ArithmeticError, ValueError):
+        return no_amplification
+    if not math.isfinite(guess) or guess <= 0:
+        return no_amplification
+    return min(guess, no_amplification)
+
+
+def calibrate_dpsgd_noise_multiplier(
+    *,
+    epsilon: float,
+    delta: float,
+    sampling_rate: float,
+    steps: int,
+    poll: Callable[[], None] | None = None,
+) -> Calibration:
+    """The (near-)smallest z with epsilon(dpsgd_event(z, q, T)) <= target (docs/privacy.md §4).
+
+    The same search, limits and refusals as ``calibrate_noise_multiplier`` (delta >= q,
+    a delta below what the PLD resolves, z outside [Z_MIN, Z_MAX], CALIBRATION_TIME_LIMIT_S),
+    on the T-fold composition; ``event`` of the result is the composed event. The lower
+    bound on z: for q = 1, T Gaussians are one Gaussian with z / sqrt(T), so
+    z* = sqrt(T) times the exact one-release noise (Balle & Wang 2018, Thm 8); for q < 1,
+    the one-step z* (composing more steps never lowers epsilon). The search starts from the
+    central-limit guess (``_dpsgd_guess``). ``poll`` is called before every PLD pass, also
+    between the passes of one epsilon. Results are cached per (epsilon, delta, q, T).
+    """
+    key = (
+        check_epsilon(epsilon),
+        check_delta(delta),
+        check_sampling_rate(sampling_rate),
+        _check_steps(steps),
+    )
+    if poll is not None and not callable(poll):
+        raise InvalidParameterError(f"poll must be callable or None, got poll={poll!r}.")
+    return _cached(("dpsgd", *key), lambda: _calibrate_dpsgd(*key, poll=poll))
+
+
+def _calibrate_dpsgd(
+    epsilon: float, delta: float, q: float, steps: int, *, poll: Callable[[], None] | None
+) -> Calibration:
+    started = time.monotonic()
+    _check_calibration_delta(delta, q)
+    if q == 1:
+        z_star = math.sqrt(steps) * _exact_noise(epsilon, delta, 1.0)
+        guess = z_star
+    else:
+        z_star = _exact_noise(epsilon, delta, q)
+        guess = _dpsgd_guess(epsilon, delta, q, steps) if math.isfinite(z_star) else z_star
+    return _search_noise(
+        epsilon,
+        delta,
+        q,
+        make_event=lambda z: dpsgd_event(noise_multiplier=z, sampling_rate=q, steps=steps),
+        z_star=z_star,
+        guess=guess,
+        target=f"epsilon={epsilon!r}, delta={delta!r}, sampling_rate={q!r}, steps={steps!r}",
+        started=started,
+        poll=poll,
+        poll_inside_passes=True,
     )

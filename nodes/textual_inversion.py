@@ -23,12 +23,14 @@ import logging
 import torch
 
 from . import comfy_compat
+from . import dpsgd_inversion as dpsgd
 from .budget import SAMPLING_RATE_INPUT, private_release_inputs
 from .dependencies import require_runtime_packages
 
 logger = logging.getLogger(__name__)
 
 MAX_VECTORS = 16
+METHODS = ("DPAgg-TI", "DP-SGD")
 MAX_STEPS = 100_000
 
 
@@ -150,6 +152,16 @@ class DPTextualInversionTrainNode:
                         "tooltip": "Replace an existing embedding file with the same name.",
                     },
                 ),
+                "method": (
+                    list(METHODS),
+                    {
+                        "default": METHODS[0],
+                        "tooltip": "DPAgg-TI (the paper's method): one embedding per image, one noisy "
+                        "average. DP-SGD (the paper's baseline): one shared token trained for "
+                        "'steps' noisy steps, each on a Poisson sample at 'sampling_rate', every "
+                        "gradient clipped to 'clip_norm' ('bound_mode' does not apply).",
+                    },
+                ),
             }
         }
 
@@ -171,6 +183,7 @@ class DPTextualInversionTrainNode:
         clip_norm,
         bound_mode,
         overwrite,
+        method=METHODS[0],
     ):
         require_runtime_packages()
         from ..dp.embedding_file import (
@@ -193,7 +206,12 @@ class DPTextualInversionTrainNode:
             steps=steps, learning_rate=learning_rate, images_per_batch=images_per_batch
         )
         check_clip_norm(clip_norm)
-        mode = BoundMode(bound_mode)
+        if method not in METHODS:
+            raise InvalidParameterError(
+                f"method must be one of {', '.join(METHODS)}, got method={method!r}."
+            )
+        sgd = method == "DP-SGD"
+        mode = BoundMode.CLIP if sgd else BoundMode(bound_mode)
         if not 1 <= num_vectors <= MAX_VECTORS:
             raise InvalidParameterError(
                 f"num_vectors must be 1..{MAX_VECTORS}, got num_vectors={num_vectors}."
@@ -212,7 +230,7 @@ class DPTextualInversionTrainNode:
         dimension = num_vectors * width
 
         settings = {
-            "method": "DPAgg-TI",
+            "method": method,
             "model": comfy_compat.module_fingerprint(
                 model.model.diffusion_model, im.text_encoder(clip, family), vae.first_stage_model
             ),
@@ -233,6 +251,7 @@ class DPTextualInversionTrainNode:
             sampling_rate=sampling_rate,
             settings=settings,
             poll=comfy_compat.raise_if_cancelled,
+            **({"calibrate": dpsgd.dpsgd_calibration(steps)} if sgd else {}),
         )
         reused_id = plan.reused.release_id if plan.reused is not None else None
         path = check_writable(
@@ -245,15 +264,31 @@ class DPTextualInversionTrainNode:
             mode=mode,
             extra_lines=(
                 f"saved: {path.name} in the embeddings folder; use it as embedding:{path.stem}",
-                f"model family: {family.name}; vectors: {num_vectors} x {width}; steps per image: "
-                f"{steps}",
+                f"model family: {family.name}; vectors: {num_vectors} x {width}; steps: {steps}",
+                *(dpsgd.report_lines(plan, steps=steps, dimension=dimension) if sgd else ()),
             ),
             poll=comfy_compat.raise_if_cancelled,
         )
         postprocess = rescale_to_norm(target_norm, rows=num_vectors)
 
+        label = f"DP Textual Inversion ({method}): {path.stem}"
         if plan.reused is not None:
             outcome = reused_estimate(plan, dimension=dimension)
+        elif sgd:
+            outcome = dpsgd.release_dpsgd(
+                plan,
+                model=model,
+                clip=clip,
+                vae=vae,
+                family=family,
+                private=private,
+                config=config,
+                initial=initial,
+                prompts=prompts,
+                clip_norm=clip_norm,
+                postprocess=postprocess,
+                label=label,
+            )
         else:
             vectors = _train_every_image(
                 model, clip, vae, family, private, plan, config, initial, prompts
@@ -266,10 +301,11 @@ class DPTextualInversionTrainNode:
                 clip_norm=clip_norm,
                 mode=mode,
                 postprocess=postprocess,
-                label=f"DP Textual Inversion: {path.stem}",
+                label=label,
             )
         token = outcome.estimate.reshape(num_vectors, width).to(torch.float32)
         metadata = _file_metadata(
+            method,
             plan,
             outcome,
             family,
@@ -354,7 +390,16 @@ def encode_every_image(model, vae, images, chunks: int, per_chunk: int, progress
 
 
 def _file_metadata(
-    plan, outcome, family, config, num_vectors, initializer_word, template_set, clip_norm, mode
+    method,
+    plan,
+    outcome,
+    family,
+    config,
+    num_vectors,
+    initializer_word,
+    template_set,
+    clip_norm,
+    mode,
 ) -> dict[str, str]:
     """Public facts only (docs/privacy.md §3.4): the DpEvent and parameters, nothing per image, and
     no count of images (the declared n_hat is public, the real count is not)."""
@@ -366,7 +411,7 @@ def _file_metadata(
 
     cal = plan.calibration
     return {
-        "dp_adapt.method": "DPAgg-TI",
+        "dp_adapt.method": method,
         RELEASE_ID_KEY: outcome.release_id,
         "dp_adapt.dp_event": json.dumps(event_to_dict(cal.event), sort_keys=True),
         "dp_adapt.epsilon": repr(cal.epsilon_achieved),

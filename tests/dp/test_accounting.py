@@ -734,3 +734,149 @@ def test_noise_comparison_on_extreme_targets_is_finite_or_refused(cold_cache, ep
         ):
             assert math.isfinite(value) and value >= 0
     assert time.perf_counter() - start < 2 * PER_CALL_BOUND_S
+
+
+# --- DP-SGD (docs/privacy.md §4) ---------------------------------------------------------
+
+DPSGD_GRID = list(itertools.product((1, 10, 100, 1000), (0.1, 1.0), (1.0, 4.0)))
+
+
+def test_dpsgd_event_matches_the_spec():
+    event = accounting.dpsgd_event(noise_multiplier=1.5, sampling_rate=0.1, steps=300)
+    assert event == dpa.SelfComposedDpEvent(
+        event=dpa.PoissonSampledDpEvent(sampling_probability=0.1, event=dpa.GaussianDpEvent(1.5)),
+        count=300,
+    )
+    full = accounting.dpsgd_event(noise_multiplier=1.5, sampling_rate=1.0, steps=2)
+    assert full == dpa.SelfComposedDpEvent(event=dpa.GaussianDpEvent(1.5), count=2)
+    assert event_from_dict(event_to_dict(event)) == event
+
+
+@pytest.mark.parametrize("steps", [0, -1, True, 2.0, 100_001])
+def test_dpsgd_steps_outside_what_is_accounted_are_refused(steps):
+    with pytest.raises(InvalidParameterError, match="steps"):
+        accounting.dpsgd_event(noise_multiplier=1.0, sampling_rate=0.5, steps=steps)
+    with pytest.raises(InvalidParameterError, match="steps"):
+        accounting.calibrate_dpsgd_noise_multiplier(
+            epsilon=1.0, delta=1e-5, sampling_rate=0.5, steps=steps
+        )
+
+
+@pytest.mark.parametrize(("steps", "q", "epsilon"), DPSGD_GRID)
+def test_dpsgd_calibration_matches_dp_accountings_pld_and_never_exceeds_the_target(
+    steps, q, epsilon
+):
+    delta = 1e-5
+    cal = accounting.calibrate_dpsgd_noise_multiplier(
+        epsilon=epsilon, delta=delta, sampling_rate=q, steps=steps
+    )
+    z = cal.noise_multiplier
+    assert cal.event == accounting.dpsgd_event(noise_multiplier=z, sampling_rate=q, steps=steps)
+    assert epsilon_for(cal.event, delta=delta) == cal.epsilon_achieved
+    assert cal.epsilon_achieved <= epsilon, "never report more privacy than achieved"
+    assert cal.epsilon_achieved >= (1 - accounting.CALIBRATION_BAND) * epsilon, "near-smallest z"
+    # dp_accounting's own PLD accountant (its default, finer grid) on T composed steps.
+    reference = pld.PLDAccountant().compose(
+        dpa.PoissonSampledDpEvent(q, dpa.GaussianDpEvent(z)) if q < 1 else dpa.GaussianDpEvent(z),
+        steps,
+    )
+    expected = reference.get_epsilon(delta)
+    # Both are pessimistic (upper bounds); the coarser grid here overstates by < 0.5 %.
+    assert expected * (1 - 1e-6) <= cal.epsilon_achieved <= expected * 1.005
+    # RDP is a looser upper bound: never below the PLD's.
+    assert epsilon_rdp(cal.event, delta=delta) >= cal.epsilon_achieved * (1 - 1e-6)
+
+
+def test_dpsgd_noise_without_sampling_is_sqrt_t_times_one_release():
+    """T Gaussians with multiplier z are one Gaussian with z / sqrt(T)."""
+    one = calibrate_noise_multiplier(epsilon=2.0, delta=1e-6, sampling_rate=1.0)
+    many = accounting.calibrate_dpsgd_noise_multiplier(
+        epsilon=2.0, delta=1e-6, sampling_rate=1.0, steps=400
+    )
+    assert many.noise_multiplier == pytest.approx(20 * one.noise_multiplier, rel=2e-3)
+
+
+def test_dpsgd_noise_grows_with_steps_and_sampling_rate():
+    zs = {
+        (steps, q): accounting.calibrate_dpsgd_noise_multiplier(
+            epsilon=1.0, delta=1e-5, sampling_rate=q, steps=steps
+        ).noise_multiplier
+        for steps in (10, 1000)
+        for q in (0.01, 0.1)
+    }
+    assert zs[10, 0.01] < zs[1000, 0.01] and zs[10, 0.1] < zs[1000, 0.1]
+    assert zs[10, 0.01] < zs[10, 0.1] and zs[1000, 0.01] < zs[1000, 0.1]
+
+
+@pytest.mark.parametrize(("delta", "q"), [(0.1, 0.1), (0.5, 0.01), (0.9, 1e-4)])
+def test_dpsgd_delta_at_or_above_the_sampling_rate_is_refused_for_that_reason(cold_cache, delta, q):
+    passes = []
+    with pytest.raises(InvalidParameterError) as error:
+        accounting.calibrate_dpsgd_noise_multiplier(
+            epsilon=1.0, delta=delta, sampling_rate=q, steps=100, poll=lambda: passes.append(1)
+        )
+    assert str(error.value).startswith("delta must be below the sampling rate")
+    assert not passes, "refused before any accountant pass"
+
+
+@pytest.mark.parametrize(
+    ("epsilon", "delta", "q"),
+    [
+        (1.0, 1e-5, 0.1),
+        (4.0, 1e-5, 0.01),
+        (0.1, 1e-7, 0.5),
+        (10.0, 1e-6, 1e-3),
+        (1e-3, 1e-5, 1.0),
+        (1e-6, 1e-12, 0.9),
+        (100.0, 1e-5, 0.3),
+    ],
+)
+def test_dpsgd_with_100000_steps_calibrates_or_refuses_within_seconds(
+    cold_cache, epsilon, delta, q
+):
+    start = time.perf_counter()
+    try:
+        cal = accounting.calibrate_dpsgd_noise_multiplier(
+            epsilon=epsilon, delta=delta, sampling_rate=q, steps=100_000
+        )
+    except InvalidParameterError as error:
+        assert f"epsilon={epsilon!r}" in str(error) or str(error).startswith("delta")
+    else:
+        assert cal.epsilon_achieved <= epsilon
+        assert accounting.Z_MIN <= cal.noise_multiplier <= accounting.Z_MAX
+    elapsed = time.perf_counter() - start
+    assert elapsed < accounting.CALIBRATION_TIME_LIMIT_S + 2, f"took {elapsed:.1f} s"
+
+
+def test_dpsgd_calibration_polls_between_passes_and_a_cancel_caches_nothing(cold_cache):
+    def cancel():
+        raise _Cancelled
+
+    kwargs = {"epsilon": 1.0, "delta": 1e-5, "sampling_rate": 0.1, "steps": 500}
+    with pytest.raises(_Cancelled):
+        accounting.calibrate_dpsgd_noise_multiplier(**kwargs, poll=cancel)
+    assert not accounting._cache
+    calls = []
+    first = accounting.calibrate_dpsgd_noise_multiplier(**kwargs, poll=lambda: calls.append(1))
+    assert len(calls) >= 2, "polled before every PLD pass"
+    # Cached per (epsilon, delta, q, T), not per poll, and apart from one-release results.
+    assert accounting.calibrate_dpsgd_noise_multiplier(**kwargs, poll=cancel) is first
+    other = accounting.calibrate_dpsgd_noise_multiplier(**{**kwargs, "steps": 501})
+    assert other.noise_multiplier > first.noise_multiplier
+    single = calibrate_noise_multiplier(epsilon=1.0, delta=1e-5, sampling_rate=0.1)
+    assert single.event == release_event(
+        noise_multiplier=single.noise_multiplier, sampling_rate=0.1
+    )
+    with pytest.raises(InvalidParameterError, match="poll"):
+        accounting.calibrate_dpsgd_noise_multiplier(**kwargs, poll=3)
+
+
+def test_dpsgd_calibration_past_its_time_limit_is_refused_and_not_cached(cold_cache, monkeypatch):
+    monkeypatch.setattr(accounting, "CALIBRATION_TIME_LIMIT_S", 0.0)
+    with pytest.raises(InvalidParameterError) as error:
+        accounting.calibrate_dpsgd_noise_multiplier(
+            epsilon=1.0, delta=1e-5, sampling_rate=0.2, steps=50
+        )
+    assert str(error.value).startswith("could not calibrate within 0 s for epsilon=1.0")
+    assert "steps=50" in str(error.value)
+    assert not accounting._cache

@@ -15,7 +15,8 @@ from comfyui_dp_adapt.tests.support.workflow_inputs import TINY_MODEL_OVERRIDES,
 pytestmark = pytest.mark.comfy_server
 
 
-def test_workflow_produces_embedding_ledger_entry_and_images(comfy_server):
+@pytest.mark.parametrize("method", ["DPAgg-TI", "DP-SGD"])
+def test_workflow_produces_embedding_ledger_entry_and_images(comfy_server, method):
     from comfyui_dp_adapt.nodes.tiny_loaders import REPLACES
 
     workflow = wf.load_workflow(WORKFLOWS_DIR / "dp_textual_inversion.json")
@@ -27,6 +28,8 @@ def test_workflow_produces_embedding_ledger_entry_and_images(comfy_server):
         ("DPAdaptTextualInversionTrain", "embedding_name"): name,
         ("DPAdaptPrivacyBudget", "ledger_name"): ledger,
         ("SaveImage", "filename_prefix"): name,
+        ("DPAdaptTextualInversionTrain", "method"): method,
+        ("DPAdaptTextualInversionTrain", "sampling_rate"): 0.5,
     }
     object_info = comfy_server.get_json("/object_info")
     prompt = wf.to_api_prompt(workflow, object_info, replace=REPLACES, overrides=overrides)
@@ -35,6 +38,7 @@ def test_workflow_produces_embedding_ledger_entry_and_images(comfy_server):
 
     _, metadata = read_embedding(comfy_server.default_embeddings_dir / f"{name}.safetensors")
     assert float(metadata["dp_adapt.epsilon"]) <= 1.0
+    assert metadata["dp_adapt.method"] == method
     ledgers = list(comfy_server.user_dir.rglob("ledger.json"))
     assert len(ledgers) == 1
     collections = json.loads(ledgers[0].read_text())["collections"]

@@ -282,3 +282,100 @@ def test_unknown_model_family_is_refused(env):
     finally:
         model.model.model_config = original
     assert ledger_records(budget) == 0
+
+
+# --- DP-SGD, the paper's baseline (docs/privacy.md §4) -------------------------------------
+
+
+def test_dpsgd_release_writes_a_loadable_token_with_its_composed_event(env):
+    from comfyui_dp_adapt.dp.accounting import dpsgd_event, event_from_dict
+
+    budget = make_budget(env)
+    name = f"sgd_{uuid.uuid4().hex[:6]}"
+    out = train(env, budget, name, method="DP-SGD", steps=3, sampling_rate=0.5)
+    token, report = out["result"]
+    tensors, metadata = read_embedding(env["embeddings"] / f"{name}.safetensors")
+    assert tensors["emb_params"].shape == (2, 32) and torch.isfinite(tensors["emb_params"]).all()
+    assert metadata["dp_adapt.method"] == "DP-SGD"
+    z = float(metadata["dp_adapt.noise_multiplier"])
+    event = event_from_dict(json.loads(metadata["dp_adapt.dp_event"]))
+    assert event == dpsgd_event(noise_multiplier=z, sampling_rate=0.5, steps=3)
+    assert float(metadata["dp_adapt.epsilon"]) <= 1.0
+    assert "T = 3 steps" in report and "DPAgg-TI at the same budget" in report
+    assert ledger_records(budget) == 1 and token == f"embedding:{name}"
+
+
+def test_dpsgd_cancelled_mid_training_spends_nothing(env):
+    import comfy.model_management
+    import comfy.utils
+
+    budget = make_budget(env)
+    name = f"sgdcancel_{uuid.uuid4().hex[:6]}"
+
+    def hook(value, total, preview, *args, **kwargs):
+        if value == 3:
+            comfy.model_management.interrupt_current_processing(True)
+
+    comfy.utils.set_progress_bar_global_hook(hook)
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            train(env, budget, name, method="DP-SGD", steps=4, sampling_rate=0.5)
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+        comfy.model_management.interrupt_current_processing(False)
+    assert not (env["embeddings"] / f"{name}.safetensors").exists()
+    assert ledger_records(budget) == 0
+
+
+def test_dpsgd_progress_does_not_depend_on_the_sample_or_the_count(env):
+    import comfy.utils
+
+    seen = {}
+    for count in (3, 4):
+        progress = []
+        comfy.utils.set_progress_bar_global_hook(
+            lambda v, total, *a, progress=progress, **k: progress.append((v, total))
+        )
+        try:
+            train(
+                env,
+                make_budget(env, declared=6),
+                f"sgdwork_{uuid.uuid4().hex[:6]}",
+                private_images=private_set(env["images"][:count]),
+                method="DP-SGD",
+                steps=2,
+                sampling_rate=0.5,
+            )
+        finally:
+            comfy.utils.set_progress_bar_global_hook(None)
+        seen[count] = progress
+    assert seen[3] == seen[4]
+
+
+def test_dpsgd_warns_when_steps_times_q_samples_almost_nothing(env):
+    out = train(
+        env,
+        make_budget(env),
+        f"sgdfew_{uuid.uuid4().hex[:6]}",
+        method="DP-SGD",
+        steps=1,
+        sampling_rate=0.5,
+    )
+    assert "WARNING: T x q = 0.5 < 1" in out["result"][1]
+
+
+def test_dpsgd_refuses_a_delta_not_below_the_sampling_rate(env):
+    from comfyui_dp_adapt.dp.budget import PrivacyBudget
+    from comfyui_dp_adapt.dp.ledger import TotalBudget
+
+    budget = PrivacyBudget(
+        epsilon=1.0,
+        delta=0.2,
+        total=TotalBudget(epsilon=8.0, delta=0.2),
+        ledger_name=f"test-{uuid.uuid4().hex[:8]}",
+        ledger_directory=env["ledgers"],
+        declared_dataset_size=N_IMAGES,
+    )
+    with pytest.raises(InvalidParameterError, match="delta must be below the sampling rate"):
+        train(env, budget, f"sgddelta_{uuid.uuid4().hex[:6]}", method="DP-SGD", sampling_rate=0.1)
+    assert ledger_records(budget) == 0
