@@ -39,6 +39,10 @@ RANDOM_KEY = re.compile(r"[0-9a-f]{16,}")
 # Wall-clock durations are compared by design, not here: rounded to 0.01 s they coincide by
 # chance. The work itself is constant (same passes and progress for both folders, tested in
 # tests/nodes), which is what keeps run time independent of the private images.
+DPSGD = {
+    ("DPAdaptTextualInversionTrain", "method"): "DP-SGD",
+    ("DPAdaptTextualInversionTrain", "sampling_rate"): 0.5,
+}
 TIMING = re.compile(r"\d+(\.\d+)? seconds")
 
 
@@ -87,7 +91,13 @@ def _observe_world(comfy_dir: Path, pack_dir: Path, work_dir: Path, images: list
     server.start()
     try:
         object_info = server.get_json("/object_info")
-        for path in shipped_workflows():
+        runs = [(path, path.name, "agg", {}) for path in shipped_workflows()]
+        runs += [  # the DP-SGD method of the training node, with Poisson sampling
+            (path, f"{path.name}-dpsgd", "sgd", DPSGD)
+            for path in shipped_workflows()
+            if path.name == "dp_textual_inversion.json"
+        ]
+        for path, run_name, suffix, extra in runs:
             prompt = wf.to_api_prompt(
                 wf.load_workflow(path),
                 object_info,
@@ -95,7 +105,11 @@ def _observe_world(comfy_dir: Path, pack_dir: Path, work_dir: Path, images: list
                 overrides={
                     **TINY_MODEL_OVERRIDES,
                     ("DPAdaptLoadPrivateImages", "folder"): FOLDER,
-                    ("DPAdaptTextualInversionTrain", "embedding_name"): token_name,
+                    (
+                        "DPAdaptTextualInversionTrain",
+                        "embedding_name",
+                    ): f"{token_name}_{suffix}",
+                    **extra,
                 },
             )
             with WebsocketMessages(server.url) as socket:
@@ -105,13 +119,14 @@ def _observe_world(comfy_dir: Path, pack_dir: Path, work_dir: Path, images: list
                 # The output nodes to execute: ComfyUI builds this list from a set, so its
                 # order follows the server process's string hashing, not the data.
                 prompt_record[4] = sorted(prompt_record[4])
-            _flatten(entry, f"{path.name}.history", observed)
-            _flatten(socket.messages, f"{path.name}.ws", observed)
+            _flatten(entry, f"{run_name}.history", observed)
+            _flatten(socket.messages, f"{run_name}.ws", observed)
         for png in sorted(server.output_dir.rglob("*.png")):
             with Image.open(png) as image:
                 _flatten(dict(image.text), f"png.{png.name}", observed)
-        for embedding in sorted(server.default_embeddings_dir.glob(f"{token_name}.*")):
-            _flatten(read_embedding(embedding)[1], "embedding", observed)
+        for embedding in sorted(server.default_embeddings_dir.glob(f"{token_name}*")):
+            method = embedding.stem.rsplit("_", 1)[-1]
+            _flatten(read_embedding(embedding)[1], f"embedding.{method}", observed)
             embedding.unlink()
         ledger = next(server.user_dir.rglob("ledger.json"))
         records = json.loads(ledger.read_text())
@@ -146,6 +161,7 @@ def test_nothing_published_depends_deterministically_on_one_image(comfy_dir, tmp
     assert not leaks, "published values that differ deterministically:\n" + "\n".join(leaks[:40])
     # The test can see: a workflow's outputs really were observed in every world.
     for observed in (*worlds["with"], *worlds["without"]):
-        assert any(item.startswith("embedding.") for item in observed)
+        assert any(item.startswith("embedding.agg.") for item in observed)
+        assert any(item.startswith("embedding.sgd.") for item in observed)
         assert any(item.startswith("png.") for item in observed)
         assert any(".ws" in item and "progress" in item for item in observed)
