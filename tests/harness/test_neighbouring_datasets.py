@@ -120,7 +120,10 @@ def _observe_world(comfy_dir: Path, pack_dir: Path, work_dir: Path, images: list
                 # order follows the server process's string hashing, not the data.
                 prompt_record[4] = sorted(prompt_record[4])
             _flatten(entry, f"{run_name}.history", observed)
-            _flatten(socket.messages, f"{run_name}.ws", observed)
+            # Messages by type, not by position: new ComfyUI coalesces progress messages on a
+            # timer, so their number and order vary from run to run by timing alone.
+            for message in socket.messages:
+                _flatten(message.get("data"), f"{run_name}.ws.{message.get('type')}", observed)
         for png in sorted(server.output_dir.rglob("*.png")):
             with Image.open(png) as image:
                 _flatten(dict(image.text), f"png.{png.name}", observed)
@@ -158,10 +161,10 @@ def test_nothing_published_depends_deterministically_on_one_image(comfy_dir, tmp
         always = set.intersection(*worlds[name])
         ever_other = set.union(*worlds[other])
         leaks += [f"{name}: {item}" for item in sorted(always - ever_other)]
-    assert not leaks, "published values that differ deterministically:\n" + "\n".join(leaks[:40])
+    assert not leaks, "published values that differ deterministically:\n" + "\n".join(leaks[:400])
     # The test can see: a workflow's outputs really were observed in every world.
     for observed in (*worlds["with"], *worlds["without"]):
         assert any(item.startswith("embedding.agg.") for item in observed)
         assert any(item.startswith("embedding.sgd.") for item in observed)
         assert any(item.startswith("png.") for item in observed)
-        assert any(".ws" in item and "progress" in item for item in observed)
+        assert any(".ws.progress" in item for item in observed)
