@@ -157,3 +157,57 @@ def test_unsupported_families_are_refused_by_name(tiny, im):
     finally:
         sdxl.model.model_config = original
     assert im.detect_family(model, clip).name in {"SD1.x", "SD2.x"}
+
+
+def test_dpsgd_per_example_gradients_equal_one_backward_per_example_on_real_models(tiny, im):
+    """docs/privacy.md §4: the replicated-leaf backward gives each example's own gradient,
+    on ComfyUI's tiny SD models, and changing one example leaves the others bitwise equal."""
+    from comfyui_dp_adapt.dp.dpsgd import per_example_gradients
+    from comfyui_dp_adapt.nodes import comfy_compat
+
+    model, clip, vae = tiny
+    family = im.detect_family(model, clip)
+    images = torch.rand(3, 64, 64, 3, generator=torch.Generator().manual_seed(4))
+    latents = torch.cat(
+        [comfy_compat.encode_latents(model, vae, images[i : i + 1]) for i in range(3)]
+    )
+    prompts = im.tokenize_templates(clip, family, STYLE_TEMPLATES[:3], 1)
+    token = im.token_vectors(clip, family, "painting")
+    generator = torch.Generator().manual_seed(5)
+    timesteps = torch.tensor([100.0, 500.0, 900.0])
+    noise = torch.randn(latents.shape, generator=generator)
+    with torch.inference_mode(False), torch.enable_grad():
+        text_forward = im.make_text_forward(clip, family)
+        denoise_loss = im.make_denoise_loss(model)
+
+        def grads(lat):
+            return per_example_gradients(
+                lat,
+                token,
+                prompts.ids,
+                prompts.mask,
+                timesteps,
+                noise,
+                text_forward=text_forward,
+                denoise_loss=denoise_loss,
+            )
+
+        together = grads(latents)
+        for i in range(3):
+            alone = per_example_gradients(
+                latents[i : i + 1],
+                token,
+                prompts.ids[i : i + 1],
+                prompts.mask[i : i + 1],
+                timesteps[i : i + 1],
+                noise[i : i + 1],
+                text_forward=text_forward,
+                denoise_loss=denoise_loss,
+            )
+            torch.testing.assert_close(together[i], alone[0], rtol=1e-4, atol=1e-6)
+        changed = latents.clone()
+        changed[1] = torch.randn_like(changed[1])
+        after = grads(changed)
+    assert torch.equal(together[0], after[0]) and torch.equal(together[2], after[2])
+    assert not torch.equal(together[1], after[1])
+    assert together.abs().amax() > 0
