@@ -33,7 +33,6 @@ identical.
 
 from __future__ import annotations
 
-import math
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -48,6 +47,7 @@ from .inversion import (
     PromptTokens,
     TextForward,
     _draw_per_image,
+    check_training_hyperparameters,
     padded_chunk_count,
 )
 from .mechanism import BoundMode, _as_float64, _bound, os_entropy_generator
@@ -74,26 +74,11 @@ class DpSgdConfig:
     num_timesteps: int = 1000
 
     def __post_init__(self) -> None:
-        for name in ("steps", "images_per_batch", "num_timesteps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InvalidParameterError(
-                    f"{name} must be a positive integer, got {name}={value!r}."
-                )
+        check_training_hyperparameters(self)
         if self.steps > DPSGD_MAX_STEPS:
             raise InvalidParameterError(
                 f"steps must be at most {DPSGD_MAX_STEPS} (the most steps the privacy "
                 f"accountant handles in bounded time), got steps={self.steps!r}."
-            )
-        lr = self.learning_rate
-        if (
-            isinstance(lr, bool)
-            or not isinstance(lr, (int, float))
-            or not math.isfinite(lr)
-            or lr <= 0
-        ):
-            raise InvalidParameterError(
-                f"learning_rate must be a finite number > 0, got learning_rate={lr!r}."
             )
 
 

@@ -46,22 +46,21 @@ class InversionConfig:
     num_timesteps: int = 1000
 
     def __post_init__(self) -> None:
-        for name in ("steps", "images_per_batch", "num_timesteps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InvalidParameterError(
-                    f"{name} must be a positive integer, got {name}={value!r}."
-                )
-        lr = self.learning_rate
-        if (
-            isinstance(lr, bool)
-            or not isinstance(lr, (int, float))
-            or not math.isfinite(lr)
-            or lr <= 0
-        ):
-            raise InvalidParameterError(
-                f"learning_rate must be a finite number > 0, got learning_rate={lr!r}."
-            )
+        check_training_hyperparameters(self)
+
+
+def check_training_hyperparameters(config) -> None:
+    """``steps``, ``images_per_batch``, ``num_timesteps`` positive integers and a finite
+    ``learning_rate`` > 0 (shared by every trainer's config)."""
+    for name in ("steps", "images_per_batch", "num_timesteps"):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InvalidParameterError(f"{name} must be a positive integer, got {name}={value!r}.")
+    lr = config.learning_rate
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+        raise InvalidParameterError(
+            f"learning_rate must be a finite number > 0, got learning_rate={lr!r}."
+        )
 
 
 @dataclass(frozen=True)
