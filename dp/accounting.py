@@ -1,4 +1,4 @@
-"""Privacy accounting on dp_accounting (DP_SPEC sections 2.6 and 8).
+"""Privacy accounting on dp_accounting (docs/privacy.md §2.6).
 
 Adjacency: add/remove one image. Accountant: privacy loss distributions (PLD), the tightest
 of dp_accounting's accountants for these events (Koskela, Jaelkoe, Honkela 2020; Doroshenko,
@@ -98,7 +98,7 @@ Z_MIN, Z_MAX = 5e-2, 1e6
 
 
 def release_event(*, noise_multiplier: float, sampling_rate: float) -> dpa.DpEvent:
-    """The DpEvent of one M1 release (DP_SPEC 2.6).
+    """The DpEvent of one M1 release (docs/privacy.md §2.6).
 
     ``PoissonSampledDpEvent(q, GaussianDpEvent(z))``, or ``GaussianDpEvent(z)`` when q = 1.
     """
@@ -429,7 +429,7 @@ def calibrate_noise_multiplier(
     sampling_rate: float,
     poll: Callable[[], None] | None = None,
 ) -> Calibration:
-    """The (near-)smallest z with epsilon(z) <= target, for one M1 release (DP_SPEC 2.6).
+    """The (near-)smallest z with epsilon(z) <= target, for one M1 release (docs/privacy.md §2.6).
 
     epsilon(z) is ``epsilon_for(release_event(z, q), delta)``. The exact hockey-stick
     divergence first gives z* (``_exact_noise``), below which no z can meet the target.
@@ -437,7 +437,7 @@ def calibrate_noise_multiplier(
     delta below what the PLD resolves, a target that needs z > Z_MAX), or after one PLD
     pass at Z_MIN (a target met even there promises nothing). The search then keeps a bracket
     epsilon(lo) > target >= epsilon(hi), starting at z*, and returns ``hi``, a z whose
-    epsilon was computed and found <= target (the re-check of DP_SPEC 2.6 is the loop
+    epsilon was computed and found <= target (the re-check of docs/privacy.md §2.6 is the loop
     invariant, and it is verified once more at the end). It stops when epsilon(hi) is within
     CALIBRATION_BAND (0.2 %) of the target.
 
@@ -864,7 +864,7 @@ def _stored_int(data: dict, key: str, low: int = 0, high: int | None = None) -> 
     return int(value)
 
 
-# --- the paper's calibration, for comparison only (DP_SPEC 2, "Paper mode") --------------
+# --- the paper's calibration, for comparison only (docs/privacy.md §2, the paper's calibration) --------------
 
 
 def classical_gaussian_sigma(*, epsilon: float, delta: float, sensitivity: float) -> float:
@@ -936,7 +936,7 @@ def paper_calibration(
     RdpAccountant(REPLACE_ONE) reads GaussianDpEvent(z) as noise z times the whole
     replace-one sensitivity, here 2C, whereas its PLDAccountant(REPLACE_ONE) reads it as z
     times the per-record bound C and doubles the shift itself (checked on dp-accounting
-    0.6.0 by a test; DP_SPEC 2; google/differential-privacy issue #378).
+    0.6.0 by a test; docs/privacy.md §2; google/differential-privacy issue #378).
     """
     epsilon = check_epsilon(epsilon)
     delta = check_delta(delta)
@@ -1016,7 +1016,7 @@ class NoiseComparison:
     paper_relative_noise (the adjacencies differ: add/remove vs replace-one).
     ``same_adjacency_ratio``: exact over classical noise for one Gaussian release with no
     sampling under the SAME adjacency (sensitivity cancels), z(q=1) / (sqrt(2 ln(1.25/delta))
-    / epsilon): about 0.77 at epsilon 1, delta 1e-5 (DP_SPEC 2).
+    / epsilon): about 0.77 at epsilon 1, delta 1e-5 (docs/privacy.md §2).
     """
 
     epsilon: float

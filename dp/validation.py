@@ -33,7 +33,7 @@ def check_epsilon(epsilon: float, name: str = "epsilon") -> float:
 
 
 def check_delta(delta: float, name: str = "delta") -> float:
-    """A privacy delta: 0 < delta < 1 (and, per DP_SPEC 1, well below 1/n)."""
+    """A privacy delta: 0 < delta < 1 (and, per docs/privacy.md §1, well below 1/n)."""
     value = _real(name, delta)
     if not 0 < value < 1:
         raise InvalidParameterError(
@@ -74,7 +74,7 @@ def check_positive_int(name: str, value: int) -> int:
 
 
 def delta_warning(delta: float, dataset_size: int) -> str | None:
-    """A warning when delta >= 1/n (DP_SPEC 1), else None.
+    """A warning when delta >= 1/n (docs/privacy.md §1), else None.
 
     A mechanism that publishes one randomly chosen record outright is (0, 1/n)-DP, so a
     delta of 1/n or more permits a total breach of some image (Dwork & Roth 2014, sec. 2.3).

@@ -251,7 +251,7 @@ def test_exact_calibration_needs_about_077_of_the_classical_noise_under_the_same
     exact_replace_one = 2.0 * dpa.get_sigma_gaussian(1.0, 1e-5)
     classical = classical_gaussian_sigma(epsilon=1.0, delta=1e-5, sensitivity=2.0)
     assert comparison.same_adjacency_ratio == pytest.approx(exact_replace_one / classical, rel=5e-3)
-    assert comparison.same_adjacency_ratio == pytest.approx(0.77, abs=0.01)  # DP_SPEC 2
+    assert comparison.same_adjacency_ratio == pytest.approx(0.77, abs=0.01)  # docs/privacy.md §2
     # Independently of our code: under replace-one the classical sigma over-delivers, its
     # true epsilon (dp_accounting's PLD, REPLACE_ONE) is well below the target 1.
     accountant = pld.PLDAccountant(neighboring_relation=dpa.NeighboringRelation.REPLACE_ONE)
@@ -318,7 +318,7 @@ def test_without_sampling_add_remove_needs_half_the_same_adjacency_noise():
 
 
 def test_one_release_gets_least_noise_on_the_mean_without_subsampling():
-    # DP_SPEC 2: for ONE release at fixed (epsilon, delta), q = 1 minimises z / (q n).
+    # docs/privacy.md §2: for ONE release at fixed (epsilon, delta), q = 1 minimises z / (q n).
     relative = [
         noise_comparison(
             epsilon=1.0, delta=1e-5, clip_norm=1.0, dataset_size=200, sampling_rate=q, dimension=768
