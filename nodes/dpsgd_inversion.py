@@ -17,8 +17,6 @@ import torch
 
 from . import comfy_compat
 
-METHOD = "DP-SGD"
-
 
 def dpsgd_calibration(steps: int):
     """The calibration of T Poisson-subsampled Gaussian steps, for ``plan_release``."""
@@ -75,10 +73,8 @@ def release_dpsgd(
     """Train the shared token with DP-SGD inside the ledger commit and post-process it (the
     same rescale as DPAgg-TI); returns the release outcome (flattened token, float64)."""
     from ..dp.dpsgd import DpSgdConfig, train_shared_embedding_dpsgd
-    from ..dp.inversion import padded_chunk_count
     from ..dp.release import commit_release
     from . import inversion_model as im
-    from .textual_inversion import encode_every_image
 
     sgd = DpSgdConfig(
         steps=config.steps,
@@ -86,16 +82,9 @@ def release_dpsgd(
         images_per_batch=config.images_per_batch,
     )
     n_hat = plan.declared_dataset_size
-    chunks = padded_chunk_count(
-        private.images.shape[0], public_rows=n_hat, images_per_batch=sgd.images_per_batch
+    latents, on_step = im.encode_for_training(
+        model, vae, private.images, public_rows=n_hat, config=sgd
     )
-    total = chunks * (sgd.steps + 1)
-    progress = comfy_compat.progress_bar(total)
-    latents = encode_every_image(model, vae, private.images, chunks, sgd.images_per_batch, progress)
-
-    def on_step(done: int, _total: int) -> None:
-        comfy_compat.raise_if_cancelled()
-        progress.update_absolute(chunks + done, total)
 
     def train(included: tuple[bool, ...]) -> torch.Tensor:
         with torch.inference_mode(False), torch.enable_grad():

@@ -239,3 +239,40 @@ def seeds_from_entropy(count: int) -> list[int]:
     import secrets
 
     return [secrets.randbits(63) for _ in range(count)]
+
+
+def encode_for_training(model, vae, images, *, public_rows: int, config):
+    """Latents (n, C, h, w) of EVERY image and the ``on_step`` callback of its training.
+
+    Constant work (docs/privacy.md §3.2, §4): the images are encoded one per VAE call (ComfyUI's
+    VAE.encode may split a batch by free memory, and a split that varies would let other
+    images change how this one is rounded), padded with a blank image to
+    ``padded_chunk_count(n, public_rows, images_per_batch)`` chunks. One progress bar of the
+    public total ``chunks * (steps + 1)`` covers the encoding and the training that follows
+    (``config.steps`` passes per chunk); ``on_step(done, total)`` advances it and honours
+    Cancel.
+    """
+    from ..dp.inversion import padded_chunk_count
+
+    n = images.shape[0]
+    per_chunk = config.images_per_batch
+    chunks = padded_chunk_count(n, public_rows=public_rows, images_per_batch=per_chunk)
+    total = chunks * (config.steps + 1)
+    progress = comfy_compat.progress_bar(total)
+    padding = torch.zeros((1, *images.shape[1:]), dtype=images.dtype)
+    latents = []
+    for chunk in range(chunks):
+        comfy_compat.raise_if_cancelled()
+        for row in range(chunk * per_chunk, (chunk + 1) * per_chunk):
+            encoded = comfy_compat.encode_latents(
+                model, vae, images[row : row + 1] if row < n else padding
+            )
+            if row < n:
+                latents.append(encoded)
+        progress.update_absolute(chunk + 1, total)
+
+    def on_step(done: int, _total: int) -> None:
+        comfy_compat.raise_if_cancelled()
+        progress.update_absolute(chunks + done, total)
+
+    return torch.cat(latents), on_step

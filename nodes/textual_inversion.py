@@ -329,64 +329,26 @@ class DPTextualInversionTrainNode:
 
 
 def _train_every_image(model, clip, vae, family, private, plan, config, initial, prompts):
-    """One embedding per image, (n, k, d), for ALL images (sampling happens in the commit).
-
-    Constant work (docs/privacy.md §3.2): latents are encoded one image per call and
-    embeddings trained in chunks of exactly ``images_per_batch`` rows, both padded to at
-    least the declared n_hat images, so the progress total and the run time depend on
-    public values only (as long as the folder holds no more than n_hat images) and each
-    image's result is bitwise independent of the others on CPU.
-    """
-    from ..dp.inversion import padded_chunk_count, train_per_image_embeddings
+    """One embedding per image, (n, k, d), for ALL images (sampling happens in the commit),
+    with the constant, padded work of ``inversion_model.encode_for_training``."""
+    from ..dp.inversion import train_per_image_embeddings
     from . import inversion_model as im
 
-    n = private.images.shape[0]
-    chunks = padded_chunk_count(
-        n, public_rows=plan.declared_dataset_size, images_per_batch=config.images_per_batch
+    latents, on_step = im.encode_for_training(
+        model, vae, private.images, public_rows=plan.declared_dataset_size, config=config
     )
-    progress = comfy_compat.progress_bar(chunks * (config.steps + 1))
-    latents = encode_every_image(
-        model, vae, private.images, chunks, config.images_per_batch, progress
-    )
-
-    def on_step(done: int, _total: int) -> None:
-        comfy_compat.raise_if_cancelled()
-        progress.update_absolute(chunks + done, chunks * (config.steps + 1))
-
     with torch.inference_mode(False), torch.enable_grad():
         return train_per_image_embeddings(
             latents,
             initial=initial,
             prompts=prompts,
             config=config,
-            seeds=im.seeds_from_entropy(n),
+            seeds=im.seeds_from_entropy(private.images.shape[0]),
             text_forward=im.make_text_forward(clip, family),
             denoise_loss=im.make_denoise_loss(model),
             public_rows=plan.declared_dataset_size,
             on_step=on_step,
         )
-
-
-def encode_every_image(model, vae, images, chunks: int, per_chunk: int, progress) -> torch.Tensor:
-    """Latents (n, C, h, w) of every image, with ``chunks * per_chunk`` VAE calls in all.
-
-    One image per call: ComfyUI's VAE.encode may split a batch by free memory, and a split
-    that varies would let other images change how this one is rounded. Padding calls on a
-    blank image keep the work at the public amount; the progress bar advances per chunk.
-    """
-    n = images.shape[0]
-    padding = torch.zeros((1, *images.shape[1:]), dtype=images.dtype)
-    latents = []
-    for chunk in range(chunks):
-        comfy_compat.raise_if_cancelled()
-        for row in range(chunk * per_chunk, (chunk + 1) * per_chunk):
-            encoded = comfy_compat.encode_latents(
-                model, vae, images[row : row + 1] if row < n else padding
-            )
-            if row < n:
-                latents.append(encoded)
-        progress.update_absolute(chunk + 1, progress.total)
-    return torch.cat(latents)
 
 
 def _file_metadata(
