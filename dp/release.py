@@ -34,9 +34,8 @@ from .budget import PrivacyBudget
 from .errors import BudgetExceededError, InvalidParameterError, LedgerCorruptError
 from .ledger import BudgetCheck, RecordedRelease
 from .mechanism import BoundMode, poisson_sample, release_noisy_aggregate
+from .report import NEARLY_SPENT
 from .validation import check_sampling_rate, delta_warning
-
-NEARLY_SPENT = 0.8
 
 
 @dataclass(frozen=True)
@@ -153,22 +152,31 @@ def release_report(
     clip_norm: float,
     mode: BoundMode,
     extra_lines: Sequence[str] = (),
+    noise_lines: Sequence[str] | None = None,
     poll: Callable[[], None] | None = None,
 ) -> str:
     """The release's report, built BEFORE the record (docs/privacy.md §7). Public values only:
-    the budget, z, C, q, the declared n_hat, D and the collection's ledger balance."""
+    the budget, z, C, q, the declared n_hat, D and the collection's ledger balance.
+
+    ``noise_lines`` replace the expected-noise line of one M1 release (DP-SGD states its
+    per-step noise instead)."""
     budget = plan.budget
     cal = plan.calibration
     n_hat = plan.declared_dataset_size
-    comparison = noise_comparison(
-        epsilon=budget.epsilon,
-        delta=budget.delta,
-        clip_norm=clip_norm,
-        dataset_size=n_hat,
-        sampling_rate=plan.sampling_rate,
-        dimension=dimension,
-        poll=poll,
-    )
+    if noise_lines is None:
+        comparison = noise_comparison(
+            epsilon=budget.epsilon,
+            delta=budget.delta,
+            clip_norm=clip_norm,
+            dataset_size=n_hat,
+            sampling_rate=plan.sampling_rate,
+            dimension=dimension,
+            poll=poll,
+        )
+        noise_lines = (
+            f"expected noise / signal bound: {comparison.relative_noise:.3g} "
+            f"(paper's calibration: {comparison.paper_relative_noise:.3g})",
+        )
     lines = [
         f"guarantee: ({cal.epsilon_achieved:.4g}, {cal.delta:.3g})-DP for this release "
         f"(target epsilon {cal.epsilon_target:g}), add/remove one image",
@@ -177,8 +185,7 @@ def release_report(
         f"sampling rate q = {plan.sampling_rate:g}; declared dataset size n_hat = {n_hat} "
         f"(public, never read from the images); dimension D = {dimension}; bound mode: "
         f"{mode.value}",
-        f"expected noise / signal bound: {comparison.relative_noise:.3g} "
-        f"(paper's calibration: {comparison.paper_relative_noise:.3g})",
+        *noise_lines,
     ]
     total = budget.total
     if plan.reused is not None:

@@ -265,8 +265,8 @@ class DPTextualInversionTrainNode:
             extra_lines=(
                 f"saved: {path.name} in the embeddings folder; use it as embedding:{path.stem}",
                 f"model family: {family.name}; vectors: {num_vectors} x {width}; steps: {steps}",
-                *(dpsgd.report_lines(plan, steps=steps, dimension=dimension) if sgd else ()),
             ),
+            noise_lines=dpsgd.report_lines(plan, steps=steps, dimension=dimension) if sgd else None,
             poll=comfy_compat.raise_if_cancelled,
         )
         postprocess = rescale_to_norm(target_norm, rows=num_vectors)
