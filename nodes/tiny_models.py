@@ -105,6 +105,12 @@ _TINY_VAE_DDCONFIG = {
 }
 
 
+def _config_digest(config: dict) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def _config_file(name: str, config: dict) -> str:
     """Write a config where ComfyUI can open it (OLD takes only JSON paths)."""
     directory = Path(tempfile.gettempdir()) / "comfyui_dp_adapt_tiny_configs"
@@ -141,12 +147,17 @@ def fill_deterministically(module: torch.nn.Module, seed: int) -> None:
 
 
 @torch.inference_mode()
-def build_tiny_model(seed: int = 0, unet_overrides: dict | None = None, family: str = "sd1"):
+def build_tiny_model(
+    seed: int = 0,
+    unet_overrides: dict | None = None,
+    family: str = "sd1",
+    num_heads: int | None = None,
+):
     """An SD1.x-style MODEL (``ModelPatcher``) with a ~1M-parameter UNet, eps prediction.
 
     ``family="sd2"`` gives ComfyUI's SD2.x model class (linear projections in the
     transformers, as SD2 has); ``unet_overrides`` changes the UNet config (benchmarks use it
-    for SD1.5-sized widths).
+    for SD1.5-sized widths); ``num_heads`` defaults to 4 (8 with overrides, as SD1.5).
     """
     import comfy.model_management as mm
     import comfy.model_patcher
@@ -158,7 +169,7 @@ def build_tiny_model(seed: int = 0, unet_overrides: dict | None = None, family: 
     else:
         config = comfy.supported_models.SD15(unet)
     # SD15.__init__ forces num_heads=8 / num_head_channels=-1.
-    config.unet_config["num_heads"] = 8 if unet_overrides else 4
+    config.unet_config["num_heads"] = num_heads or (8 if unet_overrides else 4)
     config.unet_config["num_head_channels"] = -1
     config.set_inference_dtype(torch.float32, None)
     load_device = mm.get_torch_device()
@@ -204,7 +215,7 @@ def build_tiny_clip(
         **({"num_hidden_layers": 3} if sd2 else {}),
         **(text_overrides or {}),
     }
-    config_name = "clip_text_{hidden_size}_{num_hidden_layers}".format(**text_config)
+    config_name = "clip_text_" + _config_digest(text_config)
 
     name = "h" if sd2 else "l"
     tokenizer_options = {"pad_with_end": False, "embedding_key": "clip_h"} if sd2 else {}
@@ -247,22 +258,39 @@ def build_tiny_clip(
 
 
 @torch.inference_mode()
-def build_tiny_vae(seed: int = 2):
-    """A VAE (AutoencoderKL, 4 latent channels, downscale 8) with 32-channel blocks."""
+def build_tiny_vae(seed: int = 2, ddconfig: dict | None = None, state_dict: dict | None = None):
+    """A VAE (AutoencoderKL, 4 latent channels, downscale 8) with 32-channel blocks.
+
+    ``ddconfig`` replaces the block layout; ``state_dict`` gives trained weights instead of
+    seeded ones.
+    """
     import comfy.sd
+
+    config = {"params": {"ddconfig": dict(ddconfig or _TINY_VAE_DDCONFIG), "embed_dim": 4}}
+    if state_dict is None:
+        weights = vae_module(config["params"]["ddconfig"])
+        fill_deterministically(weights, seed)
+        state_dict = weights.state_dict()
+    return comfy.sd.VAE(sd=state_dict, config=config)
+
+
+def vae_module(ddconfig: dict) -> torch.nn.Module:
+    """ComfyUI's AutoencoderKL with ``ddconfig`` and 4 latent channels (weights unset)."""
     from comfy.ldm.models.autoencoder import AutoencoderKL
 
-    config = {"params": {"ddconfig": dict(_TINY_VAE_DDCONFIG), "embed_dim": 4}}
-    weights = AutoencoderKL(**config["params"])
-    fill_deterministically(weights, seed)
-    return comfy.sd.VAE(sd=weights.state_dict(), config=config)
+    return AutoencoderKL(ddconfig=dict(ddconfig), embed_dim=4)
 
 
 @torch.inference_mode()
-def build_tiny_clip_vision(seed: int = 3):
-    """A CLIP_VISION model (ViT, 224 px input, patch 32) with a ``VISION_PROJECTION`` head."""
+def build_tiny_clip_vision(seed: int = 3, vision_overrides: dict | None = None):
+    """A CLIP_VISION model (ViT, 224 px input, patch 32) with a ``VISION_PROJECTION`` head.
+
+    ``vision_overrides`` changes the vision config (the demo model's is wider).
+    """
     import comfy.clip_vision
 
-    model = comfy.clip_vision.ClipVisionModel(_config_file("tiny_clip_vision", _TINY_VISION_CONFIG))
+    config = {**_TINY_VISION_CONFIG, **(vision_overrides or {})}
+    name = "tiny_clip_vision_" + _config_digest(config)
+    model = comfy.clip_vision.ClipVisionModel(_config_file(name, config))
     fill_deterministically(model.model, seed)
     return model

@@ -1,0 +1,567 @@
+"""Reproduce the paper's comparison on the demo world: ``python bench/reproduce_paper.py``.
+
+On the project's demo model (``nodes/demo_model.py``) and its held-out "dotted" style, for
+n private pictures of that style it runs
+
+- non-private TI (one shared token trained on all n pictures, no clipping, no noise),
+- DPAgg-TI (one token per picture, bounded, one noisy Gaussian average: the paper's method),
+- DP-SGD TI (one shared token, per-example clipping and Gaussian noise at every step),
+- DP universal guidance (a noisy average of CLIP image embeddings steering the sampler),
+
+at every epsilon, delta = 1e-5, several independent releases per cell (fresh OS-entropy
+sampling and noise each; the DP-SGD and non-private runs retrain), and measures style
+fidelity: the fraction of generated pictures the style classifier calls "dotted", plus the
+cosine similarity of the classifier's mean features with those of fresh dotted renders. The
+DP machinery is the pack's own (``dp/``), the prompts go through ComfyUI's tokenizer with the
+released token saved as an embedding file and used as ``embedding:NAME``, sampling is
+ComfyUI's KSampler (or the pack's Universal Guidance Sampler node).
+
+Writes ``results/reproduction.json`` (``--quick``: ``results/reproduction_quick.json``), a
+CSV and a PNG plot next to it, and prints the table. ``--quick``: n = 20, epsilon in {1, 8},
+3 releases (minutes on 2 CPU cores; CI runs it).
+
+Hyperparameters are fixed before looking at any DP result: TI settings that make the
+non-private token work; the DPAgg-TI bound C and the DP-SGD gradient bound from a PUBLIC
+proxy (a training style, "striped", never the private set): the median per-picture distance
+/ gradient norm there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from _setup import bootstrap_comfyui  # noqa: E402
+
+FULL = {"ns": (20, 50, 100), "epsilons": (0.5, 1.0, 2.0, 4.0, 8.0), "releases": 5}
+QUICK = {"ns": (20,), "epsilons": (1.0, 8.0), "releases": 3}
+DELTA = 1e-5
+HELD_OUT = "dotted"
+PROXY_STYLE = "striped"
+INITIALIZER = "painting"
+TI_STEPS = 150
+TI_LEARNING_RATE = 0.02
+TI_ROWS = 20  # images per pass (speed only)
+DPAGG_SAMPLING_RATE = 1.0
+DPSGD_SAMPLING_RATE = 0.5
+GUIDANCE_STRENGTH = 4.0
+PER_PROMPT = 4  # pictures per prompt; 6 prompts per measurement
+METHODS = ("non-private TI", "DPAgg-TI", "DP-SGD TI", "DP guidance")
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+class World:
+    """The demo model, its tokenizer pieces and the fidelity meter, loaded once."""
+
+    def __init__(self):
+        from comfyui_dp_adapt.demo.style_classifier import load_style_classifier
+        from comfyui_dp_adapt.dp.templates import STYLE_TEMPLATES
+        from comfyui_dp_adapt.nodes import comfy_compat, demo_model
+        from comfyui_dp_adapt.nodes import inversion_model as im
+
+        self.model, self.clip, self.vae, self.vision = demo_model.load_demo_model()
+        self.classifier = load_style_classifier()
+        comfy_compat.load_models([self.model, self.clip.patcher])
+        self.family = im.detect_family(self.model, self.clip)
+        self.prompts = im.tokenize_templates(self.clip, self.family, STYLE_TEMPLATES, 1)
+        self.initial = im.token_vectors(self.clip, self.family, INITIALIZER)[:1]
+        self.target_norm = im.mean_token_norm(self.clip, self.family)
+        self.embeddings_dir = comfy_compat.embeddings_directories()[0]
+        self.embeddings_dir.mkdir(parents=True, exist_ok=True)
+        with torch.inference_mode(False), torch.enable_grad():
+            self.text_forward = im.make_text_forward(self.clip, self.family)
+            self.denoise_loss = im.make_denoise_loss(self.model)
+        self._names = 0
+
+    def renders(self, style: str, count: int, seed: int) -> torch.Tensor:
+        from comfyui_dp_adapt.demo import world
+
+        rng = np.random.default_rng(seed)
+        specs = world.sample_specs(rng, count, styles=(style,))
+        return torch.from_numpy(world.render_batch(specs, rng)).float() / 255
+
+    def latents(self, images: torch.Tensor) -> torch.Tensor:
+        from comfyui_dp_adapt.nodes import comfy_compat
+
+        return torch.cat(
+            [
+                comfy_compat.encode_latents(self.model, self.vae, images[i : i + 1])
+                for i in range(len(images))
+            ]
+        )
+
+    def token_prompt_images(self, token: torch.Tensor, seed: int) -> torch.Tensor:
+        """Pictures for "a {colour} {subject} in the style of embedding:NAME"."""
+        from safetensors.torch import save_file
+
+        from comfyui_dp_adapt.demo import evaluation
+
+        self._names += 1
+        name = f"bench_token_{self._names}"
+        save_file(
+            {"emb_params": token.reshape(1, -1).float().contiguous()},
+            str(self.embeddings_dir / f"{name}.safetensors"),
+        )
+        prompts = evaluation.subject_prompts("{} in the style of embedding:" + name, seed)
+        return evaluation.generate(
+            self.model, self.clip, self.vae, prompts, per_prompt=PER_PROMPT, seed=seed
+        )
+
+    def text_prompt_images(self, template: str, seed: int) -> torch.Tensor:
+        from comfyui_dp_adapt.demo import evaluation
+
+        prompts = evaluation.subject_prompts(template, seed)
+        return evaluation.generate(
+            self.model, self.clip, self.vae, prompts, per_prompt=PER_PROMPT, seed=seed
+        )
+
+    def rescale(self, token: torch.Tensor) -> torch.Tensor:
+        from comfyui_dp_adapt.dp.mechanism import rescale_to_norm
+
+        return rescale_to_norm(self.target_norm, rows=1)(token.reshape(-1).double()).float()
+
+
+def train_nonprivate(world_, latents: torch.Tensor, seed: int) -> torch.Tensor:
+    """Ordinary textual inversion: one shared token, Adam on the mean loss over all images."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.inference_mode(False), torch.enable_grad():
+        token = world_.initial.clone().requires_grad_(True)
+        optimiser = torch.optim.Adam([token], lr=TI_LEARNING_RATE)
+        ids, mask = world_.prompts.ids, world_.prompts.mask
+        for _ in range(TI_STEPS):
+            batch = min(len(latents), TI_ROWS)
+            index = torch.randint(len(latents), (batch,), generator=generator)
+            template = torch.randint(len(ids), (batch,), generator=generator)
+            context = world_.text_forward(ids[template], mask[template], token.expand(batch, -1))
+            timesteps = torch.randint(0, 1000, (batch,), generator=generator).float()
+            noise = torch.randn(latents[index].shape, generator=generator)
+            loss = world_.denoise_loss(latents[index], context, timesteps, noise).mean()
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+    return token.detach()
+
+
+def train_per_image(world_, latents: torch.Tensor, seed: int) -> torch.Tensor:
+    from comfyui_dp_adapt.dp.inversion import InversionConfig, train_per_image_embeddings
+
+    config = InversionConfig(
+        steps=TI_STEPS, learning_rate=TI_LEARNING_RATE, images_per_batch=TI_ROWS
+    )
+    with torch.inference_mode(False), torch.enable_grad():
+        vectors = train_per_image_embeddings(
+            latents,
+            initial=world_.initial,
+            prompts=world_.prompts,
+            config=config,
+            seeds=[seed * 100_000 + i for i in range(len(latents))],
+            text_forward=world_.text_forward,
+            denoise_loss=world_.denoise_loss,
+        )
+    return vectors.reshape(len(latents), -1)
+
+
+def public_proxy_bounds(world_, seed: int) -> dict:
+    """C for DPAgg-TI and DP-SGD from the PUBLIC proxy style (never the private pictures)."""
+    from comfyui_dp_adapt.dp.dpsgd import per_example_gradients
+
+    latents = world_.latents(world_.renders(PROXY_STYLE, TI_ROWS, seed))
+    vectors = train_per_image(world_, latents, seed)
+    distances = (vectors - world_.initial.reshape(1, -1)).norm(dim=1)
+    generator = torch.Generator().manual_seed(seed)
+    template = torch.randint(len(world_.prompts.ids), (len(latents),), generator=generator)
+    with torch.inference_mode(False), torch.enable_grad():
+        grads = per_example_gradients(
+            latents,
+            world_.initial.clone(),
+            world_.prompts.ids[template],
+            world_.prompts.mask[template],
+            torch.randint(0, 1000, (len(latents),), generator=generator).float(),
+            torch.randn(latents.shape, generator=generator),
+            text_forward=world_.text_forward,
+            denoise_loss=world_.denoise_loss,
+        )
+    return {
+        "dpagg_clip_norm": float(distances.median()),
+        "dpsgd_clip_norm": float(grads.reshape(len(latents), -1).norm(dim=1).median()),
+        "proxy_style": PROXY_STYLE,
+    }
+
+
+def dpagg_release(world_, vectors, epsilon: float, clip_norm: float, n_hat: int) -> torch.Tensor:
+    from comfyui_dp_adapt.dp.accounting import calibrate_noise_multiplier
+    from comfyui_dp_adapt.dp.mechanism import poisson_sample, release_noisy_aggregate
+
+    z = calibrate_noise_multiplier(
+        epsilon=epsilon, delta=DELTA, sampling_rate=DPAGG_SAMPLING_RATE
+    ).noise_multiplier
+    sample = poisson_sample(len(vectors), sampling_rate=DPAGG_SAMPLING_RATE)
+    release = release_noisy_aggregate(
+        vectors[sample.indices],
+        centre=world_.initial.reshape(-1),
+        clip_norm=clip_norm,
+        noise_multiplier=z,
+        sampling_rate=DPAGG_SAMPLING_RATE,
+        dataset_size=n_hat,
+    )
+    return world_.rescale(release.estimate)
+
+
+def dpsgd_release(world_, latents, epsilon: float, clip_norm: float, n_hat: int) -> torch.Tensor:
+    from comfyui_dp_adapt.dp.accounting import calibrate_dpsgd_noise_multiplier
+    from comfyui_dp_adapt.dp.dpsgd import DpSgdConfig, train_shared_embedding_dpsgd
+
+    z = calibrate_dpsgd_noise_multiplier(
+        epsilon=epsilon, delta=DELTA, sampling_rate=DPSGD_SAMPLING_RATE, steps=TI_STEPS
+    ).noise_multiplier
+    config = DpSgdConfig(steps=TI_STEPS, learning_rate=TI_LEARNING_RATE, images_per_batch=TI_ROWS)
+    with torch.inference_mode(False), torch.enable_grad():
+        token = train_shared_embedding_dpsgd(
+            latents,
+            initial=world_.initial,
+            prompts=world_.prompts,
+            config=config,
+            included=[True] * len(latents),
+            sampling_rate=DPSGD_SAMPLING_RATE,
+            clip_norm=clip_norm,
+            noise_multiplier=z,
+            declared_dataset_size=n_hat,
+            text_forward=world_.text_forward,
+            denoise_loss=world_.denoise_loss,
+        )
+    return world_.rescale(token)
+
+
+def guidance_images(world_, clip_embeddings, epsilon: float, n_hat: int, seed: int) -> torch.Tensor:
+    """A DP CLIP target (normalize mode, centre 0, as the DP Aggregate CLIP Embeddings node)
+    steering the Universal Guidance Sampler node for prompts without any style word."""
+    from comfyui_dp_adapt.demo import evaluation
+    from comfyui_dp_adapt.dp.accounting import calibrate_noise_multiplier
+    from comfyui_dp_adapt.dp.guidance import ClipTarget
+    from comfyui_dp_adapt.dp.mechanism import BoundMode, release_noisy_aggregate, renormalize_unit
+    from comfyui_dp_adapt.nodes.guidance_sampler import UniversalGuidanceSamplerNode
+
+    cal = calibrate_noise_multiplier(epsilon=epsilon, delta=DELTA, sampling_rate=1.0)
+    release = release_noisy_aggregate(
+        clip_embeddings,
+        centre=torch.zeros(clip_embeddings.shape[1], dtype=torch.float64),
+        clip_norm=1.0,
+        noise_multiplier=cal.noise_multiplier,
+        sampling_rate=1.0,
+        dataset_size=n_hat,
+        mode=BoundMode.NORMALIZE,
+        postprocess=renormalize_unit,
+    )
+    target = ClipTarget(
+        embedding=release.estimate.float(),
+        event=cal.event,
+        epsilon=cal.epsilon_achieved,
+        delta=DELTA,
+        noise_multiplier=cal.noise_multiplier,
+        sampling_rate=1.0,
+        declared_dataset_size=n_hat,
+    )
+    node = UniversalGuidanceSamplerNode()
+    prompts = evaluation.subject_prompts("{}", seed)
+    negative = evaluation.conditioning(world_.clip, "")
+    out = []
+    with torch.inference_mode():
+        for index, prompt in enumerate(prompts):
+            side = evaluation.LATENT_SIDE
+            latent = {"samples": torch.zeros((PER_PROMPT, 4, side, side))}
+            (samples,) = node.sample(
+                world_.model,
+                evaluation.conditioning(world_.clip, prompt),
+                negative,
+                latent,
+                world_.vae,
+                world_.vision,
+                target,
+                seed + index,
+                evaluation.SAMPLE_STEPS,
+                evaluation.CFG,
+                evaluation.SAMPLER,
+                evaluation.SCHEDULER,
+                1.0,
+                GUIDANCE_STRENGTH,
+                0,
+                "x0",
+            )
+            out.append(world_.vae.decode(samples["samples"]).float().clone())
+    return torch.cat(out)
+
+
+def release_images(world_, method, epsilon, n, seed, bounds, vectors, latents, clip_embeddings):
+    """One fresh DP release of ``method`` and the pictures generated from it."""
+    if method == "DPAgg-TI":
+        token = dpagg_release(world_, vectors, epsilon, bounds["dpagg_clip_norm"], n)
+        return world_.token_prompt_images(token, seed)
+    if method == "DP-SGD TI":
+        token = dpsgd_release(world_, latents, epsilon, bounds["dpsgd_clip_norm"], n)
+        return world_.token_prompt_images(token, seed)
+    return guidance_images(world_, clip_embeddings, epsilon, n, seed)
+
+
+def interval(values: list[float]) -> tuple[float, float, float]:
+    """Mean and a 95% Student-t interval over independent releases (clipped to [0, 1])."""
+    from scipy import stats
+
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, mean, mean
+    half = stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+    return mean, max(0.0, mean - half), min(1.0, mean + half)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="n=20, eps in {1, 8}, 3 releases")
+    parser.add_argument("--out", type=Path, default=ROOT / "results")
+    parser.add_argument("--seed", type=int, default=0, help="the pictures and generation seeds")
+    args = parser.parse_args(argv)
+    grid = QUICK if args.quick else FULL
+    name = "reproduction_quick" if args.quick else "reproduction"
+    started = time.monotonic()
+
+    bootstrap_comfyui(cuda=torch.cuda.is_available(), prefix="dp_adapt_reproduce_")
+    import comfy.utils
+
+    comfy.utils.PROGRESS_BAR_ENABLED = False
+    from comfyui_dp_adapt.demo import evaluation
+    from comfyui_dp_adapt.nodes import comfy_compat, demo_model
+
+    world_ = World()
+    control = evaluation.positive_control(
+        world_.model, world_.clip, world_.vae, world_.classifier, seed=args.seed + 7
+    )
+    log(f"positive control: {control['accuracy']:.3f} {control['per_style']}")
+    bounds = public_proxy_bounds(world_, args.seed + 3)
+    log(f"bounds from the public proxy: {bounds}")
+    reference = world_.renders(HELD_OUT, 64, args.seed + 5)
+
+    def measure(images: torch.Tensor) -> dict:
+        return {
+            "fidelity": evaluation.style_fraction(world_.classifier, images, HELD_OUT),
+            "similarity": evaluation.feature_similarity(world_.classifier, images, reference),
+            "styles": evaluation.style_counts(world_.classifier, images),
+        }
+
+    seed = args.seed + 10_000
+    examples: dict[str, torch.Tensor] = {}  # first pictures per column of the side-by-side
+    initializer_images = world_.text_prompt_images("{} in the style of " + INITIALIZER, seed)
+    examples[f"initializer word ({INITIALIZER})"] = initializer_images
+    baselines = {
+        "no style word": measure(world_.text_prompt_images("{}", seed)),
+        f"initializer word ({INITIALIZER})": measure(initializer_images),
+    }
+    example_n, example_epsilon = max(grid["ns"]), 1.0
+    log(f"baselines: { {k: v['fidelity'] for k, v in baselines.items()} }")
+
+    cells: dict = {method: {} for method in METHODS}
+    for n in grid["ns"]:
+        private = world_.renders(HELD_OUT, n, args.seed * 1000 + n)
+        latents = world_.latents(private)
+        with torch.inference_mode():
+            embeds = comfy_compat.clip_vision_encode(world_.vision, private)
+        clip_embeddings = torch.nn.functional.normalize(embeds.clone().double(), dim=1)
+        vectors = train_per_image(world_, latents, args.seed + n)
+        log(f"n={n}: per-image tokens trained")
+        rows = cells["non-private TI"].setdefault(str(n), {})
+        rows["inf"] = []
+        for r in range(grid["releases"]):
+            images = world_.token_prompt_images(train_nonprivate(world_, latents, r), seed)
+            if n == example_n and r == 0:
+                examples["non-private TI"] = images
+            rows["inf"].append(measure(images))
+        log(f"n={n} non-private: {[m['fidelity'] for m in rows['inf']]}")
+        for epsilon in grid["epsilons"]:
+            for method in METHODS[1:]:
+                results = []
+                for r in range(grid["releases"]):
+                    images = release_images(
+                        world_, method, epsilon, n, seed, bounds, vectors, latents, clip_embeddings
+                    )
+                    if (n, epsilon, r) == (example_n, example_epsilon, 0):
+                        examples[f"{method} (eps = 1)"] = images
+                    results.append(measure(images))
+                cells[method].setdefault(str(n), {})[repr(epsilon)] = results
+                log(f"n={n} eps={epsilon} {method}: {[round(m['fidelity'], 3) for m in results]}")
+
+    record = {
+        "schema": 1,
+        "quick": args.quick,
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip()
+        + f", {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "seconds": round(time.monotonic() - started, 1),
+        "delta": DELTA,
+        "grid": {k: list(v) if isinstance(v, tuple) else v for k, v in grid.items()},
+        "settings": {
+            "held_out_style": HELD_OUT,
+            "initializer": INITIALIZER,
+            "ti_steps": TI_STEPS,
+            "ti_learning_rate": TI_LEARNING_RATE,
+            "dpagg_sampling_rate": DPAGG_SAMPLING_RATE,
+            "dpsgd_sampling_rate": DPSGD_SAMPLING_RATE,
+            "guidance_strength": GUIDANCE_STRENGTH,
+            "guidance_mode": "x0",
+            "pictures_per_release": PER_PROMPT * evaluation.SUBJECT_PROMPTS,
+            "sampling": f"{evaluation.SAMPLER}/{evaluation.SCHEDULER}, {evaluation.SAMPLE_STEPS} steps, CFG {evaluation.CFG}",
+            "weights": demo_model.WEIGHTS_FILE.name,
+            **bounds,
+        },
+        "positive_control": control,
+        "baselines": baselines,
+        "fidelity": {
+            method: {
+                n: {eps: [m["fidelity"] for m in runs] for eps, runs in by_eps.items()}
+                for n, by_eps in by_n.items()
+            }
+            for method, by_n in cells.items()
+        },
+        "similarity": {
+            method: {
+                n: {eps: [m["similarity"] for m in runs] for eps, runs in by_eps.items()}
+                for n, by_eps in by_n.items()
+            }
+            for method, by_n in cells.items()
+        },
+        "styles": {
+            method: {
+                n: {eps: [m["styles"] for m in runs] for eps, runs in by_eps.items()}
+                for n, by_eps in by_n.items()
+            }
+            for method, by_n in cells.items()
+        },
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{name}.json").write_text(json.dumps(record, indent=1) + "\n")
+    table = summary_rows(record)
+    write_csv(args.out / f"{name}.csv", table)
+    plot(record, args.out / f"{name}.png")
+    if len(examples) > 2:
+        side_by_side(examples, args.out / f"{name}_side_by_side.png", n=example_n)
+    print_table(table, record)
+    return 0
+
+
+def summary_rows(record: dict) -> list[dict]:
+    rows = []
+    for method, by_n in record["fidelity"].items():
+        for n, by_eps in by_n.items():
+            for eps, values in by_eps.items():
+                mean, low, high = interval(values)
+                sims = record["similarity"][method][n][eps]
+                rows.append(
+                    {
+                        "method": method,
+                        "n": int(n),
+                        "epsilon": eps,
+                        "releases": len(values),
+                        "fidelity": round(mean, 3),
+                        "fidelity_ci95_low": round(low, 3),
+                        "fidelity_ci95_high": round(high, 3),
+                        "similarity": round(statistics.fmean(sims), 3),
+                    }
+                )
+    return rows
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def print_table(rows: list[dict], record: dict) -> None:
+    print(
+        f"positive control (training styles named in the prompt): {record['positive_control']['accuracy']:.3f}"
+    )
+    for label, result in record["baselines"].items():
+        print(f"baseline, {label}: fidelity {result['fidelity']:.3f}")
+    print(f"{'method':<16}{'n':>5}{'epsilon':>9}  fidelity [95% CI]     similarity")
+    for row in rows:
+        print(
+            f"{row['method']:<16}{row['n']:>5}{row['epsilon']:>9}  {row['fidelity']:.3f} "
+            f"[{row['fidelity_ci95_low']:.3f}, {row['fidelity_ci95_high']:.3f}]   {row['similarity']:.3f}"
+        )
+
+
+def side_by_side(columns: dict[str, torch.Tensor], path: Path, *, n: int) -> None:
+    """One picture per prompt (rows) for each column: what the README shows."""
+    from PIL import Image, ImageDraw
+
+    from comfyui_dp_adapt.demo import evaluation
+
+    scale, header, gap = 3, 34, 6
+    side = 64 * scale
+    rows = evaluation.SUBJECT_PROMPTS
+    width = len(columns) * (side + gap) + gap
+    canvas = Image.new("RGB", (width, header + rows * (side + gap) + gap), "white")
+    draw = ImageDraw.Draw(canvas)
+    for c, (label, images) in enumerate(columns.items()):
+        x = gap + c * (side + gap)
+        draw.text((x, 4), label.replace(" (", "\n("), fill="black")
+        for r in range(rows):
+            picture = (images[r * PER_PROMPT].numpy() * 255).round().clip(0, 255).astype(np.uint8)
+            tile = Image.fromarray(picture).resize((side, side), Image.Resampling.NEAREST)
+            canvas.paste(tile, (x, header + gap + r * (side + gap)))
+    draw.text((gap, canvas.height - 14), f"n = {n} private dotted pictures", fill="grey")
+    canvas.save(path)
+
+
+def plot(record: dict, path: Path) -> None:
+    """Fidelity vs epsilon per method (one panel per n), non-private and baselines as lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ns = list(record["fidelity"]["DPAgg-TI"])
+    figure, axes = plt.subplots(1, len(ns), figsize=(4.5 * len(ns), 3.6), squeeze=False)
+    for axis, n in zip(axes[0], ns, strict=True):
+        for method in ("DPAgg-TI", "DP-SGD TI", "DP guidance"):
+            by_eps = record["fidelity"][method][n]
+            eps = [float(e) for e in by_eps]
+            stats_ = [interval(v) for v in by_eps.values()]
+            axis.errorbar(
+                eps,
+                [s[0] for s in stats_],
+                yerr=[[s[0] - s[1] for s in stats_], [s[2] - s[0] for s in stats_]],
+                marker="o",
+                capsize=3,
+                label=method,
+            )
+        nonprivate = interval(record["fidelity"]["non-private TI"][n]["inf"])[0]
+        axis.axhline(nonprivate, color="black", linestyle="--", label="non-private TI")
+        for result in record["baselines"].values():
+            axis.axhline(result["fidelity"], color="grey", linestyle=":", linewidth=1)
+        axis.set_xscale("log", base=2)
+        axis.set_ylim(-0.02, 1.02)
+        axis.set_xlabel("epsilon (delta = 1e-5)")
+        axis.set_ylabel('fraction classified "dotted"')
+        axis.set_title(f"n = {n} private pictures")
+    axes[0][0].legend(fontsize=8, loc="best")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
