@@ -25,10 +25,16 @@ def test_pyproject_has_the_registry_metadata():
     data = tomllib.loads((PACK_ROOT / "pyproject.toml").read_text())
     project = data["project"]
     assert project["name"] == "comfyui-dp-adapt"
-    assert project["license"] == {"text": "GPL-3.0-or-later"}
+    assert project["license"] == {"file": "LICENSE"}
+    licence = (PACK_ROOT / "LICENSE").read_text()
+    assert "GNU GENERAL PUBLIC LICENSE" in licence and "Version 3" in licence
     assert project["version"] and project["description"] and project["dependencies"]
     assert "Repository" in project["urls"]
-    assert {"PublisherId", "DisplayName", "Icon"} <= set(data["tool"]["comfy"])
+    comfy = data["tool"]["comfy"]
+    assert {"PublisherId", "DisplayName", "Icon", "requires-comfyui"} <= set(comfy)
+    icon = comfy["Icon"].rsplit("/main/", 1)[-1]
+    assert comfy["Icon"].startswith("https://") and (PACK_ROOT / icon).is_file()
+    assert "Operating System :: OS Independent" in project["classifiers"]
     requirements = (PACK_ROOT / "requirements.txt").read_text()
     for dependency in project["dependencies"]:
         assert dependency in requirements, f"{dependency} missing from requirements.txt"
