@@ -86,15 +86,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     runner = _import_pack()
-    result = runner.run_workflow(
-        args.workflow,
-        args.out,
-        comfyui_dir=args.comfyui,
-        checkpoint=args.checkpoint,
-        clip_vision=args.clip_vision,
-        images=args.images,
-        overrides=dict(args.overrides),
-    )
+    try:
+        result = runner.run_workflow(
+            args.workflow,
+            args.out,
+            comfyui_dir=args.comfyui,
+            checkpoint=args.checkpoint,
+            clip_vision=args.clip_vision,
+            images=args.images,
+            overrides=dict(args.overrides),
+        )
+    except Exception as error:  # one readable line, not a traceback or a JSON dump
+        print(f"run_workflow.py: FAILED: {runner.failure_line(error)}", file=sys.stderr)
+        return 1
     for label, paths in (
         ("embedding", result.embeddings),
         ("image", result.images),

@@ -25,7 +25,36 @@ def free_loopback_port() -> int:
 
 
 class PromptFailed(RuntimeError):
-    """ComfyUI refused or failed a prompt; the message holds ComfyUI's own error text."""
+    """ComfyUI refused or failed a prompt; the message holds ComfyUI's own error text.
+
+    ``summary`` is one line for people: the failing node and its error message.
+    """
+
+    def __init__(self, message: str, summary: str | None = None):
+        super().__init__(message)
+        lines = message.strip().splitlines()
+        self.summary = summary or (lines[-1][:500] if lines else "ComfyUI gave no message")
+
+
+def summarize_failure(payload) -> str:
+    """One line from ComfyUI's error payload: an execution error's node type and exception
+    message, or a validation error's node errors, else the payload's first message."""
+    if isinstance(payload, list):  # history status messages: [[kind, data], ...]
+        for kind, data in (m for m in payload if isinstance(m, (list, tuple)) and len(m) == 2):
+            if kind in ("execution_error", "execution_interrupted") and isinstance(data, dict):
+                node = data.get("node_type") or "a node"
+                text = str(data.get("exception_message") or kind).strip()
+                return f"{node}: {' '.join(text.split())}"
+    if isinstance(payload, dict):
+        for node_error in (payload.get("node_errors") or {}).values():
+            for error in node_error.get("errors", []):
+                node = node_error.get("class_type", "a node")
+                detail = error.get("details") or error.get("message", "")
+                return f"{node}: {' '.join(str(detail).split())}"
+        error = payload.get("error")
+        if isinstance(error, dict):
+            return " ".join(str(error.get("message", error)).split())
+    return " ".join(str(payload).split())[:500]
 
 
 @dataclass
@@ -152,7 +181,12 @@ class ComfyServer:
             with urllib.request.urlopen(request, timeout=timeout) as response:
                 return json.loads(response.read())
         except urllib.error.HTTPError as error:
-            raise PromptFailed(error.read().decode(errors="replace")) from error
+            body = error.read().decode(errors="replace")
+            try:
+                summary = summarize_failure(json.loads(body))
+            except json.JSONDecodeError:
+                summary = None
+            raise PromptFailed(body, summary) from error
 
     def run_prompt(self, prompt: dict, timeout: float = 600, client_id: str | None = None) -> dict:
         """Queue an API-format prompt, wait for it, return its history entry.
@@ -171,7 +205,8 @@ class ComfyServer:
                 entry = history[prompt_id]
                 status = entry.get("status", {})
                 if status.get("status_str") == "error" or not status.get("completed", True):
-                    raise PromptFailed(json.dumps(status.get("messages", status), indent=1))
+                    messages = status.get("messages", status)
+                    raise PromptFailed(json.dumps(messages, indent=1), summarize_failure(messages))
                 return entry
             if self.process is not None and self.process.poll() is not None:
                 raise PromptFailed(f"ComfyUI died while running the prompt:\n{self.log()}")

@@ -116,6 +116,17 @@ def _uses(workflow: dict, node_type: str) -> bool:
     return node_type in wf.node_types(workflow)
 
 
+def failure_line(error: BaseException) -> str:
+    """What went wrong, in one line: ComfyUI's own message for a refused or failed prompt."""
+    from .comfy_server import PromptFailed
+
+    if isinstance(error, PromptFailed):
+        return error.summary
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    text = lines[0] if lines else type(error).__name__
+    return f"{type(error).__name__}: {text[:500]}"
+
+
 def demo_settings(workflow: dict) -> dict[tuple[str, str], object]:
     """The workflow's quick-start settings for the demo model: ``extra.dp_adapt_demo`` maps
     ``"NODE_ID.input"`` to a value (64 px, steps sized for the small model, prompts of its
@@ -142,11 +153,34 @@ def _write_sample_images(folder: Path, *, demo_world: bool) -> None:
         write_synthetic_style_set(folder, count=SAMPLE_IMAGE_COUNT)
 
 
+def _unused_name(target: Path, source: Path) -> Path:
+    """``target``, or ``NAME-2.safetensors``, ``NAME-3``... when an earlier run's different
+    release already has that name: a release whose budget is spent is never overwritten. An
+    file of the same release (the recorded release published again) keeps its name."""
+    candidate, number = target, 1
+    while candidate.exists():
+        release = _release_id(source)
+        if release is not None and _release_id(candidate) == release:
+            return candidate
+        number += 1
+        candidate = target.with_name(f"{target.stem}-{number}{target.suffix}")
+    return candidate
+
+
+def _release_id(path: Path) -> str | None:
+    from ..dp.embedding_file import RELEASE_ID_KEY, read_embedding
+
+    try:
+        return read_embedding(path)[1].get(RELEASE_ID_KEY)
+    except Exception:  # not one of ours: treat as different
+        return None
+
+
 def _collect(entry: dict, server: ComfyServer, out_dir: Path) -> RunResult:
     result = RunResult(out_dir=out_dir)
     (out_dir / "embeddings").mkdir(exist_ok=True)
     for embedding in sorted(server.default_embeddings_dir.glob("*.safetensors")):
-        target = out_dir / "embeddings" / embedding.name
+        target = _unused_name(out_dir / "embeddings" / embedding.name, embedding)
         shutil.copy2(embedding, target)
         result.embeddings.append(target)
     (out_dir / "images").mkdir(exist_ok=True)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from PIL import Image
 
 from comfyui_dp_adapt.dp.embedding_file import read_embedding
 from comfyui_dp_adapt.tests.support.pack import PACK_ROOT
@@ -43,7 +44,11 @@ def test_readme_command_writes_embedding_images_report_and_ledger(tmp_path):
     assert [p.name for p in embeddings] == ["dp_style.safetensors"]
     _, metadata = read_embedding(embeddings[0])
     assert "dp_adapt.dp_event" in metadata
-    assert len(list((out / "images").glob("*.png"))) == 2
+    # The demo model's quick-start settings of the workflow: 4 pictures at 64 px.
+    pictures = sorted((out / "images").glob("*.png"))
+    assert len(pictures) == 4
+    assert Image.open(pictures[0]).size == (64, 64)
+    assert f"embedding: {embeddings[0]}" in done.stdout
     report = (out / "privacy_report.txt").read_text()
     assert "noise multiplier" in report and "ledger" in report
     ledgers = list((out / "user").rglob("*.json"))
@@ -60,3 +65,33 @@ def test_points_at_a_real_image_folder(tmp_path):
     report = (tmp_path / "out" / "privacy_report.txt").read_text()
     # The real count (3) is private: the report states the declared, public n_hat only.
     assert "declared dataset size n_hat = 100" in report and " 3 " not in report
+
+
+def test_refused_run_ends_with_one_clear_line_and_a_failure_code(tmp_path):
+    done = run(
+        tmp_path / "out",
+        "--set",
+        "DPAdaptPrivacyBudget.epsilon=9",
+        "--set",
+        "DPAdaptPrivacyBudget.total_epsilon=1",
+    )
+    assert done.returncode != 0
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("run_workflow.py: FAILED: DPAdapt"), done.stderr[-2000:]
+    assert "epsilon" in last
+    assert "Traceback" not in done.stderr and '"exception_message"' not in done.stderr
+
+
+def test_a_second_release_into_the_same_folder_keeps_the_first_file(tmp_path):
+    out = tmp_path / "demo"
+    first = run(out)
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = run(out)  # identical settings: the recorded release, same file, nothing spent
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert [p.name for p in (out / "embeddings").glob("*.safetensors")] == ["dp_style.safetensors"]
+    second = run(out, "--set", "DPAdaptTextualInversionTrain.steps=3")  # a new release
+    assert second.returncode == 0, second.stderr[-3000:]
+    names = sorted(p.name for p in (out / "embeddings").glob("*.safetensors"))
+    assert names == ["dp_style-2.safetensors", "dp_style.safetensors"]
+    releases = {read_embedding(out / "embeddings" / n)[1]["dp_adapt.release_id"] for n in names}
+    assert len(releases) == 2
