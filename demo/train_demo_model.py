@@ -53,10 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dataset", type=int, default=24_000, help="rendered training pictures")
     parser.add_argument("--classifier-steps", type=int, default=600)
     parser.add_argument("--vae-steps", type=int, default=1_000)
-    parser.add_argument("--unet-steps", type=int, default=20_000)
+    parser.add_argument("--unet-steps", type=int, default=12_000)
     parser.add_argument("--vision-steps", type=int, default=1_500)
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--eval-every", type=int, default=2_000)
+    parser.add_argument("--eval-every", type=int, default=1_500)
     parser.add_argument("--stop-at", type=float, default=0.95, help="stop once control >= this")
     args = parser.parse_args(argv)
 
@@ -260,7 +260,7 @@ class CaptionIds:
         return torch.stack([self._cache[c] for c in captions])
 
 
-def train_unet_and_text(model, clip, vae, classifier, latents, specs, rng, args) -> dict:
+def train_unet_and_text(model, clip, vae, classifier, latents, specs, rng, args, work) -> dict:
     from comfyui_dp_adapt.demo.evaluation import positive_control
     from comfyui_dp_adapt.nodes import inversion_model
 
@@ -282,7 +282,10 @@ def train_unet_and_text(model, clip, vae, classifier, latents, specs, rng, args)
     for step in range(args.unet_steps):
         index = torch.randint(len(latents), (args.batch,), generator=generator)
         ids = ids_of([training_caption(specs[i], rng) for i in index.tolist()])
-        context = text_forward(ids, torch.zeros(ids.shape, dtype=torch.bool), empty_vectors)
+        # Each distinct caption of the batch goes through the text encoder once.
+        unique, inverse = torch.unique(ids, dim=0, return_inverse=True)
+        mask = torch.zeros(unique.shape, dtype=torch.bool)
+        context = text_forward(unique, mask, empty_vectors)[inverse]
         timesteps = torch.randint(0, 1000, (args.batch,), generator=generator).float()
         noise = torch.randn(latents[index].shape, generator=generator)
         loss = denoise_loss(latents[index], context, timesteps, noise).mean()
@@ -310,11 +313,16 @@ def train_unet_and_text(model, clip, vae, classifier, latents, specs, rng, args)
             )
             if result["accuracy"] > best["accuracy"]:
                 best = {**result, "weights": [p.detach().clone() for p in params]}
+                save_file(  # survives a kill
+                    {str(i): w for i, w in enumerate(best["weights"])},
+                    work / "best_unet_text.safetensors",
+                    {"positive_control": result},
+                )
             swap_in(params, live)
             for module in modules:
                 module.train()
-            if result["accuracy"] >= args.stop_at:
-                break
+            if result["accuracy"] >= args.stop_at or (work / "STOP").exists():
+                break  # good enough, or asked to stop (touch work/STOP)
     swap_in(params, best.pop("weights"))
     for module in modules:
         module.requires_grad_(False).eval()

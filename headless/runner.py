@@ -29,7 +29,8 @@ PACK_ROOT = Path(__file__).resolve().parents[1]
 PRIVATE_IMAGES_NODE = "DPAdaptLoadPrivateImages"
 DEFAULT_IMAGE_FOLDER = "dp_private_images"
 BUDGET_NODE = "DPAdaptPrivacyBudget"
-SAMPLE_IMAGE_COUNT = 20
+DEMO_WORLD_IMAGE_COUNT = 100  # held-out-style pictures standing in for a private collection
+PAINTED_IMAGE_COUNT = 8  # painted pictograms, when a real checkpoint is given
 DEMO_MODEL_NODE = "DPAdaptDemoModel"
 # The demo model loader's outputs are MODEL, CLIP, VAE, CLIP_VISION.
 DEMO_REPLACES = {
@@ -89,13 +90,13 @@ def run_workflow(
             if images:
                 overrides[(PRIVATE_IMAGES_NODE, "folder")] = str(Path(images).resolve())
             else:
-                _write_sample_images(
+                count = _write_sample_images(
                     server.input_dir / DEFAULT_IMAGE_FOLDER, demo_world=not checkpoint
                 )
                 overrides[(PRIVATE_IMAGES_NODE, "folder")] = DEFAULT_IMAGE_FOLDER
                 # The sample set's size is public (the project paints it), so it is the
                 # declared n_hat unless the user set one.
-                overrides.setdefault((BUDGET_NODE, "declared_dataset_size"), SAMPLE_IMAGE_COUNT)
+                overrides.setdefault((BUDGET_NODE, "declared_dataset_size"), count)
         if not checkpoint:
             overrides = {**demo_settings(workflow), **overrides}  # the user's --set wins
         server.extra_model_paths = extra_paths
@@ -139,18 +140,17 @@ def demo_settings(workflow: dict) -> dict[tuple[str, str], object]:
     return out
 
 
-def _write_sample_images(folder: Path, *, demo_world: bool) -> None:
+def _write_sample_images(folder: Path, *, demo_world: bool) -> int:
     """The stand-in private collection: the demo world's held-out style for the demo model,
-    the painted pictogram set for a real checkpoint."""
+    the painted pictogram set for a real checkpoint. Returns its (public) size."""
     folder.mkdir(parents=True, exist_ok=True)
     if demo_world:
         from ..demo.world import write_style_set
 
-        write_style_set(folder, count=SAMPLE_IMAGE_COUNT)
-    else:
-        from ..demo.synthetic_images import write_synthetic_style_set
+        return len(write_style_set(folder, count=DEMO_WORLD_IMAGE_COUNT))
+    from ..demo.synthetic_images import write_synthetic_style_set
 
-        write_synthetic_style_set(folder, count=SAMPLE_IMAGE_COUNT)
+    return len(write_synthetic_style_set(folder, count=PAINTED_IMAGE_COUNT))
 
 
 def _unused_name(target: Path, source: Path) -> Path:
