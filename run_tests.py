@@ -9,7 +9,6 @@ setup as the README's first command and CI) and runs pytest inside it.
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -18,16 +17,10 @@ ROOT = Path(__file__).resolve().parent
 
 
 def main(argv: list[str]) -> int:
-    spec = importlib.util.spec_from_file_location(
-        "dp_adapt_bootstrap", ROOT / "headless" / "bootstrap.py"
-    )
-    bootstrap = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bootstrap)
-    try:
-        python = bootstrap.ensure_environment()
-    except bootstrap.SetupFailed as error:
-        print(f"run_tests.py: FAILED: {error}", file=sys.stderr)
-        return 1
+    sys.path.insert(0, str(ROOT / "headless"))
+    import bootstrap  # standard library only
+
+    python = bootstrap.python_or_exit("run_tests.py")
     return subprocess.call([str(python), "-m", "pytest", *argv], cwd=ROOT)
 
 

@@ -91,6 +91,15 @@ def ensure_environment(quiet: bool = False) -> Path:
     return venv_python(directory)
 
 
+def python_or_exit(program: str) -> Path:
+    """``ensure_environment()``, or one FAILED line naming ``program`` and exit code 1."""
+    try:
+        return ensure_environment()
+    except SetupFailed as error:
+        print(f"{program}: FAILED: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
 def main() -> int:
     try:
         print(ensure_environment(quiet="--quiet" in sys.argv))
