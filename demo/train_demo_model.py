@@ -130,7 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     # 3. UNet + text encoder.
     start = time.monotonic()
     captions_rng = np.random.default_rng([args.seed, 11])
-    control = train_unet_and_text(model, clip, vae, classifier, latents, specs, captions_rng, args)
+    control = train_unet_and_text(
+        model, clip, vae, classifier, latents, specs, captions_rng, args, work
+    )
     control["seconds"] = round(time.monotonic() - start, 1)
     record["phases"]["unet_text"] = control
 
