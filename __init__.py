@@ -15,4 +15,7 @@ except Exception:
     logging.getLogger(__name__).exception("comfyui-dp-adapt failed to register its nodes")
     NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = {}, {}
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+# The small web extension that draws each DP node's report on the node (web/dp_report.js).
+WEB_DIRECTORY = "./web"
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]

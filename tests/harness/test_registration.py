@@ -37,3 +37,14 @@ def test_log_has_no_import_failure_for_the_pack(comfy_server):
     assert re.search(rf"custom_nodes[/\\]{re.escape(PACK_LINK_NAME)}", log), (
         "the server log does not show the pack being loaded at all"
     )
+
+
+def test_server_serves_the_report_extension(comfy_server):
+    """WEB_DIRECTORY: the frontend loads web/dp_report.js, which draws each report on its node."""
+    import urllib.request
+
+    listed = [e for e in comfy_server.get_json("/extensions") if e.endswith("/dp_report.js")]
+    assert listed, "ComfyUI does not list the pack's web extension"
+    with urllib.request.urlopen(comfy_server.url + listed[0], timeout=30) as response:
+        source = response.read().decode()
+    assert "registerExtension" in source and "onExecuted" in source
