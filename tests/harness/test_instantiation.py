@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -57,11 +58,16 @@ def monkeypatch_module():
     patcher.undo()
 
 
-def test_pack_exports_only_the_two_mappings(loaded_pack):
+def test_pack_exports_the_two_mappings_and_its_web_directory(loaded_pack):
     _, module = loaded_pack
     public = {name for name in vars(module) if not name.startswith("_")}
-    assert {"NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"} <= public
-    assert set(module.__all__) == {"NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"}
+    assert {"NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"} <= public
+    assert set(module.__all__) == {
+        "NODE_CLASS_MAPPINGS",
+        "NODE_DISPLAY_NAME_MAPPINGS",
+        "WEB_DIRECTORY",
+    }
+    assert (Path(module.__file__).parent / module.WEB_DIRECTORY / "dp_report.js").is_file()
     assert set(module.NODE_CLASS_MAPPINGS) == expected_node_types(include_testing=True)
     assert set(module.NODE_DISPLAY_NAME_MAPPINGS) == set(module.NODE_CLASS_MAPPINGS)
 
