@@ -155,3 +155,25 @@ def write_style_set(folder, *, style: str = HELD_OUT_STYLE, count: int = 20, see
         Image.fromarray(render(spec, rng)).save(path)
         paths.append(path)
     return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python demo/world.py OUT_DIR [--count N] [--style dotted] [--seed K]``"""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Paint pictures of one style of the demo world.")
+    parser.add_argument("out_dir", help="folder to write the PNGs into (created if needed)")
+    parser.add_argument("--count", type=int, default=100, help="number of pictures (default 100)")
+    parser.add_argument("--style", default=HELD_OUT_STYLE, choices=STYLES, help="default: dotted")
+    parser.add_argument("--seed", type=int, default=0, help="which set (default 0)")
+    args = parser.parse_args(argv)
+    try:
+        paths = write_style_set(args.out_dir, style=args.style, count=args.count, seed=args.seed)
+    except ValueError as error:
+        parser.error(str(error))
+    print(f"wrote {len(paths)} {args.style} pictures to {args.out_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
