@@ -79,7 +79,9 @@ def ensure_environment(quiet: bool = False) -> Path:
     )
     for index, (what, arguments) in enumerate(steps, start=1):
         say(f"step {index}/{len(steps)}: installing {what}")
-        command = [python, "-m", "pip", "install", "--disable-pip-version-check"]
+        # --no-compile: byte-compiling torch's thousands of files is most of a warm install;
+        # Python compiles each module on its first import instead.
+        command = [python, "-m", "pip", "install", "--disable-pip-version-check", "--no-compile"]
         command += ["--quiet"] if quiet else ["--progress-bar", "on"]
         done = subprocess.run(command + arguments)
         if done.returncode != 0:
