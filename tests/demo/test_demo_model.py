@@ -1,5 +1,5 @@
 """The shipped demo model's files and its style classifier (the executor and positive-control
-test is tests/harness/test_demo_model_executor.py)."""
+test is tests/harness/test_workflow_demo_model.py)."""
 
 from __future__ import annotations
 

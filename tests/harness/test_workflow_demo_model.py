@@ -1,8 +1,8 @@
 """The demo model in a real ComfyUI server: it samples through the executor and the positive
 control holds (a named training style is drawn and recognised >= 80%, fixed seeds).
 
-It lives with the other server tests (tests/harness) so that the shared server starts after
-the in-process tests, as for every other server test."""
+Test order matters here: the shared server must not start before the in-process harness
+tests (test_instantiation) import the same ComfyUI copy, so this file sorts after them."""
 
 from __future__ import annotations
 
