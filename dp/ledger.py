@@ -566,12 +566,6 @@ class Ledger:
             result=json.loads(json.dumps(release["result"])),
         )
 
-    def release_ids(self, collection: str) -> tuple[str, ...]:
-        """The collection's recorded release ids, in order (random and public: each is in its
-        release's file metadata)."""
-        entry = self._read().data["collections"].get(sanitize_ledger_name(collection))
-        return tuple(entry["releases"]) if entry else ()
-
     def total(self, collection: str) -> TotalBudget | None:
         """The collection's pinned total budget, or None before its first release."""
         entry = self._read().data["collections"].get(sanitize_ledger_name(collection))

@@ -156,22 +156,6 @@ class PrivacyBudgetNode:
             }
         }
 
-    @classmethod
-    def IS_CHANGED(cls, ledger_name, **_inputs):
-        """Re-run (and so re-read the balance) whenever the collection's recorded releases
-        change, so the report never shows a stale ledger line. ComfyUI writes this value into
-        saved PNGs: it is a hash of the collection's release ids only, which are public (each
-        is in its release's file metadata)."""
-        import hashlib
-
-        from ..dp.ledger import Ledger, default_ledger_path
-
-        try:
-            ids = Ledger(default_ledger_path(ledger_directory())).release_ids(ledger_name)
-        except Exception:  # unreadable ledger or bad name: run, and let the node say why
-            return float("nan")
-        return hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]
-
     def make_budget(
         self,
         ledger_name,
