@@ -89,7 +89,7 @@ _TINY_VISION_CONFIG = {
     "torch_dtype": "float32",
 }
 
-_TINY_VAE_DDCONFIG = {
+TINY_VAE_DDCONFIG = {
     "double_z": True,
     "z_channels": 4,
     "resolution": 64,
@@ -266,7 +266,7 @@ def build_tiny_vae(seed: int = 2, ddconfig: dict | None = None, state_dict: dict
     """
     import comfy.sd
 
-    config = {"params": {"ddconfig": dict(ddconfig or _TINY_VAE_DDCONFIG), "embed_dim": 4}}
+    config = {"params": {"ddconfig": dict(ddconfig or TINY_VAE_DDCONFIG), "embed_dim": 4}}
     if state_dict is None:
         weights = vae_module(config["params"]["ddconfig"])
         fill_deterministically(weights, seed)
