@@ -15,6 +15,14 @@ except Exception:
     logging.getLogger(__name__).exception("comfyui-dp-adapt failed to register its nodes")
     NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = {}, {}
 
+try:
+    from .nodes.ledger_route import register_ledger_route
+
+    # The Privacy Budget node's live ledger balance (nodes/ledger_route.py), when served.
+    register_ledger_route()
+except Exception:
+    logging.getLogger(__name__).exception("comfyui-dp-adapt could not add its ledger route")
+
 # The small web extension that draws each DP node's report on the node (web/dp_report.js).
 WEB_DIRECTORY = "./web"
 

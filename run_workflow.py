@@ -1,6 +1,6 @@
 """Run a shipped workflow headless through a real ComfyUI: ``python3 run_workflow.py --help``.
 
-    python3 run_workflow.py workflows/dp_textual_inversion.json --out out/demo
+    python3 run_workflow.py "workflows/Private style token (DP textual inversion).json" --out out/demo
 
 With no other flag it needs no download: the project's small trained demo model and
 pictures of its held-out "dotted" style as the private collection. Point it at real files
@@ -73,7 +73,9 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "workflow", type=Path, help="a UI-format workflow, e.g. workflows/dp_textual_inversion.json"
+        "workflow",
+        type=Path,
+        help="a UI-format workflow, e.g. 'workflows/Private style token (DP textual inversion).json'",
     )
     parser.add_argument(
         "--out",

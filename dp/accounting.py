@@ -136,7 +136,7 @@ def _remove_delta(noise_multiplier: float, q: float, epsilon: float) -> float:
     return float(loss.get_delta_for_epsilon(epsilon))
 
 
-def _bisect_log(too_small: Callable[[float], bool], lo: float, hi: float, rel: float) -> float:
+def bisect_log(too_small: Callable[[float], bool], lo: float, hi: float, rel: float) -> float:
     """The smallest x in [lo, hi] (to relative precision ``rel``) with too_small(x) False.
 
     ``too_small`` must be monotone (True below some point, False above) and False at hi;
@@ -171,7 +171,7 @@ def _exact_epsilon(noise_multiplier: float, q: float, delta: float) -> float:
     lower = upper * 1e-12
     if _remove_delta(noise_multiplier, q, lower) <= delta:
         return lower
-    return _bisect_log(
+    return bisect_log(
         lambda eps: _remove_delta(noise_multiplier, q, eps) > delta, lower, upper, 1e-3
     )
 
@@ -495,7 +495,7 @@ def _exact_noise(epsilon: float, delta: float, q: float) -> float:
         upper = Z_MAX
     if _remove_delta(Z_MIN, q, epsilon) <= delta:
         return Z_MIN
-    return _bisect_log(lambda z: _remove_delta(z, q, epsilon) > delta, Z_MIN, upper, 1e-9)
+    return bisect_log(lambda z: _remove_delta(z, q, epsilon) > delta, Z_MIN, upper, 1e-9)
 
 
 def _check_calibration_delta(delta: float, q: float) -> None:

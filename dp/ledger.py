@@ -546,6 +546,11 @@ class Ledger:
         """The names of the collections with at least one recorded release, sorted."""
         return sorted(self._read().data["collections"])
 
+    def release_count(self, collection: str) -> int:
+        """How many releases the collection has recorded (public: each was a release)."""
+        entry = self._read().data["collections"].get(sanitize_ledger_name(collection))
+        return len(entry["releases"]) if entry else 0
+
     def find_release(self, request_key: str) -> RecordedRelease | None:
         """The release recorded for ``request_key``, or None. Reads only."""
         key = _check_request_key(request_key)

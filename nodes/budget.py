@@ -54,7 +54,7 @@ class PrivacyBudgetNode:
     RETURN_NAMES = ("budget", "report")
     OUTPUT_TOOLTIPS = (
         "Connect to the budget input of a DP node.",
-        "Readable report: noise multiplier, expected noise, ledger balance and warnings.",
+        "Readable report: the per-release target, the collection's total and warnings.",
     )
     FUNCTION = "make_budget"
     OUTPUT_NODE = True
@@ -133,26 +133,6 @@ class PrivacyBudgetNode:
                         "training is padded to n_hat images so its duration hides the real count.",
                     },
                 ),
-                "report_dimension": (
-                    "INT",
-                    {
-                        "default": 768,
-                        "min": 1,
-                        "max": 1_000_000,
-                        "tooltip": "Report only: length of each released vector (e.g. 768 for one SD1.x "
-                        "token, 768 x number of vectors for a multi-vector token).",
-                    },
-                ),
-                "report_sampling_rate": (
-                    "FLOAT",
-                    {
-                        "default": 1.0,
-                        "min": 0.0,
-                        "max": 1.0,
-                        "step": 0.01,
-                        "tooltip": "Report only: the sampling rate q you plan to use in the DP node.",
-                    },
-                ),
             }
         }
 
@@ -164,8 +144,6 @@ class PrivacyBudgetNode:
         total_epsilon,
         total_delta,
         declared_dataset_size,
-        report_dimension,
-        report_sampling_rate,
     ):
         require_runtime_packages()
         from ..dp.budget import PrivacyBudget
@@ -180,12 +158,7 @@ class PrivacyBudgetNode:
             ledger_directory=ledger_directory(),
             declared_dataset_size=declared_dataset_size,
         )
-        report = budget_report(
-            budget,
-            dimension=report_dimension,
-            sampling_rate=report_sampling_rate,
-            poll=comfy_compat.raise_if_cancelled,
-        )
+        report = budget_report(budget)
         logger.info("Privacy Budget:\n%s", report)
         return {"ui": {"text": [report]}, "result": (budget, report)}
 

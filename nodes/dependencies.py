@@ -11,6 +11,7 @@ RUNTIME_PACKAGES = {
     "safetensors": "safetensors",
     "PIL": "Pillow",
     "numpy": "numpy",
+    "matplotlib": "matplotlib",
 }
 
 

@@ -16,6 +16,7 @@ def _node_modules():
         clip_aggregate,
         demo_model,
         guidance_sampler,
+        planner,
         private_images,
         style_prompt,
         textual_inversion,
@@ -24,6 +25,7 @@ def _node_modules():
     return [
         private_images,
         budget,
+        planner,
         textual_inversion,
         style_prompt,
         clip_aggregate,

@@ -28,8 +28,10 @@ class DPStylePromptNode:
                 "token": (
                     "STRING",
                     {
-                        "default": "embedding:dp_style",
-                        "tooltip": "embedding:NAME: link it from DP Textual Inversion Train (so the prompt runs after the token is saved) or type the name of a token saved earlier.",
+                        "forceInput": True,
+                        "tooltip": "embedding:NAME, linked from DP Textual Inversion Train, so the prompt "
+                        "runs after the token is saved. For a token saved earlier, write "
+                        "embedding:NAME in any prompt (e.g. CLIP Text Encode).",
                     },
                 ),
                 "text": (

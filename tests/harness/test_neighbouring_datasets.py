@@ -95,7 +95,7 @@ def _observe_world(comfy_dir: Path, pack_dir: Path, work_dir: Path, images: list
         runs += [  # the DP-SGD method of the training node, with Poisson sampling
             (path, f"{path.name}-dpsgd", "sgd", DPSGD)
             for path in shipped_workflows()
-            if path.name == "dp_textual_inversion.json"
+            if path.name == "Private style token (DP textual inversion).json"
         ]
         for path, run_name, suffix, extra in runs:
             prompt = wf.to_api_prompt(

@@ -48,3 +48,18 @@ def test_server_serves_the_report_extension(comfy_server):
     with urllib.request.urlopen(comfy_server.url + listed[0], timeout=30) as response:
         source = response.read().decode()
     assert "registerExtension" in source and "onExecuted" in source
+
+
+def test_server_answers_the_ledger_balance_route(comfy_server):
+    """The Privacy Budget node's live balance (web/dp_report.js) comes from this route."""
+    import urllib.error
+
+    from comfyui_dp_adapt.nodes.ledger_route import ROUTE
+
+    fresh = comfy_server.get_json(f"{ROUTE}?name=route-test&total_epsilon=4&total_delta=1e-5")
+    assert fresh["releases"] == 0 and fresh["total_epsilon"] == 4.0
+    assert "no release recorded yet" in fresh["line"]
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        comfy_server.get_json(f"{ROUTE}?name=..%2Fescape&total_epsilon=4&total_delta=1e-5")
+    assert refused.value.code == 400
+    assert "ledger name" in refused.value.read().decode()

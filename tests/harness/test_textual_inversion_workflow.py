@@ -19,7 +19,7 @@ pytestmark = pytest.mark.comfy_server
 def test_workflow_produces_embedding_ledger_entry_and_images(comfy_server, method):
     from comfyui_dp_adapt.nodes.tiny_loaders import REPLACES
 
-    workflow = wf.load_workflow(WORKFLOWS_DIR / "dp_textual_inversion.json")
+    workflow = wf.load_workflow(WORKFLOWS_DIR / "Private style token (DP textual inversion).json")
     prepare_inputs(workflow, comfy_server)
     name = f"wf_{uuid.uuid4().hex[:8]}"
     ledger = f"ledger-{uuid.uuid4().hex[:8]}"

@@ -27,7 +27,7 @@ def run(out, *extra):
     command = [
         sys.executable,
         str(PACK_ROOT / "run_workflow.py"),
-        str(PACK_ROOT / "workflows" / "dp_textual_inversion.json"),
+        str(PACK_ROOT / "workflows" / "Private style token (DP textual inversion).json"),
         "--out",
         str(out),
     ]
