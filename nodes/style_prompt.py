@@ -28,10 +28,11 @@ class DPStylePromptNode:
                 "token": (
                     "STRING",
                     {
-                        "forceInput": True,
-                        "tooltip": "embedding:NAME, linked from DP Textual Inversion Train, so the prompt "
-                        "runs after the token is saved. For a token saved earlier, write "
-                        "embedding:NAME in any prompt (e.g. CLIP Text Encode).",
+                        "default": "embedding:dp_style",
+                        # Not forceInput: typing the name of a token saved earlier is a real use.
+                        "tooltip": "embedding:NAME: link it from DP Textual Inversion Train (so the "
+                        "prompt runs after the token is saved) or type the name of a token saved "
+                        "earlier.",
                     },
                 ),
                 "text": (
@@ -39,6 +40,9 @@ class DPStylePromptNode:
                     {
                         "default": "a lighthouse on a cliff at dusk, in the style of {token}",
                         "multiline": True,
+                        # The frontend's "dynamic prompts" would read {token} as a choice
+                        # among {a|b} alternatives and send the word "token" instead.
+                        "dynamicPrompts": False,
                         "tooltip": "Your prompt; {token} is replaced by the style token.",
                     },
                 ),

@@ -17,6 +17,7 @@ const BUDGET_NODE = "DPAdaptPrivacyBudget";
 const LEDGER_WIDGET = "dp_ledger_balance";
 const LEDGER_FIELDS = ["ledger_name", "total_epsilon", "total_delta"];
 const REFRESH_DELAY_MS = 300;
+const LINE_HEIGHT_PX = 13;
 
 function textBox(node, name, title, rows) {
   let widget = node.widgets?.find((w) => w.name === name);
@@ -34,9 +35,11 @@ function textBox(node, name, title, rows) {
       setValue: (v) => {
         element.value = v;
       },
+      getMinHeight: () => rows * LINE_HEIGHT_PX + 12,
       serialize: false,
     });
     widget.serialize = false;
+    widget.dynamicPrompts = false; // a report, never a prompt to expand
     widget.element = element;
   }
   return widget;
@@ -44,13 +47,14 @@ function textBox(node, name, title, rows) {
 
 function redraw(node, minHeight) {
   const [width, height] = node.size;
-  node.setSize([Math.max(width, 320), Math.max(height, minHeight)]);
+  const needed = node.computeSize?.() ?? [width, height];
+  node.setSize([Math.max(width, needed[0], 320), Math.max(height, needed[1], minHeight)]);
   node.setDirtyCanvas?.(true, true);
   app.graph?.setDirtyCanvas(true, true);
 }
 
 function showReport(node, text) {
-  const widget = textBox(node, REPORT_WIDGET, "Privacy report (public values only)", 6);
+  const widget = textBox(node, REPORT_WIDGET, "Privacy report (public values only)", 8);
   widget.element.value = text;
   redraw(node, 260);
 }
@@ -74,7 +78,7 @@ async function refreshBalance(node) {
   } catch (error) {
     box.element.value = `ledger balance unavailable: ${error}`;
   }
-  node.setDirtyCanvas?.(true, true);
+  redraw(node, 0);
 }
 
 function scheduleRefresh(node) {
