@@ -20,6 +20,7 @@ def _node_modules():
         private_images,
         style_prompt,
         textual_inversion,
+        token_preview,
     )
 
     return [
@@ -28,6 +29,7 @@ def _node_modules():
         planner,
         textual_inversion,
         style_prompt,
+        token_preview,
         clip_aggregate,
         guidance_sampler,
         demo_model,

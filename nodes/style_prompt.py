@@ -54,10 +54,7 @@ class DPStylePromptNode:
 
         from ..dp.errors import InvalidParameterError
 
-        if not token.startswith("embedding:") or len(token) <= len("embedding:"):
-            raise InvalidParameterError(
-                f"token must look like 'embedding:NAME', got token={token!r}."
-            )
+        check_token(token)
         if TOKEN_FIELD not in text:
             raise InvalidParameterError(
                 f"the prompt text has no {TOKEN_FIELD} field to put the style token in; add "
@@ -66,6 +63,15 @@ class DPStylePromptNode:
         prompt = text.replace(TOKEN_FIELD, token)
         conditioning = comfy_nodes.CLIPTextEncode().encode(clip, prompt)[0]
         return (conditioning, prompt)
+
+
+def check_token(token: str) -> str:
+    """A token reference as DP Textual Inversion Train returns it: ``embedding:NAME``."""
+    from ..dp.errors import InvalidParameterError
+
+    if not token.startswith("embedding:") or len(token) <= len("embedding:"):
+        raise InvalidParameterError(f"token must look like 'embedding:NAME', got token={token!r}.")
+    return token
 
 
 NODE_CLASS_MAPPINGS = {"DPAdaptStylePrompt": DPStylePromptNode}

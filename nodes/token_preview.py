@@ -1,0 +1,202 @@
+"""The "DP Style Token Preview" node: a contact sheet of a released style token across subjects.
+
+Generating from a released token is post-processing of a DP output, so it spends no privacy
+budget (Dwork & Roth 2014, Prop. 2.1). The node never sees a private image: its inputs are the
+checkpoint, the token name a DP node returned and the user's prompts.
+"""
+
+from __future__ import annotations
+
+import math
+
+from .style_prompt import TOKEN_FIELD, check_token
+
+DEFAULT_PROMPTS = "\n".join(
+    (
+        "a lighthouse on a cliff, in the style of {token}",
+        "a portrait of an old fisherman, in the style of {token}",
+        "a bowl of fruit on a table, in the style of {token}",
+        "a city street at night, in the style of {token}",
+    )
+)
+MAX_PROMPTS = 16
+
+
+class StyleTokenPreviewNode:
+    CATEGORY = "DP Adapt"
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("grid",)
+    OUTPUT_TOOLTIPS = ("One picture per prompt, tiled into a single image.",)
+    FUNCTION = "preview"
+    OUTPUT_NODE = True
+    DESCRIPTION = (
+        "After a release: one picture per prompt with the new style token, tiled into one grid, "
+        "to see whether the style carries across subjects. Post-processing of the released "
+        "token: it reads no private image and spends no privacy budget."
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        import comfy.samplers
+
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The checkpoint the token was trained on."}),
+                "clip": ("CLIP", {"tooltip": "Its CLIP."}),
+                "vae": ("VAE", {"tooltip": "Its VAE."}),
+                "token": (
+                    "STRING",
+                    {
+                        "default": "embedding:dp_style",
+                        "tooltip": "embedding:NAME, linked from DP Textual Inversion Train or typed.",
+                    },
+                ),
+                "prompts": (
+                    "STRING",
+                    {
+                        "default": DEFAULT_PROMPTS,
+                        "multiline": True,
+                        "dynamicPrompts": False,
+                        "tooltip": f"One prompt per line (at most {MAX_PROMPTS}); {TOKEN_FIELD} "
+                        "is replaced by the token.",
+                    },
+                ),
+                "negative": (
+                    "STRING",
+                    {
+                        "default": "blurry, low quality",
+                        "tooltip": "Negative prompt for every picture.",
+                    },
+                ),
+                "width": (
+                    "INT",
+                    {
+                        "default": 512,
+                        "min": 64,
+                        "max": 2048,
+                        "step": 8,
+                        "tooltip": "Picture width.",
+                    },
+                ),
+                "height": (
+                    "INT",
+                    {
+                        "default": 512,
+                        "min": 64,
+                        "max": 2048,
+                        "step": 8,
+                        "tooltip": "Picture height.",
+                    },
+                ),
+                "seed": (
+                    "INT",
+                    {
+                        "default": 0,
+                        "min": 0,
+                        "max": 0xFFFFFFFFFFFFFFFF,
+                        "tooltip": "Seed of the first picture; picture i uses seed + i. Only the "
+                        "pictures' own noise: the token's DP noise came from OS entropy.",
+                    },
+                ),
+                "steps": (
+                    "INT",
+                    {"default": 20, "min": 1, "max": 200, "tooltip": "Sampling steps."},
+                ),
+                "cfg": (
+                    "FLOAT",
+                    {
+                        "default": 7.0,
+                        "min": 0.0,
+                        "max": 30.0,
+                        "step": 0.1,
+                        "tooltip": "Classifier-free guidance scale.",
+                    },
+                ),
+                "sampler_name": (comfy.samplers.KSampler.SAMPLERS, {"tooltip": "Sampler."}),
+                "scheduler": (comfy.samplers.KSampler.SCHEDULERS, {"tooltip": "Scheduler."}),
+            }
+        }
+
+    def preview(
+        self,
+        model,
+        clip,
+        vae,
+        token,
+        prompts,
+        negative,
+        width,
+        height,
+        seed,
+        steps,
+        cfg,
+        sampler_name,
+        scheduler,
+    ):
+        import nodes as comfy_nodes
+        import torch
+
+        texts = preview_prompts(prompts, token)
+        negative_conditioning = comfy_nodes.CLIPTextEncode().encode(clip, negative)[0]
+        (latent,) = comfy_nodes.EmptyLatentImage().generate(width, height, 1)
+        pictures = []
+        for index, text in enumerate(texts):
+            positive = comfy_nodes.CLIPTextEncode().encode(clip, text)[0]
+            (samples,) = comfy_nodes.common_ksampler(
+                model,
+                seed + index,
+                steps,
+                cfg,
+                sampler_name,
+                scheduler,
+                positive,
+                negative_conditioning,
+                latent,
+            )
+            pictures.append(vae.decode(samples["samples"]).float().clone())
+        grid = tile(torch.cat(pictures))
+        listing = "\n".join(f"{i + 1}. {t}" for i, t in enumerate(texts))
+        return {
+            "ui": {"text": [f"preview of {token} (post-processing, no budget):\n{listing}"]},
+            "result": (grid,),
+        }
+
+
+def preview_prompts(prompts: str, token: str) -> list[str]:
+    """The non-empty lines of ``prompts`` with the token filled in; clear errors otherwise."""
+    from ..dp.errors import InvalidParameterError
+
+    check_token(token)
+    lines = [line.strip() for line in prompts.splitlines() if line.strip()]
+    if not lines:
+        raise InvalidParameterError("prompts is empty: write one prompt per line.")
+    if len(lines) > MAX_PROMPTS:
+        raise InvalidParameterError(
+            f"prompts has {len(lines)} lines; at most {MAX_PROMPTS} fit in one preview grid."
+        )
+    without = [line for line in lines if TOKEN_FIELD not in line]
+    if without:
+        raise InvalidParameterError(
+            f"every prompt needs {TOKEN_FIELD} where the style token goes; these have none: "
+            + "; ".join(repr(line) for line in without)
+        )
+    return [line.replace(TOKEN_FIELD, token) for line in lines]
+
+
+def tile(pictures):
+    """(N, H, W, C) pictures as one (1, rows*H, cols*W, C) grid, row by row, near-square;
+    empty cells are white."""
+    import torch
+
+    count, height, width, channels = pictures.shape
+    columns = math.ceil(math.sqrt(count))
+    rows = math.ceil(count / columns)
+    grid = torch.ones((rows * height, columns * width, channels), dtype=pictures.dtype)
+    for index in range(count):
+        r, c = divmod(index, columns)
+        grid[r * height : (r + 1) * height, c * width : (c + 1) * width] = pictures[index]
+    return grid.unsqueeze(0)
+
+
+NODE_CLASS_MAPPINGS = {"DPAdaptStyleTokenPreview": StyleTokenPreviewNode}
+NODE_DISPLAY_NAME_MAPPINGS = {"DPAdaptStyleTokenPreview": "DP Style Token Preview"}

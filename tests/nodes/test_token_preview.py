@@ -1,0 +1,112 @@
+"""The DP Style Token Preview node in a real (in-process) ComfyUI on tiny models."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+
+from comfyui_dp_adapt.dp.errors import DpAdaptError
+
+SIDE = 64
+
+
+@pytest.fixture(scope="module")
+def env(comfy):
+    import folder_paths
+
+    from comfyui_dp_adapt.dp.embedding_file import save_embedding
+    from comfyui_dp_adapt.nodes import comfy_compat, tiny_models
+    from comfyui_dp_adapt.nodes.token_preview import StyleTokenPreviewNode
+
+    embeddings = Path(folder_paths.get_folder_paths("embeddings")[0])
+    embeddings.mkdir(parents=True, exist_ok=True)
+    model = tiny_models.build_tiny_model()
+    clip = tiny_models.build_tiny_clip(embedding_directory=[str(embeddings)])
+    width = clip.cond_stage_model.clip_l.transformer.get_input_embeddings().weight.shape[1]
+    tokens = []
+    for seed in (1, 2):
+        name = f"preview_{uuid.uuid4().hex[:8]}"
+        vector = torch.randn(1, width, generator=torch.Generator().manual_seed(seed)) * 5
+        save_embedding(embeddings, name, {"emb_params": vector}, {}, overwrite=False)
+        tokens.append(f"embedding:{name}")
+    comfy_compat.load_models([model, clip.patcher])
+    return {
+        "node": StyleTokenPreviewNode(),
+        "model": model,
+        "clip": clip,
+        "vae": tiny_models.build_tiny_vae(),
+        "tokens": tokens,
+    }
+
+
+def preview(env, token, prompts, seed=3):
+    with torch.inference_mode():
+        return env["node"].preview(
+            env["model"],
+            env["clip"],
+            env["vae"],
+            token,
+            prompts,
+            "",
+            SIDE,
+            SIDE,
+            seed,
+            2,
+            3.0,
+            "euler",
+            "normal",
+        )
+
+
+PROMPTS = "a house in the style of {token}\na tree, {token}\n\n{token} boat\n"
+
+
+def test_one_picture_per_prompt_tiled_near_square(env):
+    out = preview(env, env["tokens"][0], PROMPTS)
+    (grid,) = out["result"]
+    side = grid.shape[1] // 2
+    assert grid.shape[0] == 1 and grid.shape[1] == grid.shape[2] and grid.shape[-1] == 3
+    assert torch.isfinite(grid).all()
+    # 3 prompts: a 2 x 2 grid, the fourth cell left white.
+    assert torch.equal(grid[0, side:, side:], torch.ones_like(grid[0, side:, side:]))
+    assert not torch.equal(grid[0, :side, :side], torch.ones_like(grid[0, :side, :side]))
+    text = out["ui"]["text"][0]
+    assert "no budget" in text and text.count(env["tokens"][0]) == 4  # header + 3 prompts
+
+
+def test_the_pictures_are_made_with_the_token(env):
+    first, second = env["tokens"]
+    a = preview(env, first, PROMPTS)["result"][0]
+    again = preview(env, first, PROMPTS)["result"][0]
+    b = preview(env, second, PROMPTS)["result"][0]
+    assert torch.equal(a, again), "same token, same seed: the same pictures"
+    assert not torch.allclose(a, b), "another token must give other pictures"
+
+
+def test_tile_places_pictures_row_by_row():
+    from comfyui_dp_adapt.nodes.token_preview import tile
+
+    pictures = torch.stack([torch.full((2, 3, 1), float(i) / 10) for i in range(5)])
+    grid = tile(pictures)[0]
+    assert grid.shape == (2 * 2, 3 * 3, 1)
+    for index in range(5):
+        r, c = divmod(index, 3)
+        assert torch.all(grid[r * 2 : r * 2 + 2, c * 3 : c * 3 + 3] == index / 10)
+    assert torch.all(grid[2:, 6:] == 1.0)
+
+
+@pytest.mark.parametrize(
+    ("token", "prompts", "message"),
+    [
+        ("dp_style", PROMPTS, "embedding:NAME"),
+        ("embedding:x", "   \n", "prompts is empty"),
+        ("embedding:x", "a tree\n{token} boat", "'a tree'"),
+        ("embedding:x", "\n".join(["{token}"] * 17), "at most 16"),
+    ],
+)
+def test_bad_inputs_are_refused_clearly(env, token, prompts, message):
+    with pytest.raises(DpAdaptError, match=message):
+        preview(env, token, prompts)
