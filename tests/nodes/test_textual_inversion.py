@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import uuid
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,25 +16,15 @@ N_IMAGES = 4
 
 @pytest.fixture(scope="module")
 def env(comfy):
-    import folder_paths
-
-    from comfyui_dp_adapt.nodes import comfy_compat, tiny_models
+    from comfyui_dp_adapt.nodes import comfy_compat
     from comfyui_dp_adapt.nodes.textual_inversion import DPTextualInversionTrainNode
+    from comfyui_dp_adapt.tests.support.tiny_components import tiny_sd1_components
 
-    embeddings = Path(folder_paths.get_folder_paths("embeddings")[0])
-    embeddings.mkdir(parents=True, exist_ok=True)
-    model = tiny_models.build_tiny_model()
-    clip = tiny_models.build_tiny_clip(embedding_directory=[str(embeddings)])
-    vae = tiny_models.build_tiny_vae()
-    comfy_compat.load_models([model, clip.patcher])
     images = torch.rand(N_IMAGES, 64, 64, 3, generator=torch.Generator().manual_seed(0))
     return {
+        **tiny_sd1_components(),
         "node": DPTextualInversionTrainNode(),
-        "model": model,
-        "clip": clip,
-        "vae": vae,
         "images": images,
-        "embeddings": embeddings,
         "ledgers": comfy_compat.user_directory() / "dp_adapt" / "ledgers",
     }
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import uuid
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,31 +14,20 @@ SIDE = 64
 
 @pytest.fixture(scope="module")
 def env(comfy):
-    import folder_paths
-
     from comfyui_dp_adapt.dp.embedding_file import save_embedding
-    from comfyui_dp_adapt.nodes import comfy_compat, tiny_models
     from comfyui_dp_adapt.nodes.token_preview import StyleTokenPreviewNode
+    from comfyui_dp_adapt.tests.support.tiny_components import tiny_sd1_components
 
-    embeddings = Path(folder_paths.get_folder_paths("embeddings")[0])
-    embeddings.mkdir(parents=True, exist_ok=True)
-    model = tiny_models.build_tiny_model()
-    clip = tiny_models.build_tiny_clip(embedding_directory=[str(embeddings)])
+    components = tiny_sd1_components()
+    clip = components["clip"]
     width = clip.cond_stage_model.clip_l.transformer.get_input_embeddings().weight.shape[1]
     tokens = []
     for seed in (1, 2):
         name = f"preview_{uuid.uuid4().hex[:8]}"
         vector = torch.randn(1, width, generator=torch.Generator().manual_seed(seed)) * 5
-        save_embedding(embeddings, name, {"emb_params": vector}, {}, overwrite=False)
+        save_embedding(components["embeddings"], name, {"emb_params": vector}, {}, overwrite=False)
         tokens.append(f"embedding:{name}")
-    comfy_compat.load_models([model, clip.patcher])
-    return {
-        "node": StyleTokenPreviewNode(),
-        "model": model,
-        "clip": clip,
-        "vae": tiny_models.build_tiny_vae(),
-        "tokens": tokens,
-    }
+    return {**components, "node": StyleTokenPreviewNode(), "tokens": tokens}
 
 
 def preview(env, token, prompts, seed=3):
