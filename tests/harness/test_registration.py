@@ -63,3 +63,28 @@ def test_server_answers_the_ledger_balance_route(comfy_server):
         comfy_server.get_json(f"{ROUTE}?name=..%2Fescape&total_epsilon=4&total_delta=1e-5")
     assert refused.value.code == 400
     assert "ledger name" in refused.value.read().decode()
+
+
+def test_template_browser_lists_each_workflow_with_its_thumbnail(comfy_server):
+    """Current ComfyUI's template browser: a card per shipped workflow, titled by its file
+    name, with ``<name>.jpg`` as thumbnail (the legacy frontend has no template browser)."""
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    from comfyui_dp_adapt.tests.support.pack import shipped_workflows
+
+    try:
+        listed = comfy_server.get_json("/workflow_templates")
+    except urllib.error.HTTPError as error:
+        if error.code == 404:
+            pytest.skip("this ComfyUI has no template browser (before mid-2024)")
+        raise
+    names = sorted(listed.get(PACK_LINK_NAME, []))
+    assert names == sorted(p.stem for p in shipped_workflows())
+    for name in names:
+        quoted = urllib.parse.quote(f"{name}.jpg")
+        url = f"{comfy_server.url}/api/workflow_templates/{PACK_LINK_NAME}/{quoted}"
+        with urllib.request.urlopen(url, timeout=30) as response:
+            assert response.headers.get_content_type() == "image/jpeg"
+            assert len(response.read()) > 5_000
