@@ -226,8 +226,9 @@ def dpsgd_release(world_, latents, epsilon: float, clip_norm: float, n_hat: int)
     from comfyui_dp_adapt.dp.accounting import calibrate_dpsgd_noise_multiplier
     from comfyui_dp_adapt.dp.dpsgd import DpSgdConfig, train_shared_embedding_dpsgd
 
+    q = DPSGD_SAMPLING_RATE
     z = calibrate_dpsgd_noise_multiplier(
-        epsilon=epsilon, delta=DELTA, sampling_rate=DPSGD_SAMPLING_RATE, steps=TI_STEPS
+        epsilon=epsilon, delta=DELTA, sampling_rate=q, steps=TI_STEPS
     ).noise_multiplier
     config = DpSgdConfig(steps=TI_STEPS, learning_rate=TI_LEARNING_RATE, images_per_batch=TI_ROWS)
     with torch.inference_mode(False), torch.enable_grad():
@@ -237,7 +238,7 @@ def dpsgd_release(world_, latents, epsilon: float, clip_norm: float, n_hat: int)
             prompts=world_.prompts,
             config=config,
             included=[True] * len(latents),
-            sampling_rate=DPSGD_SAMPLING_RATE,
+            sampling_rate=q,
             clip_norm=clip_norm,
             noise_multiplier=z,
             declared_dataset_size=n_hat,
@@ -306,17 +307,6 @@ def guidance_images(world_, clip_embeddings, epsilon: float, n_hat: int, seed: i
     return torch.cat(out)
 
 
-def release_images(world_, method, epsilon, n, seed, bounds, vectors, latents, clip_embeddings):
-    """One fresh DP release of ``method`` and the pictures generated from it."""
-    if method == "DPAgg-TI":
-        token = dpagg_release(world_, vectors, epsilon, bounds["dpagg_clip_norm"], n)
-        return world_.token_prompt_images(token, seed)
-    if method == "DP-SGD TI":
-        token = dpsgd_release(world_, latents, epsilon, bounds["dpsgd_clip_norm"], n)
-        return world_.token_prompt_images(token, seed)
-    return guidance_images(world_, clip_embeddings, epsilon, n, seed)
-
-
 def interval(values: list[float]) -> tuple[float, float, float]:
     """Mean and a 95% Student-t interval over independent releases (clipped to [0, 1])."""
     from scipy import stats
@@ -328,15 +318,50 @@ def interval(values: list[float]) -> tuple[float, float, float]:
     return mean, max(0.0, mean - half), min(1.0, mean + half)
 
 
+class Cells:
+    """Measured releases per (method, n, epsilon), saved after every cell to ``path`` so an
+    interrupted run resumes where it stopped (same grid, seed and settings only)."""
+
+    def __init__(self, path: Path, key: dict):
+        self.path, self.key = path, key
+        saved = json.loads(path.read_text()) if path.exists() else None
+        self.data = saved["cells"] if saved and saved.get("key") == key else {}
+
+    def get(self, method: str, n: int, epsilon: str):
+        return self.data.get(method, {}).get(str(n), {}).get(epsilon)
+
+    def put(self, method: str, n: int, epsilon: str, results: list[dict]) -> None:
+        self.data.setdefault(method, {}).setdefault(str(n), {})[epsilon] = results
+        self.path.write_text(json.dumps({"key": self.key, "cells": self.data}) + "\n")
+
+    def complete(self, grid: dict) -> bool:
+        wanted = [("non-private TI", n, "inf") for n in grid["ns"]] + [
+            (m, n, repr(e)) for m in METHODS[1:] for n in grid["ns"] for e in grid["epsilons"]
+        ]
+        return all(self.get(*cell) is not None for cell in wanted)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="n=20, eps in {1, 8}, 3 releases")
     parser.add_argument("--out", type=Path, default=ROOT / "results")
     parser.add_argument("--seed", type=int, default=0, help="the pictures and generation seeds")
+    parser.add_argument(
+        "--report-partial",
+        action="store_true",
+        help="write the outputs from the cells measured so far (marked incomplete) and stop",
+    )
     args = parser.parse_args(argv)
     grid = QUICK if args.quick else FULL
     name = "reproduction_quick" if args.quick else "reproduction"
     started = time.monotonic()
+    args.out.mkdir(parents=True, exist_ok=True)
+    settings_key = {
+        "grid": {k: list(v) if isinstance(v, tuple) else v for k, v in grid.items()},
+        "seed": args.seed,
+        "ti": [TI_STEPS, TI_LEARNING_RATE, DPSGD_SAMPLING_RATE, GUIDANCE_STRENGTH, PER_PROMPT],
+    }
+    cells = Cells(args.out / f"{name}.partial.json", settings_key)
 
     bootstrap_comfyui(cuda=torch.cuda.is_available(), prefix="dp_adapt_reproduce_")
     import comfy.utils
@@ -372,45 +397,86 @@ def main(argv: list[str] | None = None) -> int:
     example_n, example_epsilon = max(grid["ns"]), 1.0
     log(f"baselines: { {k: v['fidelity'] for k, v in baselines.items()} }")
 
-    cells: dict = {method: {} for method in METHODS}
-    for n in grid["ns"]:
-        private = world_.renders(HELD_OUT, n, args.seed * 1000 + n)
-        latents = world_.latents(private)
-        with torch.inference_mode():
-            embeds = comfy_compat.clip_vision_encode(world_.vision, private)
-        clip_embeddings = torch.nn.functional.normalize(embeds.clone().double(), dim=1)
-        vectors = train_per_image(world_, latents, args.seed + n)
-        log(f"n={n}: per-image tokens trained")
-        rows = cells["non-private TI"].setdefault(str(n), {})
-        rows["inf"] = []
-        for r in range(grid["releases"]):
-            images = world_.token_prompt_images(train_nonprivate(world_, latents, r), seed)
-            if n == example_n and r == 0:
-                examples["non-private TI"] = images
-            rows["inf"].append(measure(images))
-        log(f"n={n} non-private: {[m['fidelity'] for m in rows['inf']]}")
-        for epsilon in grid["epsilons"]:
-            for method in METHODS[1:]:
-                results = []
-                for r in range(grid["releases"]):
-                    images = release_images(
-                        world_, method, epsilon, n, seed, bounds, vectors, latents, clip_embeddings
-                    )
-                    if (n, epsilon, r) == (example_n, example_epsilon, 0):
-                        examples[f"{method} (eps = 1)"] = images
-                    results.append(measure(images))
-                cells[method].setdefault(str(n), {})[repr(epsilon)] = results
-                log(f"n={n} eps={epsilon} {method}: {[round(m['fidelity'], 3) for m in results]}")
+    private_sets: dict[int, dict] = {}
 
+    def private(n: int) -> dict:
+        """The n private pictures' latents, CLIP embeddings and per-picture tokens (lazily)."""
+        if n not in private_sets:
+            pictures = world_.renders(HELD_OUT, n, args.seed * 1000 + n)
+            with torch.inference_mode():
+                embeds = comfy_compat.clip_vision_encode(world_.vision, pictures)
+            private_sets[n] = {
+                "latents": world_.latents(pictures),
+                "clip": torch.nn.functional.normalize(embeds.clone().double(), dim=1),
+            }
+        entry = private_sets[n]
+        return entry
+
+    def vectors(n: int) -> torch.Tensor:
+        entry = private(n)
+        if "vectors" not in entry:
+            entry["vectors"] = train_per_image(world_, entry["latents"], args.seed + n)
+            log(f"n={n}: per-image tokens trained")
+        return entry["vectors"]
+
+    def wants_example(method: str, n: int, epsilon) -> bool:
+        label = "non-private TI" if method == "non-private TI" else f"{method} (eps = 1)"
+        return label not in examples and n == example_n and epsilon in ("inf", example_epsilon)
+
+    def run_cell(method: str, n: int, epsilon) -> None:
+        key = "inf" if epsilon == "inf" else repr(epsilon)
+        if cells.get(method, n, key) is not None and not wants_example(method, n, epsilon):
+            return
+        results = []
+        for r in range(grid["releases"]):
+            data = private(n)
+            if method == "non-private TI":
+                images = world_.token_prompt_images(
+                    train_nonprivate(world_, data["latents"], r), seed
+                )
+            elif method == "DPAgg-TI":
+                token = dpagg_release(world_, vectors(n), epsilon, bounds["dpagg_clip_norm"], n)
+                images = world_.token_prompt_images(token, seed)
+            elif method == "DP-SGD TI":
+                token = dpsgd_release(
+                    world_, data["latents"], epsilon, bounds["dpsgd_clip_norm"], n
+                )
+                images = world_.token_prompt_images(token, seed)
+            else:
+                images = guidance_images(world_, data["clip"], epsilon, n, seed)
+            if r == 0 and wants_example(method, n, epsilon):
+                label = "non-private TI" if method == "non-private TI" else f"{method} (eps = 1)"
+                examples[label] = images
+                if cells.get(method, n, key) is not None:
+                    return  # measured in an earlier run: only the picture was missing
+            results.append(measure(images))
+        cells.put(method, n, key, results)
+        log(f"n={n} eps={key} {method}: {[round(m['fidelity'], 3) for m in results]}")
+
+    if not args.report_partial:
+        # Cheapest first, so an interrupted run has whole methods done: DPAgg-TI and the
+        # non-private token, then guidance (its cost does not grow with n), then DP-SGD
+        # (every step computes all n per-example gradients, a constant-work defence).
+        for n in grid["ns"]:
+            run_cell("non-private TI", n, "inf")
+            for epsilon in grid["epsilons"]:
+                run_cell("DPAgg-TI", n, epsilon)
+        for method in ("DP guidance", "DP-SGD TI"):
+            for n in grid["ns"]:
+                for epsilon in grid["epsilons"]:
+                    run_cell(method, n, epsilon)
+
+    complete = cells.complete(grid)
     record = {
         "schema": 1,
         "quick": args.quick,
+        "complete": complete,
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip()
         + f", {torch.get_num_threads()} threads, torch {torch.__version__}",
         "seconds": round(time.monotonic() - started, 1),
         "delta": DELTA,
-        "grid": {k: list(v) if isinstance(v, tuple) else v for k, v in grid.items()},
+        "grid": settings_key["grid"],
         "settings": {
             "held_out_style": HELD_OUT,
             "initializer": INITIALIZER,
@@ -427,29 +493,15 @@ def main(argv: list[str] | None = None) -> int:
         },
         "positive_control": control,
         "baselines": baselines,
-        "fidelity": {
-            method: {
-                n: {eps: [m["fidelity"] for m in runs] for eps, runs in by_eps.items()}
-                for n, by_eps in by_n.items()
-            }
-            for method, by_n in cells.items()
-        },
-        "similarity": {
-            method: {
-                n: {eps: [m["similarity"] for m in runs] for eps, runs in by_eps.items()}
-                for n, by_eps in by_n.items()
-            }
-            for method, by_n in cells.items()
-        },
-        "styles": {
-            method: {
-                n: {eps: [m["styles"] for m in runs] for eps, runs in by_eps.items()}
-                for n, by_eps in by_n.items()
-            }
-            for method, by_n in cells.items()
-        },
     }
-    args.out.mkdir(parents=True, exist_ok=True)
+    for field in ("fidelity", "similarity", "styles"):
+        record[field] = {
+            method: {
+                n: {eps: [m[field] for m in runs] for eps, runs in by_eps.items()}
+                for n, by_eps in by_n.items()
+            }
+            for method, by_n in cells.data.items()
+        }
     (args.out / f"{name}.json").write_text(json.dumps(record, indent=1) + "\n")
     table = summary_rows(record)
     write_csv(args.out / f"{name}.csv", table)
@@ -457,6 +509,8 @@ def main(argv: list[str] | None = None) -> int:
     if len(examples) > 2:
         side_by_side(examples, args.out / f"{name}_side_by_side.png", n=example_n)
     print_table(table, record)
+    if not complete:
+        print("INCOMPLETE: some cells are not measured yet; run again to resume.")
     return 0
 
 
@@ -512,12 +566,19 @@ def side_by_side(columns: dict[str, torch.Tensor], path: Path, *, n: int) -> Non
     scale, header, gap = 3, 34, 6
     side = 64 * scale
     rows = evaluation.SUBJECT_PROMPTS
+    # Fixed columns (demo/make_thumbnails.py cuts them by position); one not measured yet
+    # stays blank.
+    order = [next(iter(columns))] + [f"{m} (eps = 1)" if m != METHODS[0] else m for m in METHODS]
+    columns = {label: columns.get(label) for label in order}
     width = len(columns) * (side + gap) + gap
     canvas = Image.new("RGB", (width, header + rows * (side + gap) + gap), "white")
     draw = ImageDraw.Draw(canvas)
     for c, (label, images) in enumerate(columns.items()):
         x = gap + c * (side + gap)
         draw.text((x, 4), label.replace(" (", "\n("), fill="black")
+        if images is None:
+            draw.text((x, header + gap), "(not measured yet)", fill="grey")
+            continue
         for r in range(rows):
             picture = (images[r * PER_PROMPT].numpy() * 255).round().clip(0, 255).astype(np.uint8)
             tile = Image.fromarray(picture).resize((side, side), Image.Resampling.NEAREST)
@@ -537,7 +598,9 @@ def plot(record: dict, path: Path) -> None:
     figure, axes = plt.subplots(1, len(ns), figsize=(4.5 * len(ns), 3.6), squeeze=False)
     for axis, n in zip(axes[0], ns, strict=True):
         for method in ("DPAgg-TI", "DP-SGD TI", "DP guidance"):
-            by_eps = record["fidelity"][method][n]
+            by_eps = record["fidelity"].get(method, {}).get(n)
+            if not by_eps:
+                continue  # not measured yet (an incomplete run)
             eps = [float(e) for e in by_eps]
             stats_ = [interval(v) for v in by_eps.values()]
             axis.errorbar(
@@ -548,8 +611,10 @@ def plot(record: dict, path: Path) -> None:
                 capsize=3,
                 label=method,
             )
-        nonprivate = interval(record["fidelity"]["non-private TI"][n]["inf"])[0]
-        axis.axhline(nonprivate, color="black", linestyle="--", label="non-private TI")
+        nonprivate = record["fidelity"].get("non-private TI", {}).get(n)
+        if nonprivate:
+            mean = interval(nonprivate["inf"])[0]
+            axis.axhline(mean, color="black", linestyle="--", label="non-private TI")
         for result in record["baselines"].values():
             axis.axhline(result["fidelity"], color="grey", linestyle=":", linewidth=1)
         axis.set_xscale("log", base=2)

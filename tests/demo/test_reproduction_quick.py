@@ -31,7 +31,7 @@ def test_quick_reproduction_writes_every_cell(tmp_path):
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     record = json.loads((tmp_path / "reproduction_quick.json").read_text())
-    assert record["quick"] is True
+    assert record["quick"] is True and record["complete"] is True
     assert record["grid"] == {"ns": [20], "epsilons": [1.0, 8.0], "releases": 3}
     assert 0.0 <= record["positive_control"]["accuracy"] <= 1.0
     fidelity = record["fidelity"]
