@@ -5,14 +5,19 @@
 Both arms train the same images for the same number of steps on the same model:
 - "separate": one independent training run per image (a fresh optimiser and one image per
   forward/backward), as the paper describes DPAgg-TI;
-- "batched": this pack's trainer, ``--batch`` images per forward/backward pass;
+- "batched": this pack's trainer, ``--batch`` images per forward/backward pass, inside its
+  memory-lean UNet passes (fused attention, block checkpointing: nodes/lean_training.py);
+- "batched-plain": the same trainer without the lean passes (ComfyUI's own attention, every
+  activation kept), to show what they save;
 - "dpsgd": the DP-SGD baseline (one shared token, ``--steps`` noisy steps, every image's
   per-example gradient at every step in passes of ``--batch`` rows, noise calibrated to
   epsilon 1, delta 1e-5 at q = 0.5), i.e. the same images, steps and budget.
 The first two produce the same embeddings up to float rounding (tests/dp/test_inversion.py).
 Reported: image-steps per second, the ratio, and peak memory of each arm (each arm runs in
-its own process so peaks do not mix). On the CPU the model is the tiny in-code SD1.x model at
-64 px; with a CUDA GPU it is an SD1.5-sized UNet with random weights at 512 px.
+its own process so peaks do not mix). ``--model sd15`` uses an SD1.5-sized UNet and text
+encoder with random weights (the default with a CUDA GPU, at 512 px), ``--model tiny`` the
+tiny in-code SD1.x model (the default on a CPU, at 64 px); ``--resolution`` overrides the
+pixel size, ``--arms`` picks arms.
 """
 
 from __future__ import annotations
@@ -25,30 +30,32 @@ import time
 
 from _setup import SD15_TEXT, SD15_UNET, bootstrap_comfyui
 
+ARMS = ("separate", "batched", "batched-plain", "dpsgd")
 
-def _components(device_is_cuda: bool):
+
+def _components(device_is_cuda: bool, size: str):
     bootstrap_comfyui(device_is_cuda, prefix="bench_ti_")
     from comfyui_dp_adapt.nodes import comfy_compat, tiny_models
 
-    if device_is_cuda:
+    if size == "sd15":
         model = tiny_models.build_tiny_model(unet_overrides=SD15_UNET)
         clip = tiny_models.build_tiny_clip(text_overrides=SD15_TEXT)
-        resolution = 512
     else:
         model = tiny_models.build_tiny_model()
         clip = tiny_models.build_tiny_clip()
-        resolution = 64
     vae = tiny_models.build_tiny_vae()
     comfy_compat.load_models([model, clip.patcher])
-    return model, clip, vae, resolution
+    return model, clip, vae
 
 
-def run_arm(arm: str, images: int, steps: int, batch: int) -> dict:
+def run_arm(arm: str, images: int, steps: int, batch: int, size: str, resolution: int) -> dict:
     """One arm in this process; returns its measurements."""
+    import contextlib
+
     import torch
 
     cuda = torch.cuda.is_available()
-    model, clip, vae, resolution = _components(cuda)
+    model, clip, vae = _components(cuda, size)
     from comfyui_dp_adapt.dp.inversion import InversionConfig, train_per_image_embeddings
     from comfyui_dp_adapt.dp.templates import STYLE_TEMPLATES
     from comfyui_dp_adapt.nodes import comfy_compat
@@ -62,9 +69,11 @@ def run_arm(arm: str, images: int, steps: int, batch: int) -> dict:
     prompts = im.tokenize_templates(clip, family, STYLE_TEMPLATES, 1)
     initial = im.token_vectors(clip, family, "painting")
     seeds = list(range(images))
-    with torch.inference_mode(False), torch.enable_grad():
+    lean = contextlib.nullcontext(im.make_denoise_loss(model))
+    if arm != "batched-plain":
+        lean = im.training_passes(model)
+    with torch.inference_mode(False), torch.enable_grad(), lean as denoise_loss:
         text_forward = im.make_text_forward(clip, family)
-        denoise_loss = im.make_denoise_loss(model)
 
         def train(lat, seed_list, per_pass):
             config = InversionConfig(steps=steps, learning_rate=0.005, images_per_batch=per_pass)
@@ -97,6 +106,7 @@ def run_arm(arm: str, images: int, steps: int, batch: int) -> dict:
     peak = torch.cuda.max_memory_allocated() if cuda else _peak_rss()
     return {
         "arm": arm,
+        "model": size,
         "device": torch.cuda.get_device_name() if cuda else "cpu",
         "resolution": resolution,
         "image_steps_per_s": images * steps / elapsed,
@@ -145,51 +155,59 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=8)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--arm", choices=["separate", "batched", "dpsgd"], help=argparse.SUPPRESS)
+    parser.add_argument("--model", choices=["tiny", "sd15"], default=None)
+    parser.add_argument("--resolution", type=int, default=None)
+    parser.add_argument(
+        "--arms", default=",".join(ARMS), help="comma-separated, of " + ", ".join(ARMS)
+    )
+    parser.add_argument("--arm", choices=ARMS, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    import torch
+
+    size = args.model or ("sd15" if torch.cuda.is_available() else "tiny")
+    resolution = args.resolution or (512 if size == "sd15" else 64)
+    common = ["--images", str(args.images), "--steps", str(args.steps), "--batch", str(args.batch)]
+    common += ["--model", size, "--resolution", str(resolution)]
     if args.arm:
-        print(json.dumps(run_arm(args.arm, args.images, args.steps, args.batch)))
+        print(json.dumps(run_arm(args.arm, args.images, args.steps, args.batch, size, resolution)))
         return
+    arms = [a for a in args.arms.split(",") if a]
+    unknown = sorted(set(arms) - set(ARMS))
+    if unknown:
+        raise SystemExit(f"bench_textual_inversion.py: FAILED: unknown arm(s) {unknown}")
     results = {}
-    for arm in ("separate", "batched", "dpsgd"):
+    for arm in arms:
+        print(f"running arm {arm} ...", flush=True)
         out = subprocess.run(
-            [
-                sys.executable,
-                __file__,
-                "--arm",
-                arm,
-                "--images",
-                str(args.images),
-                "--steps",
-                str(args.steps),
-                "--batch",
-                str(args.batch),
-            ],
+            [sys.executable, __file__, "--arm", arm, *common],
             check=True,
             capture_output=True,
             text=True,
         )
         results[arm] = json.loads(out.stdout.strip().splitlines()[-1])
-    sep, bat, sgd = results["separate"], results["batched"], results["dpsgd"]
+    first = next(iter(results.values()))
     print(
-        f"device: {sep['device']}, {sep['resolution']} px, {args.images} images x {args.steps} steps, "
-        f"batch {args.batch}"
+        f"device: {first['device']}, model {size}, {resolution} px, {args.images} images x "
+        f"{args.steps} steps, batch {args.batch}; peak = {first['peak_kind']}"
     )
-    print(f"{'arm':<10} {'image-steps/s':>14} {'seconds':>9} {'peak MiB':>10}")
-    for row in (sep, bat, sgd):
+    print(f"{'arm':<14} {'image-steps/s':>14} {'seconds':>9} {'peak MiB':>10}")
+    for row in results.values():
         print(
-            f"{row['arm']:<10} {row['image_steps_per_s']:>14.2f} {row['seconds']:>9.2f} "
+            f"{row['arm']:<14} {row['image_steps_per_s']:>14.2f} {row['seconds']:>9.2f} "
             f"{row['peak_memory_mib']:>10.0f}"
         )
-    print(
-        f"speed-up batched/separate: {bat['image_steps_per_s'] / sep['image_steps_per_s']:.2f}x; "
-        f"memory ratio: {bat['peak_memory_mib'] / sep['peak_memory_mib']:.2f}x ({sep['peak_kind']})"
-    )
-    print(
-        f"DP-SGD vs DPAgg-TI (batched), same images, steps and budget: "
-        f"{sgd['seconds'] / bat['seconds']:.2f}x the time, "
-        f"{sgd['peak_memory_mib'] / bat['peak_memory_mib']:.2f}x the peak memory"
-    )
+
+    def ratio(a: str, b: str, label: str) -> None:
+        if a in results and b in results:
+            x, y = results[a], results[b]
+            print(
+                f"{label}: speed {x['image_steps_per_s'] / y['image_steps_per_s']:.2f}x, "
+                f"peak memory {x['peak_memory_mib'] / y['peak_memory_mib']:.2f}x"
+            )
+
+    ratio("batched", "separate", "batched / separate")
+    ratio("batched", "batched-plain", "lean passes / plain passes")
+    ratio("dpsgd", "batched", "DP-SGD / DPAgg-TI (batched), same images, steps and budget")
 
 
 if __name__ == "__main__":

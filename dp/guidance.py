@@ -71,6 +71,7 @@ from typing import Any
 
 import torch
 
+from .autograd_alias import autograd_alias
 from .errors import InvalidParameterError
 
 MAX_SELF_RECURRENCE = 10
@@ -362,8 +363,9 @@ class WeightSwap:
     """Temporarily replaces inference-mode parameters and buffers by equal normal tensors.
 
     Loader nodes create weights under ``torch.inference_mode()`` and autograd refuses to save
-    such tensors for backward. :meth:`swap` gives the modules normal clones (frozen, same
-    values, same devices); it can be called again and only swaps what is still an inference
+    such tensors for backward. :meth:`swap` gives the modules normal tensors over the same
+    memory (``autograd_alias``: frozen, same values, same devices, no copy where DLPack can
+    express the tensor); it can be called again and only swaps what is still an inference
     tensor (e.g. weights ComfyUI patched in the meantime). :meth:`restore` puts every original
     object back where the clone still sits, so the caller's model is left as it was.
     """
@@ -379,7 +381,9 @@ class WeightSwap:
                         for name, tensor in list(store.items()):
                             if tensor is None or not tensor.is_inference():
                                 continue
-                            clone = tensor.detach().clone()
+                            # Zero-copy where possible (dp/autograd_alias.py): no second
+                            # copy of the VAE / CLIP / UNet at every guided step.
+                            clone = autograd_alias(tensor)
                             if is_param:
                                 clone = torch.nn.Parameter(clone, requires_grad=False)
                             store[name] = clone

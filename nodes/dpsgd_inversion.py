@@ -87,7 +87,11 @@ def release_dpsgd(
     )
 
     def train(included: tuple[bool, ...]) -> torch.Tensor:
-        with torch.inference_mode(False), torch.enable_grad():
+        with (
+            torch.inference_mode(False),
+            torch.enable_grad(),
+            im.training_passes(model) as denoise_loss,
+        ):
             token = train_shared_embedding_dpsgd(
                 latents,
                 initial=initial,
@@ -99,7 +103,7 @@ def release_dpsgd(
                 noise_multiplier=plan.noise_multiplier,
                 declared_dataset_size=n_hat,
                 text_forward=im.make_text_forward(clip, family),
-                denoise_loss=im.make_denoise_loss(model),
+                denoise_loss=denoise_loss,
                 public_rows=n_hat,
                 on_step=on_step,
             )

@@ -15,10 +15,12 @@ from dataclasses import dataclass
 
 import torch
 
+from ..dp.autograd_alias import autograd_alias
 from ..dp.errors import InvalidParameterError
 from ..dp.inversion import PromptTokens
 from ..dp.templates import split_template
 from . import comfy_compat
+from .lean_training import saved_tensor_clones
 
 
 class UnsupportedModelError(InvalidParameterError):
@@ -131,17 +133,19 @@ def make_autograd_safe(module: torch.nn.Module) -> None:
     """Replace inference-mode parameters and buffers by normal tensors with the same values.
 
     Loader nodes create weights under ``torch.inference_mode()``; autograd refuses to save
-    such tensors for backward even when they need no gradient. The
-    clones are equal in value, so the model keeps working everywhere else.
+    such tensors for backward even when they need no gradient. The replacements alias the
+    same memory (``dp/autograd_alias.py``: no second copy of the model), so the model keeps
+    working everywhere else.
     """
     with torch.inference_mode(False):
         for sub in module.modules():
             for name, param in list(sub._parameters.items()):
                 if param is not None and param.is_inference():
-                    sub._parameters[name] = torch.nn.Parameter(param.clone(), requires_grad=False)
+                    alias = autograd_alias(param)
+                    sub._parameters[name] = torch.nn.Parameter(alias, requires_grad=False)
             for name, buffer in list(sub._buffers.items()):
                 if buffer is not None and buffer.is_inference():
-                    sub._buffers[name] = buffer.clone()
+                    sub._buffers[name] = autograd_alias(buffer)
         module.requires_grad_(False)
 
 
@@ -200,38 +204,42 @@ def _attention(attn, x, mask, heads):
     return attn.out_proj(out.transpose(1, 2).reshape(b, length, width))
 
 
-def make_denoise_loss(model):
+@contextmanager
+def training_passes(model):
+    """The ``DenoiseLoss`` to train with, inside memory-lean UNet passes (fused attention,
+    block checkpointing where the ComfyUI copy allows; ``lean_training.py``). Use it around
+    the whole training loop: backward runs inside it too."""
+    from .lean_training import lean_unet_passes
+
+    with lean_unet_passes(model) as clone_saved:
+        yield make_denoise_loss(model, clone_saved=clone_saved)
+
+
+def make_denoise_loss(model, *, clone_saved: bool | None = None):
     """``DenoiseLoss`` of a ComfyUI MODEL: eps-MSE at a timestep, per row.
 
     ComfyUI's sigma parametrisation: x_t = x_0 + sigma * eps, and ``apply_model`` returns the
     denoised prediction for every model type, so eps_hat = (x_t - denoised) / sigma.
+    ``clone_saved``: clone what autograd saves (needed where ComfyUI's blocks add in place);
+    by default, whenever this ComfyUI copy does.
     """
     base = model.model
     make_autograd_safe(base.diffusion_model)
     sampling = base.model_sampling
-    clone_saved = comfy_compat.transformer_blocks_add_in_place()
+    if clone_saved is None:
+        clone_saved = comfy_compat.transformer_blocks_add_in_place()
 
     def loss(latents, context, timesteps, noise):
         sigma = sampling.sigma(timesteps).to(latents.device)
         view = sigma.view(-1, 1, 1, 1)
         x_t = sampling.noise_scaling(view, noise, latents)
         context = context.to(latents.device)
-        with _saved_tensor_clones(clone_saved):
+        with saved_tensor_clones(clone_saved):
             denoised = base.apply_model(x_t, sigma, c_crossattn=context, transformer_options={})
         eps = (x_t - denoised.float()) / view
         return ((eps - noise.float()) ** 2).mean(dim=(1, 2, 3))
 
     return loss
-
-
-@contextmanager
-def _saved_tensor_clones(enabled: bool):
-    """Clone activations autograd saves, so later in-place adds cannot invalidate them."""
-    if not enabled:
-        yield
-        return
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t):
-        yield
 
 
 def seeds_from_entropy(count: int) -> list[int]:

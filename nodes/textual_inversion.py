@@ -337,7 +337,11 @@ def _train_every_image(model, clip, vae, family, private, plan, config, initial,
     latents, on_step = im.encode_for_training(
         model, vae, private.images, public_rows=plan.declared_dataset_size, config=config
     )
-    with torch.inference_mode(False), torch.enable_grad():
+    with (
+        torch.inference_mode(False),
+        torch.enable_grad(),
+        im.training_passes(model) as denoise_loss,
+    ):
         return train_per_image_embeddings(
             latents,
             initial=initial,
@@ -345,7 +349,7 @@ def _train_every_image(model, clip, vae, family, private, plan, config, initial,
             config=config,
             seeds=im.seeds_from_entropy(private.images.shape[0]),
             text_forward=im.make_text_forward(clip, family),
-            denoise_loss=im.make_denoise_loss(model),
+            denoise_loss=denoise_loss,
             public_rows=plan.declared_dataset_size,
             on_step=on_step,
         )

@@ -1,0 +1,92 @@
+"""Memory-lean UNet passes (fused attention, block checkpointing) on a real ComfyUI's UNet:
+the same gradients as the plain pass, everything restored afterwards."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def model(comfy):
+    from comfyui_dp_adapt.nodes import comfy_compat, tiny_models
+
+    built = tiny_models.build_tiny_model()
+    comfy_compat.load_models([built])
+    return built
+
+
+def context_gradient(model, lean: bool) -> torch.Tensor:
+    """d(denoising loss)/d(context) at fixed latents, timesteps and noise."""
+    from comfyui_dp_adapt.nodes import inversion_model as im
+
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(3, 4, 8, 8, generator=generator)
+    noise = torch.randn(3, 4, 8, 8, generator=generator)
+    context = torch.randn(3, 77, 32, generator=generator)
+    timesteps = torch.tensor([100.0, 500.0, 900.0])
+    with torch.inference_mode(False), torch.enable_grad():
+        context = context.clone().requires_grad_(True)
+        if lean:
+            with im.training_passes(model) as loss:
+                losses = loss(latents, context, timesteps, noise)
+                (gradient,) = torch.autograd.grad(losses.sum(), context)
+        else:
+            losses = im.make_denoise_loss(model)(latents, context, timesteps, noise)
+            (gradient,) = torch.autograd.grad(losses.sum(), context)
+    return gradient
+
+
+def test_lean_passes_give_the_plain_gradient(model):
+    plain = context_gradient(model, lean=False)
+    lean = context_gradient(model, lean=True)
+    assert plain.abs().max() > 0
+    torch.testing.assert_close(lean, plain, rtol=1e-4, atol=1e-6 * float(plain.abs().max()))
+
+
+def test_blocks_are_checkpointed_only_where_the_copy_allows_it(model):
+    from comfy.ldm.modules import attention
+
+    from comfyui_dp_adapt.nodes import comfy_compat
+    from comfyui_dp_adapt.nodes.inversion_model import training_passes
+    from comfyui_dp_adapt.nodes.lean_training import _checkpointable_types
+
+    blocks = [
+        m for m in model.model.diffusion_model.modules() if isinstance(m, _checkpointable_types())
+    ]
+    assert blocks
+    with training_passes(model):
+        wrapped = [m for m in blocks if "forward" in m.__dict__]
+        assert attention.optimized_attention is attention.attention_pytorch
+    in_place = comfy_compat.transformer_blocks_add_in_place()
+    assert len(wrapped) == (0 if in_place else len(blocks))
+
+
+def test_everything_is_restored_even_after_an_error(model):
+    from comfy.ldm.modules import attention
+
+    from comfyui_dp_adapt.nodes.inversion_model import training_passes
+
+    before = attention.optimized_attention
+    with pytest.raises(RuntimeError, match="inside"), training_passes(model):
+        raise RuntimeError("inside")
+    assert attention.optimized_attention is before
+    assert not [m for m in model.model.diffusion_model.modules() if "forward" in m.__dict__]
+
+
+def test_the_unet_output_is_unchanged_inside_the_lean_passes(model):
+    from comfyui_dp_adapt.nodes.inversion_model import training_passes
+
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4, 8, 8, generator=generator)
+    context = torch.randn(2, 77, 32, generator=generator)
+    sigma = torch.tensor([1.0, 5.0])
+
+    def denoised():
+        with torch.inference_mode():
+            return model.model.apply_model(x, sigma, c_crossattn=context, transformer_options={})
+
+    plain = denoised()
+    with training_passes(model):
+        lean = denoised()
+    torch.testing.assert_close(lean, plain, rtol=1e-4, atol=1e-5)
