@@ -22,6 +22,8 @@ from ..dp.templates import split_template
 from . import comfy_compat
 from .lean_training import saved_tensor_clones
 
+PROBE_SEED = 20241122  # public: the probe's latent and noise are not private
+
 
 class UnsupportedModelError(InvalidParameterError):
     """The checkpoint's family has no textual-inversion support here."""
@@ -240,6 +242,36 @@ def make_denoise_loss(model, *, clone_saved: bool | None = None):
         return ((eps - noise.float()) ** 2).mean(dim=(1, 2, 3))
 
     return loss
+
+
+def probe_public_inputs(model, clip, family, prompts, initial, *, height: int, width: int) -> None:
+    """Refuse a model that gives non-finite outputs on PUBLIC inputs, before any private
+    image is read or any budget spent: the initializer's vectors in the first template
+    through the text encoder, then one denoising loss on a fixed-seed random latent. A
+    checkpoint whose text encoder was not loaded (e.g. keys saved without ``text_model.``)
+    would otherwise train on NaNs without a word."""
+    channels = getattr(getattr(model.model, "latent_format", None), "latent_channels", 4)
+    generator = torch.Generator().manual_seed(PROBE_SEED)
+    latents = torch.randn(
+        (1, channels, max(1, height // 8), max(1, width // 8)), generator=generator
+    )
+    noise = torch.randn(latents.shape, generator=generator)
+    with torch.inference_mode(False), torch.no_grad():
+        context = make_text_forward(clip, family)(prompts.ids[:1], prompts.mask[:1], initial)
+        if not torch.isfinite(context).all():
+            raise InvalidParameterError(
+                "the CLIP text encoder gives non-finite values on a public prompt: the "
+                "checkpoint's text encoder is probably missing or damaged (e.g. its keys were "
+                "not recognised on loading). Your images were not used and no budget "
+                "was spent."
+            )
+        loss = make_denoise_loss(model)(latents, context, torch.tensor([500.0]), noise)
+        if not torch.isfinite(loss).all():
+            raise InvalidParameterError(
+                "the model's UNet gives non-finite values on a public input: the checkpoint "
+                "is probably damaged or does not match its configuration. Your images were "
+                "not used and no budget was spent."
+            )
 
 
 def seeds_from_entropy(count: int) -> list[int]:

@@ -228,6 +228,10 @@ class DPTextualInversionTrainNode:
         target_norm = im.mean_token_norm(clip, family)
         width = initial.shape[1]
         dimension = num_vectors * width
+        height_px, width_px = (int(v) for v in private.images.shape[1:3])  # the set resolution
+        im.probe_public_inputs(
+            model, clip, family, prompts, initial, height=height_px, width=width_px
+        )
 
         settings = {
             "method": method,

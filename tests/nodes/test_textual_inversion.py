@@ -368,3 +368,25 @@ def test_dpsgd_refuses_a_delta_not_below_the_sampling_rate(env):
     with pytest.raises(InvalidParameterError, match="delta must be below the sampling rate"):
         train(env, budget, f"sgddelta_{uuid.uuid4().hex[:6]}", method="DP-SGD", sampling_rate=0.1)
     assert ledger_records(budget) == 0
+
+
+@pytest.mark.parametrize("broken", ["unet", "text encoder"])
+def test_a_model_with_non_finite_outputs_is_refused_before_anything_is_spent(env, broken):
+    """The public probe: a damaged checkpoint is refused before any private image is read."""
+    from comfyui_dp_adapt.nodes import tiny_models
+
+    model, clip = env["model"], env["clip"]
+    if broken == "unet":
+        model = tiny_models.build_tiny_model()
+        target = list(model.model.diffusion_model.out.parameters())[-1]
+    else:
+        clip = tiny_models.build_tiny_clip(embedding_directory=[str(env["embeddings"])])
+        target = clip.cond_stage_model.clip_l.transformer.text_model.final_layer_norm.weight
+    with torch.inference_mode():
+        target.fill_(float("nan"))
+    budget = make_budget(env)
+    name = f"probe_{uuid.uuid4().hex[:6]}"
+    with pytest.raises(InvalidParameterError, match="non-finite values on a public"):
+        train(env, budget, name, model=model, clip=clip)
+    assert ledger_records(budget) == 0
+    assert not (env["embeddings"] / f"{name}.safetensors").exists()
