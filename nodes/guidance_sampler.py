@@ -234,6 +234,11 @@ class UniversalGuidanceSamplerNode:
         return (out,)
 
 
+ADAPTIVE_SAMPLERS = frozenset({"dpm_adaptive"})
+"""Samplers whose number of model calls is not set by ``steps`` (ComfyUI's k-diffusion
+``dpm_adaptive`` keeps stepping until its error estimate is met)."""
+
+
 def _validate(model, latent, vae, clip_vision, target, steps, sampler_name, scheduler) -> None:
     from ..dp.guidance import ClipTarget, GuidanceError, check_target_width
 
@@ -266,6 +271,12 @@ def _validate(model, latent, vae, clip_vision, target, steps, sampler_name, sche
         raise GuidanceError(f"steps must be a positive integer, got steps={steps!r}.")
     if sampler_name not in comfy_compat.sampler_names():
         raise GuidanceError(f"unknown sampler_name={sampler_name!r}.")
+    if sampler_name in ADAPTIVE_SAMPLERS:
+        raise GuidanceError(
+            f"sampler {sampler_name!r} chooses its own number of steps, so guidance (a few "
+            "model, VAE and CLIP passes per step) would have no bound on its time; choose a "
+            "fixed-step sampler such as euler or dpmpp_2m."
+        )
     if scheduler not in comfy_compat.scheduler_names():
         raise GuidanceError(f"unknown scheduler={scheduler!r}.")
 

@@ -271,6 +271,7 @@ def test_cancel_stops_sampling(env):
         ({"self_recurrence": MAX_SELF_RECURRENCE + 1}, "self_recurrence"),
         ({"mode": "both"}, "mode"),
         ({"steps": 0}, "steps"),
+        ({"sampler_name": "dpm_adaptive"}, "chooses its own number of steps"),
         ({"denoise": float("nan")}, "denoise"),
         ({"latent_image": {"samples": torch.zeros(0, 4, 8, 8)}}, "latent_image"),
         (
