@@ -7,6 +7,7 @@ Both arms train the same images for the same number of steps on the same model:
   forward/backward), as the paper describes DPAgg-TI;
 - "batched": this pack's trainer, ``--batch`` images per forward/backward pass, inside its
   memory-lean UNet passes (fused attention, block checkpointing: nodes/lean_training.py);
+- "batched-sdpa": the same with fused attention but no checkpointing;
 - "batched-plain": the same trainer without the lean passes (ComfyUI's own attention, every
   activation kept), to show what they save;
 - "dpsgd": the DP-SGD baseline (one shared token, ``--steps`` noisy steps, every image's
@@ -30,7 +31,7 @@ import time
 
 from _setup import SD15_TEXT, SD15_UNET, bootstrap_comfyui
 
-ARMS = ("separate", "batched", "batched-plain", "dpsgd")
+ARMS = ("separate", "batched", "batched-sdpa", "batched-plain", "dpsgd")
 
 
 def _components(device_is_cuda: bool, size: str):
@@ -71,7 +72,7 @@ def run_arm(arm: str, images: int, steps: int, batch: int, size: str, resolution
     seeds = list(range(images))
     lean = contextlib.nullcontext(im.make_denoise_loss(model))
     if arm != "batched-plain":
-        lean = im.training_passes(model)
+        lean = im.training_passes(model, checkpoint_blocks=arm != "batched-sdpa")
     with torch.inference_mode(False), torch.enable_grad(), lean as denoise_loss:
         text_forward = im.make_text_forward(clip, family)
 
@@ -207,6 +208,7 @@ def main() -> None:
 
     ratio("batched", "separate", "batched / separate")
     ratio("batched", "batched-plain", "lean passes / plain passes")
+    ratio("batched-sdpa", "batched-plain", "fused attention only / plain passes")
     ratio("dpsgd", "batched", "DP-SGD / DPAgg-TI (batched), same images, steps and budget")
 
 

@@ -207,13 +207,13 @@ def _attention(attn, x, mask, heads):
 
 
 @contextmanager
-def training_passes(model):
+def training_passes(model, *, checkpoint_blocks: bool = True):
     """The ``DenoiseLoss`` to train with, inside memory-lean UNet passes (fused attention,
     block checkpointing where the ComfyUI copy allows; ``lean_training.py``). Use it around
     the whole training loop: backward runs inside it too."""
     from .lean_training import lean_unet_passes
 
-    with lean_unet_passes(model) as clone_saved:
+    with lean_unet_passes(model, checkpoint_blocks=checkpoint_blocks) as clone_saved:
         yield make_denoise_loss(model, clone_saved=clone_saved)
 
 

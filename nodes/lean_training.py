@@ -55,7 +55,7 @@ def _checkpointed(forward):
 
 
 @contextmanager
-def lean_unet_passes(model) -> Iterator[bool]:
+def lean_unet_passes(model, *, checkpoint_blocks: bool = True) -> Iterator[bool]:
     """Within the block: fused attention and, where the ComfyUI copy allows it, per-block
     checkpointing of ``model``'s UNet (a ComfyUI MODEL). Yields whether autograd must still
     clone what it saves (old ComfyUI, see the module's docstring). Everything is restored on
@@ -72,7 +72,7 @@ def lean_unet_passes(model) -> Iterator[bool]:
     try:
         if fused is not None:
             attention.optimized_attention = fused
-        if not in_place:
+        if checkpoint_blocks and not in_place:
             types = _checkpointable_types()
             for module in diffusion_model.modules():
                 if isinstance(module, types) and "forward" not in module.__dict__:
