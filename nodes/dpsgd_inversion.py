@@ -90,7 +90,9 @@ def release_dpsgd(
         with (
             torch.inference_mode(False),
             torch.enable_grad(),
-            im.training_passes(model) as denoise_loss,
+            im.training_passes(
+                model, checkpoint_blocks=im.wants_checkpointing(latents.shape, sgd.images_per_batch)
+            ) as denoise_loss,
         ):
             token = train_shared_embedding_dpsgd(
                 latents,

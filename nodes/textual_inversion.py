@@ -344,7 +344,9 @@ def _train_every_image(model, clip, vae, family, private, plan, config, initial,
     with (
         torch.inference_mode(False),
         torch.enable_grad(),
-        im.training_passes(model) as denoise_loss,
+        im.training_passes(
+            model, checkpoint_blocks=im.wants_checkpointing(latents.shape, config.images_per_batch)
+        ) as denoise_loss,
     ):
         return train_per_image_embeddings(
             latents,

@@ -90,3 +90,11 @@ def test_the_unet_output_is_unchanged_inside_the_lean_passes(model):
     with training_passes(model):
         lean = denoised()
     torch.testing.assert_close(lean, plain, rtol=1e-4, atol=1e-5)
+
+
+def test_checkpointing_is_chosen_from_public_pass_sizes_only():
+    from comfyui_dp_adapt.nodes.inversion_model import wants_checkpointing
+
+    assert wants_checkpointing((4, 64, 64), images_per_batch=2)  # 2 x 512 px
+    assert not wants_checkpointing((4, 32, 32), images_per_batch=2)  # 2 x 256 px
+    assert wants_checkpointing((4, 32, 32), images_per_batch=8)
