@@ -127,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     for label, paths in (
         ("embedding", result.embeddings),
         ("image", result.images),
+        ("preview", result.previews),
         ("report", result.reports),
     ):
         for path in paths:

@@ -85,6 +85,12 @@ class ComfyServer:
         return self.work_dir / "output"
 
     @property
+    def temp_dir(self) -> Path:
+        """Where Preview Image writes: ComfyUI puts a ``temp`` folder inside --temp-directory."""
+        nested = self.work_dir / "temp" / "temp"
+        return nested if nested.is_dir() else self.work_dir / "temp"
+
+    @property
     def default_embeddings_dir(self) -> Path:
         """ComfyUI's own embeddings folder, the first one it searches (where tokens are saved)."""
         return self.comfy_dir / "models" / "embeddings"

@@ -45,6 +45,7 @@ class RunResult:
     out_dir: Path
     embeddings: list[Path] = field(default_factory=list)
     images: list[Path] = field(default_factory=list)
+    previews: list[Path] = field(default_factory=list)
     reports: list[Path] = field(default_factory=list)
 
 
@@ -184,13 +185,23 @@ def _collect(entry: dict, server: ComfyServer, out_dir: Path) -> RunResult:
         shutil.copy2(embedding, target)
         result.embeddings.append(target)
     (out_dir / "images").mkdir(exist_ok=True)
+    # Saved pictures go to images/, Preview Image's (e.g. the token preview grid) to previews/.
+    kinds = {
+        "output": (server.output_dir, out_dir / "images", result.images),
+        "temp": (server.temp_dir, out_dir / "previews", result.previews),
+    }
     for node_output in entry.get("outputs", {}).values():
         for image in node_output.get("images", []):
-            source = server.output_dir / image.get("subfolder", "") / image["filename"]
-            if image.get("type", "output") == "output" and source.is_file():
-                target = out_dir / "images" / image["filename"]
+            kind = kinds.get(image.get("type", "output"))
+            if kind is None:
+                continue
+            folder, target_dir, listed = kind
+            source = folder / image.get("subfolder", "") / image["filename"]
+            if source.is_file():
+                target_dir.mkdir(exist_ok=True)
+                target = target_dir / image["filename"]
                 shutil.copy2(source, target)
-                result.images.append(target)
+                listed.append(target)
     texts = [
         text
         for node_output in entry.get("outputs", {}).values()
