@@ -108,7 +108,7 @@ def _observe_world(comfy_dir: Path, pack_dir: Path, work_dir: Path, images: list
                     (
                         "DPAdaptTextualInversionTrain",
                         "embedding_name",
-                    ): f"{token_name}_{path.stem[:16]}_{suffix}",  # one per workflow
+                    ): f"{token_name}_{re.sub(r'\W', '_', path.stem)[:16]}_{suffix}",  # one per workflow
                     **extra,
                 },
             )
