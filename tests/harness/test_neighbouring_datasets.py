@@ -44,6 +44,7 @@ DPSGD = {
     ("DPAdaptTextualInversionTrain", "sampling_rate"): 0.5,
 }
 TIMING = re.compile(r"\d+(\.\d+)? seconds")
+NOT_A_NAME = re.compile(r"\W")  # one embedding name per workflow, from its title
 
 
 def _flatten(value, path: str, out: set[str]) -> None:
@@ -108,7 +109,7 @@ def _observe_world(comfy_dir: Path, pack_dir: Path, work_dir: Path, images: list
                     (
                         "DPAdaptTextualInversionTrain",
                         "embedding_name",
-                    ): f"{token_name}_{re.sub(r'\W', '_', path.stem)[:16]}_{suffix}",  # one per workflow
+                    ): f"{token_name}_{NOT_A_NAME.sub('_', path.stem)[:16]}_{suffix}",
                     **extra,
                 },
             )
