@@ -37,4 +37,7 @@ TINY_MODEL_OVERRIDES = {
     ("EmptyLatentImage", "batch_size"): 1,
     ("KSampler", "steps"): 3,
     ("DPAdaptUniversalGuidanceSampler", "steps"): 3,
+    ("DPAdaptStyleTokenPreview", "width"): 64,
+    ("DPAdaptStyleTokenPreview", "height"): 64,
+    ("DPAdaptStyleTokenPreview", "steps"): 3,
 }
