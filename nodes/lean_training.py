@@ -1,6 +1,6 @@
 """Memory-lean gradient passes through ComfyUI's UNet: fused attention and block checkpointing.
 
-For the length of a training (or guidance) loop, and undone afterwards:
+For the length of a training loop, and undone afterwards:
 
 - **Fused attention.** ComfyUI picks its attention function once at start-up; on a CPU it is
   the chunked "sub-quadratic" one, whose chunks autograd keeps for backward. Inside the loop
