@@ -80,7 +80,7 @@ class World:
         self.family = im.detect_family(self.model, self.clip)
         self.prompts = im.tokenize_templates(self.clip, self.family, STYLE_TEMPLATES, 1)
         self.initial = im.token_vectors(self.clip, self.family, INITIALIZER)[:1]
-        self.target_norm = im.mean_token_norm(self.clip, self.family)
+        (self.target_norm,) = im.mean_token_norms(self.clip, self.family)
         self.embeddings_dir = comfy_compat.embeddings_directories()[0]
         self.embeddings_dir.mkdir(parents=True, exist_ok=True)
         with torch.inference_mode(False), torch.enable_grad():

@@ -254,7 +254,7 @@ class CaptionIds:
     def __call__(self, captions: list[str]) -> torch.Tensor:
         from comfyui_dp_adapt.nodes import inversion_model
 
-        tok = inversion_model.tokenizer(self._clip, self._family)
+        tok = inversion_model.tokenizers(self._clip, self._family)[0]
         for caption in set(captions) - self._cache.keys():
             ids = tok.tokenizer(caption)["input_ids"][: tok.max_length]
             ids = ids + [tok.end_token] * (tok.max_length - len(ids))  # SD1 pads with end
@@ -269,7 +269,7 @@ def train_unet_and_text(model, clip, vae, classifier, latents, specs, rng, args,
     text_forward = inversion_model.make_text_forward(clip, inversion_model.SD1)
     denoise_loss = inversion_model.make_denoise_loss(model)
     unet = model.model.diffusion_model
-    text_model = inversion_model.text_encoder(clip, inversion_model.SD1).transformer.text_model
+    text_model = inversion_model.text_encoders(clip, inversion_model.SD1)[0].transformer.text_model
     modules = (unet, text_model)
     for module in modules:
         module.requires_grad_(True).train()
@@ -334,7 +334,7 @@ def train_unet_and_text(model, clip, vae, classifier, latents, specs, rng, args,
 def demo_width(clip) -> int:
     from comfyui_dp_adapt.nodes import inversion_model
 
-    encoder = inversion_model.text_encoder(clip, inversion_model.SD1)
+    encoder = inversion_model.text_encoders(clip, inversion_model.SD1)[0]
     return encoder.transformer.get_input_embeddings().weight.shape[1]
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
@@ -307,15 +307,29 @@ def renormalize_unit(estimate: torch.Tensor) -> torch.Tensor:
     return estimate / norm
 
 
-def rescale_to_norm(target_norm: float, *, rows: int = 1) -> Callable[[torch.Tensor], torch.Tensor]:
+def rescale_to_norm(
+    target_norm: float | Sequence[float],
+    *,
+    rows: int = 1,
+    widths: Sequence[int] | None = None,
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """A post-processing that gives each of ``rows`` vectors the public ``target_norm``.
 
     For a TI estimate of k tokens flattened to (k * d,), use ``rows=k``: the estimate is
     viewed as (k, d) and each row rescaled (e.g. to the vocabulary's typical token-embedding
-    norm). The returned callable keeps the input's shape.
+    norm). With ``widths`` (one per text encoder, summing to d: SDXL's 768 + 1280) each row
+    is cut into those parts and part j rescaled to ``target_norm[j]``, since every encoder has
+    its own embedding scale. Post-processing of a DP release: no privacy cost. The returned
+    callable keeps the input's shape.
     """
-    target = check_clip_norm(target_norm, name="target_norm")
+    targets = (target_norm,) if isinstance(target_norm, (int, float)) else tuple(target_norm)
+    targets = tuple(check_clip_norm(t, name="target_norm") for t in targets)
     rows = check_positive_int("rows", rows)
+    widths = None if widths is None else tuple(check_positive_int("widths", w) for w in widths)
+    if len(targets) != (1 if widths is None else len(widths)):
+        raise InvalidParameterError(
+            f"need one target norm per part, got target_norm={target_norm!r} for widths={widths!r}."
+        )
 
     def rescale(estimate: torch.Tensor) -> torch.Tensor:
         if estimate.numel() % rows != 0:
@@ -324,9 +338,17 @@ def rescale_to_norm(target_norm: float, *, rows: int = 1) -> Callable[[torch.Ten
                 "equal vectors."
             )
         matrix = estimate.reshape(rows, -1)
-        norms = torch.linalg.vector_norm(matrix, dim=1, keepdim=True)
-        if not bool((norms > 0).all()):
-            raise InvalidParameterError("cannot rescale a zero row of the estimate to a norm.")
-        return (matrix * (target / norms)).reshape(estimate.shape)
+        parts = (matrix,) if widths is None else torch.split(matrix, list(widths), dim=1)
+        if widths is not None and sum(widths) != matrix.shape[1]:
+            raise InvalidParameterError(
+                f"widths={widths} do not add up to the vector width {matrix.shape[1]}."
+            )
+        scaled = []
+        for part, target in zip(parts, targets, strict=True):
+            norms = torch.linalg.vector_norm(part, dim=1, keepdim=True)
+            if not bool((norms > 0).all()):
+                raise InvalidParameterError("cannot rescale a zero row of the estimate to a norm.")
+            scaled.append(part * (target / norms))
+        return torch.cat(scaled, dim=1).reshape(estimate.shape)
 
     return rescale

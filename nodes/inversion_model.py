@@ -31,20 +31,36 @@ class UnsupportedModelError(InvalidParameterError):
 
 @dataclass(frozen=True)
 class ModelFamily:
-    """What differs between supported checkpoint families (docs/privacy.md §3.4)."""
+    """What differs between supported checkpoint families (docs/privacy.md §3.4).
+
+    A token lives in every text encoder of the family: its vectors are the concatenation of
+    one vector per encoder, in the order ComfyUI concatenates the encoders' outputs into the
+    UNet's context (SDXL: CLIP-L 768 then OpenCLIP-G 1280, so d = 2048)."""
 
     name: str
-    encoder_attribute: str  # attribute of the CLIP's cond_stage_model holding SDClipModel
-    file_key: str  # key of the embedding tensor in the saved .safetensors
+    encoders: tuple[str, ...]  # attributes of the CLIP's cond_stage_model / tokenizer
+    file_keys: tuple[str, ...]  # key of each encoder's part in the saved .safetensors
+    pooled_encoder: str | None = None  # its pooled output conditions the UNet (SDXL's ADM)
 
 
-SD1 = ModelFamily("SD1.x", "clip_l", "emb_params")
-SD2 = ModelFamily("SD2.x", "clip_h", "emb_params")
-_FAMILIES = {"SD15": SD1, "SD20": SD2}
+SD1 = ModelFamily("SD1.x", ("clip_l",), ("emb_params",))
+SD2 = ModelFamily("SD2.x", ("clip_h",), ("emb_params",))
+# SDXL: keys clip_l / clip_g as ComfyUI's SDXL tokenizers and AUTOMATIC1111 read them.
+SDXL = ModelFamily("SDXL", ("clip_l", "clip_g"), ("clip_l", "clip_g"), pooled_encoder="clip_g")
+_FAMILIES = {
+    "SD15": SD1,
+    "SD20": SD2,
+    "SDXL": SDXL,
+    # Distilled SDXL models with SDXL's two text encoders and conditioning.
+    "SSD1B": SDXL,
+    "Segmind_Vega": SDXL,
+    "KOALA_700M": SDXL,
+    "KOALA_1B": SDXL,
+}
 _KNOWN_UNSUPPORTED = {
-    "SDXL": "SDXL has two text encoders; this version trains SD1.x and SD2.x tokens only",
-    "SDXLRefiner": "the SDXL refiner has no CLIP-L/H token space to invert into",
-    "SSD1B": "SSD-1B is SDXL-based (two text encoders); only SD1.x and SD2.x are supported",
+    "SDXLRefiner": "the SDXL refiner has only the OpenCLIP-G encoder and is not used for "
+    "styles; train on the SDXL base model",
+    "SDXL_instructpix2pix": "instruct-pix2pix models need an input image at every step",
 }
 
 
@@ -54,54 +70,87 @@ def detect_family(model, clip) -> ModelFamily:
     family = _FAMILIES.get(config_name)
     if family is None:
         reason = _KNOWN_UNSUPPORTED.get(
-            config_name, "it is not a Stable Diffusion 1.x or 2.x checkpoint"
+            config_name, "it is not a Stable Diffusion 1.x, 2.x or SDXL checkpoint"
         )
         raise UnsupportedModelError(
             f"DP Textual Inversion cannot train for model family {config_name!r}: {reason}. "
-            "Use an SD1.x or SD2.x checkpoint."
+            "Use an SD1.x, SD2.x or SDXL checkpoint."
         )
-    if not hasattr(clip.cond_stage_model, family.encoder_attribute):
+    missing = [name for name in family.encoders if not hasattr(clip.cond_stage_model, name)]
+    if missing:
         raise UnsupportedModelError(
             f"the CLIP input does not match the {family.name} model (no "
-            f"{family.encoder_attribute} text encoder); connect the CLIP output of the same "
+            f"{' / '.join(missing)} text encoder); connect the CLIP output of the same "
             "checkpoint loader."
         )
     return family
 
 
-def text_encoder(clip, family: ModelFamily):
-    return getattr(clip.cond_stage_model, family.encoder_attribute)
+def text_encoders(clip, family: ModelFamily) -> list:
+    return [getattr(clip.cond_stage_model, name) for name in family.encoders]
 
 
-def tokenizer(clip, family: ModelFamily):
-    return getattr(clip.tokenizer, family.encoder_attribute)
+def tokenizers(clip, family: ModelFamily) -> list:
+    return [getattr(clip.tokenizer, name) for name in family.encoders]
+
+
+def _embedding_table(encoder) -> torch.Tensor:
+    return encoder.transformer.get_input_embeddings().weight
+
+
+def encoder_widths(clip, family: ModelFamily) -> tuple[int, ...]:
+    """Width of each encoder's token embeddings, in the family's order (they sum to d)."""
+    return tuple(int(_embedding_table(e).shape[1]) for e in text_encoders(clip, family))
+
+
+def split_token(token: torch.Tensor, clip, family: ModelFamily) -> dict[str, torch.Tensor]:
+    """The saved file's tensors: the (k, d) token cut into each encoder's (k, width) part."""
+    parts = torch.split(token, list(encoder_widths(clip, family)), dim=-1)
+    return {key: part.contiguous() for key, part in zip(family.file_keys, parts, strict=True)}
 
 
 @torch.no_grad()
 def token_vectors(clip, family: ModelFamily, word: str) -> torch.Tensor:
-    """Token embedding(s) (t, d) of a public word, float32 on CPU."""
-    tok = tokenizer(clip, family)
-    ids = tok.tokenizer(word)["input_ids"][1:-1]
-    if not ids:
+    """Token embedding(s) (t, d) of a public word in every encoder, float32 on CPU."""
+    parts = []
+    for tok, encoder in zip(tokenizers(clip, family), text_encoders(clip, family), strict=True):
+        ids = tok.tokenizer(word)["input_ids"][1:-1]
+        if not ids:
+            raise InvalidParameterError(
+                f"initializer word {word!r} has no tokens; use a plain word like 'painting'."
+            )
+        table = _embedding_table(encoder)
+        parts.append(table[torch.tensor(ids, device=table.device)].float().cpu().clone())
+    if len({part.shape[0] for part in parts}) != 1:
         raise InvalidParameterError(
-            f"initializer word {word!r} has no tokens; use a plain word like 'painting'."
+            f"initializer word {word!r} splits into different token counts in the "
+            f"{family.name} text encoders; use a single plain word like 'painting'."
         )
-    table = text_encoder(clip, family).transformer.get_input_embeddings().weight
-    return table[torch.tensor(ids, device=table.device)].float().cpu().clone()
+    return torch.cat(parts, dim=1)
 
 
 @torch.no_grad()
-def mean_token_norm(clip, family: ModelFamily) -> float:
-    """Mean L2 norm of the vocabulary's token embeddings: a public target norm for docs/privacy.md §2.5."""
-    table = text_encoder(clip, family).transformer.get_input_embeddings().weight
-    return float(table.float().norm(dim=1).mean())
+def mean_token_norms(clip, family: ModelFamily) -> tuple[float, ...]:
+    """Mean L2 norm of each encoder's vocabulary embeddings: public target norms for
+    docs/privacy.md §2.5, one per encoder part of a token vector."""
+    return tuple(
+        float(_embedding_table(e).float().norm(dim=1).mean()) for e in text_encoders(clip, family)
+    )
+
+
+def _pad_token(tok) -> int:
+    if getattr(tok, "pad_with_end", True):
+        return tok.end_token
+    return getattr(tok, "pad_token", 0) or 0
 
 
 def tokenize_templates(clip, family: ModelFamily, templates, num_vectors: int) -> PromptTokens:
-    """Ids of every template with ``num_vectors`` placeholder slots where ``{}`` stands."""
-    tok = tokenizer(clip, family)
+    """Ids of every template with ``num_vectors`` placeholder slots where ``{}`` stands, as
+    the family's first tokenizer pads them (``make_text_forward`` re-pads for the others:
+    SDXL's tokenizers differ only in the padding token)."""
+    tok = tokenizers(clip, family)[0]
     length = tok.max_length
-    pad = tok.end_token if getattr(tok, "pad_with_end", True) else getattr(tok, "pad_token", 0) or 0
+    pad = _pad_token(tok)
     rows, masks = [], []
     for template in templates:
         before, after = split_template(template)
@@ -129,6 +178,13 @@ def tokenize_templates(clip, family: ModelFamily, templates, num_vectors: int) -
     return PromptTokens(
         ids=torch.tensor(rows, dtype=torch.long), mask=torch.tensor(masks, dtype=torch.bool)
     )
+
+
+def _repadded(ids: torch.Tensor, tok) -> torch.Tensor:
+    """``ids`` with every position after the first end token set to ``tok``'s padding."""
+    is_end = ids == tok.end_token
+    after_end = (is_end.long().cumsum(dim=1) - is_end.long()) > 0
+    return ids.masked_fill(after_end, _pad_token(tok))
 
 
 def make_autograd_safe(module: torch.nn.Module) -> None:
@@ -160,25 +216,53 @@ def _effective_layer(clip, encoder) -> tuple[str, int | None]:
 
 
 def make_text_forward(clip, family: ModelFamily):
-    """``TextForward`` running the CLIP text transformer with injected placeholder vectors.
+    """``TextForward`` running the family's CLIP text transformer(s) with injected vectors.
 
-    The transformer's own pieces are run here (token + position embeddings, each layer's
+    The transformers' own pieces are run here (token + position embeddings, each layer's
     norms, attention projections and MLP, the final norm) with out-of-place residual adds, so
     a batch of different vectors trains in one pass on both ComfyUI copies; the output equals
-    ``encode_from_tokens`` for the same tokens (tested).
+    ``encode_from_tokens`` for the same tokens (tested). With several encoders (SDXL) each
+    takes its own slice of the vectors and the outputs are concatenated as ComfyUI does; a
+    family with a pooled conditioning returns ``(context, pooled)``, the pooled output of
+    ``pooled_encoder`` (final norm at the end token, then the text projection).
     """
-    encoder = text_encoder(clip, family)
-    text_model = encoder.transformer.text_model
-    make_autograd_safe(text_model)
+    widths = encoder_widths(clip, family)
+    forwards = [
+        _encoder_forward(clip, encoder, tok, pooled=name == family.pooled_encoder)
+        for name, encoder, tok in zip(
+            family.encoders, text_encoders(clip, family), tokenizers(clip, family), strict=True
+        )
+    ]
+
+    def forward(ids: torch.Tensor, mask: torch.Tensor, vectors: torch.Tensor):
+        contexts, pooled = [], None
+        for encoder_forward, part in zip(
+            forwards, torch.split(vectors, widths, dim=-1), strict=True
+        ):
+            context, encoder_pooled = encoder_forward(ids, mask, part)
+            contexts.append(context)
+            pooled = encoder_pooled if encoder_pooled is not None else pooled
+        context = contexts[0] if len(contexts) == 1 else torch.cat(contexts, dim=-1)
+        return context if family.pooled_encoder is None else (context, pooled)
+
+    return forward
+
+
+def _encoder_forward(clip, encoder, tok, *, pooled: bool):
+    transformer = encoder.transformer
+    text_model = transformer.text_model
+    make_autograd_safe(transformer)
     layers = list(text_model.encoder.layers)
     layer, layer_idx = _effective_layer(clip, encoder)
     stop = len(layers) if layer == "last" else (layer_idx % len(layers)) + 1
     final_norm = layer == "last" or getattr(encoder, "layer_norm_hidden_state", True)
     heads = layers[0].self_attn.heads
+    # The pooled output always comes from the last layer (comfy/clip_model.py).
+    depth = len(layers) if pooled else stop
 
-    def forward(ids: torch.Tensor, mask: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    def forward(ids: torch.Tensor, mask: torch.Tensor, vectors: torch.Tensor):
         device = text_model.embeddings.position_embedding.weight.device
-        ids, mask = ids.to(device), mask.to(device)
+        ids, mask = _repadded(ids, tok).to(device), mask.to(device)
         tokens = text_model.embeddings.token_embedding(ids).float()
         x = tokens.masked_scatter(
             mask.unsqueeze(-1), vectors.to(device=device, dtype=torch.float32)
@@ -186,12 +270,18 @@ def make_text_forward(clip, family: ModelFamily):
         length = ids.shape[1]
         x = x + text_model.embeddings.position_embedding.weight[:length].to(torch.float32)
         causal = torch.full((length, length), float("-inf"), device=device).triu(1)
-        for block in layers[:stop]:
+        hidden = None
+        for index, block in enumerate(layers[:depth]):
             x = x + _attention(block.self_attn, block.layer_norm1(x), causal, heads)
             x = x + block.mlp(block.layer_norm2(x))
-        if final_norm:
-            x = text_model.final_layer_norm(x)
-        return x.float()
+            if index == stop - 1:
+                hidden = text_model.final_layer_norm(x) if final_norm else x
+        if not pooled:
+            return hidden.float(), None
+        end = (ids == tok.end_token).int().argmax(dim=1)  # the first end token of each row
+        last = text_model.final_layer_norm(x)
+        pooled_output = transformer.text_projection(last[torch.arange(ids.shape[0]), end])
+        return hidden.float(), pooled_output.float()
 
     return forward
 
@@ -249,13 +339,38 @@ def make_denoise_loss(model, *, clone_saved: bool | None = None):
         sigma = sampling.sigma(timesteps).to(latents.device)
         view = sigma.view(-1, 1, 1, 1)
         x_t = sampling.noise_scaling(view, noise, latents)
-        context = context.to(latents.device)
+        context, extra = _unet_conditioning(base, context, latents)
         with saved_tensor_clones(clone_saved):
-            denoised = base.apply_model(x_t, sigma, c_crossattn=context, transformer_options={})
+            denoised = base.apply_model(
+                x_t, sigma, c_crossattn=context, transformer_options={}, **extra
+            )
         eps = (x_t - denoised.float()) / view
         return ((eps - noise.float()) ** 2).mean(dim=(1, 2, 3))
 
     return loss
+
+
+def _unet_conditioning(base, context, latents) -> tuple[torch.Tensor, dict]:
+    """The cross-attention context and the UNet's extra inputs for a ``TextForward`` output.
+
+    With a pooled output (SDXL), the ADM vector ``y`` comes from the model's own
+    ``encode_adm``, with the size conditioning ComfyUI's samplers give a plain text prompt:
+    the latent's size x 8 as original and target size, no crop (``comfy/samplers.py``)."""
+    if not isinstance(context, tuple):
+        return context.to(latents.device), {}
+    context, pooled = context
+    height, width = (int(v) * 8 for v in latents.shape[-2:])
+    adm = base.encode_adm(
+        pooled_output=pooled,
+        width=width,
+        height=height,
+        crop_w=0,
+        crop_h=0,
+        target_width=width,
+        target_height=height,
+        device=latents.device,
+    )
+    return context.to(latents.device), {"y": adm.to(latents.device)}
 
 
 def probe_public_inputs(model, clip, family, prompts, initial, *, height: int, width: int) -> None:
@@ -272,7 +387,8 @@ def probe_public_inputs(model, clip, family, prompts, initial, *, height: int, w
     noise = torch.randn(latents.shape, generator=generator)
     with torch.inference_mode(False), torch.no_grad():
         context = make_text_forward(clip, family)(prompts.ids[:1], prompts.mask[:1], initial)
-        if not torch.isfinite(context).all():
+        parts = context if isinstance(context, tuple) else (context,)
+        if not all(bool(torch.isfinite(part).all()) for part in parts):
             raise InvalidParameterError(
                 "the CLIP text encoder gives non-finite values on a public prompt: the "
                 "checkpoint's text encoder is probably missing or damaged (e.g. its keys were "

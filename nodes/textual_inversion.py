@@ -54,7 +54,10 @@ class DPTextualInversionTrainNode:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "SD1.x or SD2.x model from Load Checkpoint."}),
+                "model": (
+                    "MODEL",
+                    {"tooltip": "SD1.x, SD2.x or SDXL model from Load Checkpoint."},
+                ),
                 "clip": ("CLIP", {"tooltip": "The CLIP of the same checkpoint."}),
                 "vae": (
                     "VAE",
@@ -225,7 +228,7 @@ class DPTextualInversionTrainNode:
         init_tokens = im.token_vectors(clip, family, initializer_word.strip())
         initial = init_tokens[torch.arange(num_vectors) % init_tokens.shape[0]]
         prompts = im.tokenize_templates(clip, family, templates_for(template_set), num_vectors)
-        target_norm = im.mean_token_norm(clip, family)
+        target_norms = im.mean_token_norms(clip, family)
         width = initial.shape[1]
         dimension = num_vectors * width
         height_px, width_px = (int(v) for v in private.images.shape[1:3])  # the set resolution
@@ -236,7 +239,7 @@ class DPTextualInversionTrainNode:
         settings = {
             "method": method,
             "model": comfy_compat.module_fingerprint(
-                model.model.diffusion_model, im.text_encoder(clip, family), vae.first_stage_model
+                model.model.diffusion_model, *im.text_encoders(clip, family), vae.first_stage_model
             ),
             "model_family": family.name,
             "num_vectors": num_vectors,
@@ -273,7 +276,9 @@ class DPTextualInversionTrainNode:
             noise_lines=dpsgd.report_lines(plan, steps=steps, dimension=dimension) if sgd else None,
             poll=comfy_compat.raise_if_cancelled,
         )
-        postprocess = rescale_to_norm(target_norm, rows=num_vectors)
+        postprocess = rescale_to_norm(
+            target_norms, rows=num_vectors, widths=im.encoder_widths(clip, family)
+        )
 
         label = f"DP Textual Inversion ({method}): {path.stem}"
         if plan.reused is not None:
@@ -324,7 +329,7 @@ class DPTextualInversionTrainNode:
             save_embedding(
                 directory,
                 embedding_name,
-                {family.file_key: token},
+                im.split_token(token, clip, family),
                 metadata,
                 overwrite=overwrite or outcome.reused,
             )

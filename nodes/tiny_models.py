@@ -23,6 +23,10 @@ import torch
 
 TEXT_WIDTH = 32
 """Width of the tiny text encoder (and the UNet's cross-attention context)."""
+SDXL_G_WIDTH = 48
+"""Width of the tiny SDXL's second text encoder (OpenCLIP-G's place; CLIP-L's is ``TEXT_WIDTH``)."""
+SDXL_SIZE_EMBEDDING = 6 * 256
+"""SDXL's size/crop conditioning: six 256-wide timestep embeddings (ComfyUI ``model_base.SDXL``)."""
 VISION_PROJECTION = 32
 """Width of the tiny CLIP-vision image embedding."""
 
@@ -44,6 +48,18 @@ _TINY_UNET_CONFIG = {
     "use_temporal_attention": False,
     "use_temporal_resblock": False,
     "num_head_channels": -1,
+}
+
+# SDXL's layout at tiny widths: no attention at the first level, linear projections in the
+# transformers, the pooled text embedding plus the size embedding as ADM input (label_emb).
+_TINY_SDXL_UNET_CONFIG = {
+    **_TINY_UNET_CONFIG,
+    "transformer_depth": [0, 1],
+    "transformer_depth_output": [0, 0, 1, 1],
+    "context_dim": TEXT_WIDTH + SDXL_G_WIDTH,
+    "use_linear_in_transformer": True,
+    "num_classes": "sequential",
+    "adm_in_channels": SDXL_G_WIDTH + SDXL_SIZE_EMBEDDING,
 }
 
 _TINY_TEXT_CONFIG = {
@@ -146,6 +162,9 @@ def fill_deterministically(module: torch.nn.Module, seed: int) -> None:
         tensor.data.copy_(value.to(dtype=tensor.dtype))
 
 
+TINY_FAMILIES = ("sd1", "sd2", "sdxl")
+
+
 @torch.inference_mode()
 def build_tiny_model(
     seed: int = 0,
@@ -156,16 +175,22 @@ def build_tiny_model(
     """An SD1.x-style MODEL (``ModelPatcher``) with a ~1M-parameter UNet, eps prediction.
 
     ``family="sd2"`` gives ComfyUI's SD2.x model class (linear projections in the
-    transformers, as SD2 has); ``unet_overrides`` changes the UNet config (benchmarks use it
+    transformers, as SD2 has); ``family="sdxl"`` ComfyUI's SDXL model class (two-encoder
+    context, pooled text + size conditioning through its ADM input); ``unet_overrides`` changes the UNet config (benchmarks use it
     for SD1.5-sized widths); ``num_heads`` defaults to 4 (8 with overrides, as SD1.5).
     """
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.supported_models
 
-    unet = {**_TINY_UNET_CONFIG, **(unet_overrides or {})}
+    if family not in TINY_FAMILIES:
+        raise ValueError(f"family must be one of {TINY_FAMILIES}, got family={family!r}.")
+    base_config = _TINY_SDXL_UNET_CONFIG if family == "sdxl" else _TINY_UNET_CONFIG
+    unet = {**base_config, **(unet_overrides or {})}
     if family == "sd2":
         config = comfy.supported_models.SD20({**unet, "use_linear_in_transformer": True})
+    elif family == "sdxl":
+        config = comfy.supported_models.SDXL(unet)
     else:
         config = comfy.supported_models.SD15(unet)
     # SD15.__init__ forces num_heads=8 / num_head_channels=-1.
@@ -204,9 +229,16 @@ def build_tiny_clip(
     ``family="sd2"`` builds it the way ComfyUI's SD2 text encoder is set up (encoder named
     ``clip_h``, penultimate layer, padding with token 0) from ComfyUI's generic CLIP classes;
     ``text_overrides`` changes the text config (benchmarks use SD1.5's CLIP-L sizes).
+    ``family="sdxl"``: ComfyUI's SDXL CLIP (``clip_l`` and ``clip_g``, see
+    ``_tiny_sdxl_target``).
     """
     import comfy.sd
     import comfy.sd1_clip as sd1_clip
+
+    if family == "sdxl":
+        clip = comfy.sd.CLIP(_tiny_sdxl_target(), embedding_directory=embedding_directory)
+        fill_deterministically(clip.cond_stage_model, seed)
+        return clip
 
     sd2 = family == "sd2"
     # SD2 reads the penultimate layer, which needs more than two layers.
@@ -255,6 +287,72 @@ def build_tiny_clip(
     clip = comfy.sd.CLIP(Target, embedding_directory=embedding_directory)
     fill_deterministically(clip.cond_stage_model, seed)
     return clip
+
+
+def _tiny_sdxl_target():
+    """ComfyUI's SDXL text side at tiny widths: its ``SDXLClipModel`` and ``SDXLTokenizer``
+    with only the sizes changed (their constructors hard-code the real configs). As in
+    ``comfy/sdxl_clip.py``: CLIP-L and CLIP-G both read the penultimate layer without the
+    final norm, CLIP-G pads with token 0 and gives the projected pooled output, embedding
+    files are read under the keys ``clip_l`` and ``clip_g``."""
+    import comfy.sd1_clip as sd1_clip
+    import comfy.sdxl_clip as sdxl_clip
+
+    configs = {}
+    for key, width in (("l", TEXT_WIDTH), ("g", SDXL_G_WIDTH)):
+        text_config = {
+            **_TINY_TEXT_CONFIG,
+            "hidden_size": width,
+            "projection_dim": width,
+            "intermediate_size": 2 * width,
+            "num_hidden_layers": 3,
+        }
+        configs[key] = _config_file("clip_text_" + _config_digest(text_config), text_config)
+
+    class TinySDXLClipModel(sdxl_clip.SDXLClipModel):
+        def __init__(self, device="cpu", dtype=None, **kwargs):
+            torch.nn.Module.__init__(self)
+            self.clip_l = sd1_clip.SDClipModel(
+                layer="hidden",
+                layer_idx=-2,
+                device=device,
+                dtype=dtype,
+                layer_norm_hidden_state=False,
+                textmodel_json_config=configs["l"],
+                **kwargs,
+            )
+            self.clip_g = sd1_clip.SDClipModel(
+                layer="hidden",
+                layer_idx=-2,
+                device=device,
+                dtype=dtype,
+                layer_norm_hidden_state=False,
+                textmodel_json_config=configs["g"],
+                special_tokens={"start": 49406, "end": 49407, "pad": 0},
+                return_projected_pooled=True,
+                **kwargs,
+            )
+            self.dtypes = {dtype}
+
+    class TinySDXLTokenizer(sdxl_clip.SDXLTokenizer):
+        def __init__(self, embedding_directory=None, **kwargs):
+            self.clip_l = sd1_clip.SDTokenizer(
+                embedding_directory=embedding_directory, embedding_size=TEXT_WIDTH, **kwargs
+            )
+            self.clip_g = sd1_clip.SDTokenizer(
+                embedding_directory=embedding_directory,
+                embedding_size=SDXL_G_WIDTH,
+                embedding_key="clip_g",
+                pad_with_end=False,
+                **kwargs,
+            )
+
+    class Target:
+        clip = TinySDXLClipModel
+        tokenizer = TinySDXLTokenizer
+        params: dict = {}
+
+    return Target
 
 
 @torch.inference_mode()

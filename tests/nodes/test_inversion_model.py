@@ -10,7 +10,7 @@ from comfyui_dp_adapt.dp.inversion import InversionConfig, train_per_image_embed
 from comfyui_dp_adapt.dp.templates import STYLE_TEMPLATES
 
 
-@pytest.fixture(scope="module", params=["sd1", "sd2"])
+@pytest.fixture(scope="module", params=["sd1", "sd2", "sdxl"])
 def tiny(comfy, request):
     import folder_paths
 
@@ -32,8 +32,12 @@ def im(comfy):
 
 
 def _encode(clip, text):
+    """ComfyUI's conditioning: the context, or (context, pooled) where the family has one."""
     with torch.inference_mode():
-        return clip.encode_from_tokens(clip.tokenize(text)).float().clone()
+        cond, pooled = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
+    if type(clip.cond_stage_model).__name__.endswith("SDXLClipModel"):
+        return cond.float().clone(), pooled.float().clone()
+    return cond.float().clone()
 
 
 @pytest.mark.parametrize("clip_skip", [None, -2])
@@ -51,6 +55,8 @@ def test_text_forward_equals_comfyui_encoding(tiny, im, clip_skip):
         )
     reference = _encode(clip, STYLE_TEMPLATES[0].format("painting painting"))
     torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-4)
+    if isinstance(ours, tuple):  # SDXL: the pooled output moves with the trained vectors
+        assert ours[1].shape == (1, reference[1].shape[-1])
 
 
 def test_saved_token_loads_as_embedding_name_and_matches_injection(tiny, im, tmp_path):
@@ -58,14 +64,15 @@ def test_saved_token_loads_as_embedding_name_and_matches_injection(tiny, im, tmp
 
     _, clip, _ = tiny
     family = im.detect_family(tiny[0], clip)
-    vectors = torch.randn(2, 32, generator=torch.Generator().manual_seed(0)) * 0.1
+    width = sum(im.encoder_widths(clip, family))
+    vectors = torch.randn(2, width, generator=torch.Generator().manual_seed(0)) * 0.1
     directory = folder_paths.get_folder_paths("embeddings")[0]
     import os
 
     os.makedirs(directory, exist_ok=True)
-    path = save_embedding(
-        directory, "adapter_test_token", {"emb_params": vectors}, {}, overwrite=True
-    )
+    tensors = im.split_token(vectors, clip, family)
+    assert set(tensors) == set(family.file_keys)
+    path = save_embedding(directory, "adapter_test_token", tensors, {}, overwrite=True)
     try:
         via_comfy = _encode(clip, "a painting in the style of embedding:adapter_test_token")
         prompts = im.tokenize_templates(clip, family, STYLE_TEMPLATES[:1], 2)
@@ -148,15 +155,59 @@ def test_unsupported_families_are_refused_by_name(tiny, im):
     import comfy.supported_models
 
     model, clip, _ = tiny
-    sdxl = model.clone()
-    original = sdxl.model.model_config
+    refiner = model.clone()
+    original = refiner.model.model_config
     try:
-        sdxl.model.model_config = comfy.supported_models.SDXL(dict(original.unet_config))
-        with pytest.raises(im.UnsupportedModelError, match="SDXL"):
-            im.detect_family(sdxl, clip)
+        refiner.model.model_config = comfy.supported_models.SDXLRefiner(dict(original.unet_config))
+        with pytest.raises(im.UnsupportedModelError, match=r"SDXLRefiner.*refiner"):
+            im.detect_family(refiner, clip)
     finally:
-        sdxl.model.model_config = original
-    assert im.detect_family(model, clip).name in {"SD1.x", "SD2.x"}
+        refiner.model.model_config = original
+    assert im.detect_family(model, clip).name in {"SD1.x", "SD2.x", "SDXL"}
+
+
+def test_a_clip_of_another_family_is_refused(comfy, im):
+    from comfyui_dp_adapt.nodes import tiny_models
+
+    sdxl = tiny_models.build_tiny_model(family="sdxl")
+    with pytest.raises(im.UnsupportedModelError, match="clip_g"):
+        im.detect_family(sdxl, tiny_models.build_tiny_clip(family="sd1"))
+
+
+def test_sdxl_token_has_one_part_per_encoder_and_conditions_the_unet_as_comfyui(comfy, im):
+    """SDXL: the token is CLIP-L's part then CLIP-G's (d = sum of widths, one mechanism); the
+    UNet's ADM input is what ComfyUI's sampler builds from the pooled output of a plain text
+    prompt (size = latent x 8, no crop), through the model's own extra_conds."""
+    import comfy.samplers
+
+    from comfyui_dp_adapt.nodes import comfy_compat, tiny_models
+
+    model = tiny_models.build_tiny_model(family="sdxl")
+    clip = tiny_models.build_tiny_clip(family="sdxl")
+    comfy_compat.load_models([model, clip.patcher])
+    family = im.detect_family(model, clip)
+    assert family.name == "SDXL" and family.file_keys == ("clip_l", "clip_g")
+    widths = im.encoder_widths(clip, family)
+    assert widths == (tiny_models.TEXT_WIDTH, tiny_models.SDXL_G_WIDTH)
+    init = im.token_vectors(clip, family, "painting")
+    assert init.shape == (1, sum(widths))
+    prompts = im.tokenize_templates(clip, family, STYLE_TEMPLATES[:1], 1)
+    latents = torch.randn(2, 4, 6, 10, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode(False):
+        context, pooled = im.make_text_forward(clip, family)(
+            prompts.ids.repeat(2, 1), prompts.mask.repeat(2, 1), init.repeat(2, 1, 1)
+        )
+        ours = im._unet_conditioning(model.model, (context, pooled), latents)[1]["y"]
+    conds = comfy.samplers.encode_model_conds(
+        model.model.extra_conds,
+        [{"cross_attn": context, "pooled_output": pooled, "model_conds": {}}],
+        latents,
+        latents.device,
+        "positive",
+    )
+    reference = conds[0]["model_conds"]["y"].cond
+    torch.testing.assert_close(ours, reference.to(ours.dtype))
+    assert ours.shape == (2, tiny_models.SDXL_G_WIDTH + tiny_models.SDXL_SIZE_EMBEDDING)
 
 
 def test_dpsgd_per_example_gradients_equal_one_backward_per_example_on_real_models(tiny, im):
