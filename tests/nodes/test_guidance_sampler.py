@@ -14,13 +14,19 @@ CFG = 3.0
 SAMPLERS = ["euler", "euler_ancestral", "dpmpp_2m", "ddim", "uni_pc"]
 
 
-@pytest.fixture(scope="module")
-def env(comfy):
+_ENVS: dict[str, dict] = {}
+
+
+def _build_env(family: str) -> dict:
+    """Tiny components of ``family`` (sd1 or sdxl: SDXL's two encoders, pooled output and
+    ADM conditioning), built once per test session."""
     from comfyui_dp_adapt.nodes import comfy_compat, tiny_models
     from comfyui_dp_adapt.nodes.guidance_sampler import UniversalGuidanceSamplerNode
 
-    model = tiny_models.build_tiny_model()
-    clip = tiny_models.build_tiny_clip()
+    if family in _ENVS:
+        return _ENVS[family]
+    model = tiny_models.build_tiny_model(family=family)
+    clip = tiny_models.build_tiny_clip(family=family)
     vae = tiny_models.build_tiny_vae()
     clip_vision = tiny_models.build_tiny_clip_vision()
     with torch.inference_mode():
@@ -32,7 +38,7 @@ def env(comfy):
         reference[:, :32, :, 2] = 1.0
         # built in inference mode, as the aggregate node builds it inside ComfyUI's executor
         target = make_target(comfy_compat.clip_vision_encode(clip_vision, reference)[0])
-    return {
+    _ENVS[family] = {
         "node": UniversalGuidanceSamplerNode(),
         "model": model,
         "vae": vae,
@@ -41,6 +47,18 @@ def env(comfy):
         "negative": negative,
         "target": target,
     }
+    return _ENVS[family]
+
+
+@pytest.fixture(scope="module")
+def env(comfy):
+    return _build_env("sd1")
+
+
+@pytest.fixture(scope="module", params=["sd1", "sdxl"])
+def family_env(comfy, request):
+    """The same checks on SD1.x and on SDXL."""
+    return _build_env(request.param)
 
 
 def _encode(clip, text):
@@ -112,9 +130,10 @@ def spy_hook(monkeypatch):
 
 
 @pytest.mark.parametrize("mode", ["full", "x0"])
-def test_hooks_sigma_form_equals_the_papers_eps_form(env, mode, monkeypatch):
+def test_hooks_sigma_form_equals_the_papers_eps_form(family_env, mode, monkeypatch):
     """Inside a real sampling run, the node's correction denoised - s*sigma^2*grad equals the
     paper's eps_hat = eps + s*sqrt(1 - abar)*grad_{z_t} l, with z_t = sqrt(abar) x."""
+    env = family_env
     from comfyui_dp_adapt.dp.guidance import clone_saved_tensors, eps_form_prediction
     from comfyui_dp_adapt.nodes import comfy_compat, guidance_sampler
 
@@ -160,7 +179,8 @@ def test_hooks_sigma_form_equals_the_papers_eps_form(env, mode, monkeypatch):
 
 
 @pytest.mark.parametrize("mode", ["full", "x0"])
-def test_strong_guidance_pulls_the_image_towards_the_target(env, mode):
+def test_strong_guidance_pulls_the_image_towards_the_target(family_env, mode):
+    env = family_env
     plain = cosine_to_target(env, sample(env, guidance_strength=0.0, steps=4))
     guided = cosine_to_target(env, sample(env, guidance_strength=20.0, steps=4, mode=mode))
     assert (guided > plain + 0.02).all(), f"unguided {plain.tolist()}, guided {guided.tolist()}"
@@ -205,8 +225,9 @@ def test_partial_denoise_starts_lower_and_zero_denoise_returns_the_input(env, sp
     assert torch.equal(sample(env, latent_image=latent, denoise=0.0), latent["samples"])
 
 
-def test_self_recurrence_zero_is_plain_comfyui_sampling(env):
+def test_self_recurrence_zero_is_plain_comfyui_sampling(family_env):
     """With guidance off and no recurrence the node reproduces KSampler bit for bit."""
+    env = family_env
     import nodes
 
     latent = {"samples": torch.zeros(1, 4, 8, 8)}
@@ -224,7 +245,9 @@ def test_self_recurrence_zero_is_plain_comfyui_sampling(env):
     assert torch.equal(ours, expected["samples"])
 
 
-def test_the_users_model_and_encoders_are_left_unchanged(env):
+def test_the_users_model_and_encoders_are_left_unchanged(family_env):
+    env = family_env
+
     def state():
         return {
             name: (id(t), t.is_inference())
