@@ -122,6 +122,16 @@ def main(argv: list[str] | None = None) -> int:
                 ("DPAgg-TI token, epsilon = 1", side_by_side_tiles(args.side_by_side, "DPAgg-TI")),
             ],
         ),
+        "Private style token on SDXL (DP textual inversion)": card(
+            "DP textual inversion on SDXL",
+            [
+                private,
+                (
+                    "DPAgg-TI token on the demo model (no SDXL weights here)",
+                    side_by_side_tiles(args.side_by_side, "DPAgg-TI"),
+                ),
+            ],
+        ),
         "Private style guidance (DP universal guidance)": card(
             "DP universal guidance",
             [

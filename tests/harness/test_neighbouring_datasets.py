@@ -72,7 +72,7 @@ def _observe_world(comfy_dir: Path, pack_dir: Path, work_dir: Path, images: list
     from PIL import Image
 
     from comfyui_dp_adapt.dp.embedding_file import read_embedding
-    from comfyui_dp_adapt.nodes.tiny_loaders import REPLACES
+    from comfyui_dp_adapt.nodes.tiny_loaders import replacements_for
 
     server = ComfyServer(
         comfy_dir=comfy_dir,
@@ -96,13 +96,18 @@ def _observe_world(comfy_dir: Path, pack_dir: Path, work_dir: Path, images: list
         runs += [  # the DP-SGD method of the training node, with Poisson sampling
             (path, f"{path.name}-dpsgd", "sgd", DPSGD)
             for path in shipped_workflows()
-            if path.name == "Private style token (DP textual inversion).json"
+            if path.name
+            in {
+                "Private style token (DP textual inversion).json",
+                "Private style token on SDXL (DP textual inversion).json",
+            }
         ]
         for path, run_name, suffix, extra in runs:
+            workflow = wf.load_workflow(path)
             prompt = wf.to_api_prompt(
-                wf.load_workflow(path),
+                workflow,
                 object_info,
-                replace=REPLACES,
+                replace=replacements_for(workflow),
                 overrides={
                     **TINY_MODEL_OVERRIDES,
                     ("DPAdaptLoadPrivateImages", "folder"): FOLDER,

@@ -15,11 +15,19 @@ from comfyui_dp_adapt.tests.support.workflow_inputs import TINY_MODEL_OVERRIDES,
 pytestmark = pytest.mark.comfy_server
 
 
-@pytest.mark.parametrize("method", ["DPAgg-TI", "DP-SGD"])
-def test_workflow_produces_embedding_ledger_entry_and_images(comfy_server, method):
-    from comfyui_dp_adapt.nodes.tiny_loaders import REPLACES
+SD_WORKFLOW = "Private style token (DP textual inversion).json"
+SDXL_WORKFLOW = "Private style token on SDXL (DP textual inversion).json"
+FILE_KEYS = {SD_WORKFLOW: {"emb_params"}, SDXL_WORKFLOW: {"clip_l", "clip_g"}}
 
-    workflow = wf.load_workflow(WORKFLOWS_DIR / "Private style token (DP textual inversion).json")
+
+@pytest.mark.parametrize(
+    ("workflow_name", "method"),
+    [(SD_WORKFLOW, "DPAgg-TI"), (SD_WORKFLOW, "DP-SGD"), (SDXL_WORKFLOW, "DPAgg-TI")],
+)
+def test_workflow_produces_embedding_ledger_entry_and_images(comfy_server, workflow_name, method):
+    from comfyui_dp_adapt.nodes.tiny_loaders import replacements_for
+
+    workflow = wf.load_workflow(WORKFLOWS_DIR / workflow_name)
     prepare_inputs(workflow, comfy_server)
     name = f"wf_{uuid.uuid4().hex[:8]}"
     ledger = f"ledger-{uuid.uuid4().hex[:8]}"
@@ -32,11 +40,14 @@ def test_workflow_produces_embedding_ledger_entry_and_images(comfy_server, metho
         ("DPAdaptTextualInversionTrain", "sampling_rate"): 0.5,
     }
     object_info = comfy_server.get_json("/object_info")
-    prompt = wf.to_api_prompt(workflow, object_info, replace=REPLACES, overrides=overrides)
+    prompt = wf.to_api_prompt(
+        workflow, object_info, replace=replacements_for(workflow), overrides=overrides
+    )
     before = set(comfy_server.output_dir.glob(f"{name}*.png"))
     entry = comfy_server.run_prompt(prompt)
 
-    _, metadata = read_embedding(comfy_server.default_embeddings_dir / f"{name}.safetensors")
+    tensors, metadata = read_embedding(comfy_server.default_embeddings_dir / f"{name}.safetensors")
+    assert set(tensors) == FILE_KEYS[workflow_name]
     assert float(metadata["dp_adapt.epsilon"]) <= 1.0
     assert metadata["dp_adapt.method"] == method
     ledgers = list(comfy_server.user_dir.rglob("ledger.json"))

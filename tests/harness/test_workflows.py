@@ -11,10 +11,10 @@ pytestmark = pytest.mark.comfy_server
 WORKFLOWS = shipped_workflows()
 
 
-def _tiny_replacements():
-    from comfyui_dp_adapt.nodes.tiny_loaders import REPLACES
+def _tiny_replacements(workflow):
+    from comfyui_dp_adapt.nodes.tiny_loaders import replacements_for
 
-    return REPLACES
+    return replacements_for(workflow)
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def test_workflow_executes_in_real_comfyui_on_tiny_models(path, comfy_server, ob
     workflow = wf.load_workflow(path)
     prepare_inputs(workflow, comfy_server)
     prompt = wf.to_api_prompt(
-        workflow, object_info, replace=_tiny_replacements(), overrides=TINY_MODEL_OVERRIDES
+        workflow, object_info, replace=_tiny_replacements(workflow), overrides=TINY_MODEL_OVERRIDES
     )
     entry = comfy_server.run_prompt(prompt)
     output_nodes = [
