@@ -13,30 +13,28 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "comfyui_dp_adapt"
 
-SD15_UNET = {
-    "model_channels": 320,
-    "channel_mult": [1, 2, 4, 4],
-    "num_res_blocks": [2, 2, 2, 2],
-    "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
-    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
-    "transformer_depth_middle": 1,
-    "context_dim": 768,
-}
-SD15_TEXT = {
-    "hidden_size": 768,
-    "intermediate_size": 3072,
-    "num_attention_heads": 12,
-    "num_hidden_layers": 12,
-    "projection_dim": 768,
-}
 
-
-def bootstrap_comfyui(cuda: bool, prefix: str) -> Path:
-    """Register the pack, copy ComfyUI to a scratch folder (removed at exit), import it."""
+def _register_package() -> None:
+    """Make the repository importable as ``comfyui_dp_adapt`` (what ComfyUI would name it)."""
     if PACKAGE not in sys.modules:
         package = types.ModuleType(PACKAGE)
         package.__path__ = [str(ROOT)]
         sys.modules[PACKAGE] = package
+
+
+_register_package()
+from comfyui_dp_adapt.nodes.tiny_models import (  # noqa: E402
+    SD15_TEXT,
+    SD15_UNET,
+    SD_VAE_DDCONFIG,
+)
+
+__all__ = ["SD15_TEXT", "SD15_UNET", "SD_VAE_DDCONFIG", "bootstrap_comfyui"]
+
+
+def bootstrap_comfyui(cuda: bool, prefix: str) -> Path:
+    """Register the pack, copy ComfyUI to a scratch folder (removed at exit), import it."""
+    _register_package()
     from comfyui_dp_adapt.headless import comfy_env
 
     scratch = Path(tempfile.mkdtemp(prefix=prefix))

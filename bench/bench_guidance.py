@@ -24,20 +24,8 @@ import statistics
 import time
 from pathlib import Path
 
-from _setup import SD15_UNET, bootstrap_comfyui
+from _setup import SD15_UNET, SD_VAE_DDCONFIG, bootstrap_comfyui
 
-SD_VAE_DDCONFIG = {
-    "double_z": True,
-    "z_channels": 4,
-    "resolution": 256,
-    "in_channels": 3,
-    "out_ch": 3,
-    "ch": 128,
-    "ch_mult": [1, 2, 4, 4],
-    "num_res_blocks": 2,
-    "attn_resolutions": [],
-    "dropout": 0.0,
-}
 VIT_L14 = {
     "attention_dropout": 0.0,
     "dropout": 0.0,

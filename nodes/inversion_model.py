@@ -386,7 +386,8 @@ def probe_public_inputs(model, clip, family, prompts, initial, *, height: int, w
     )
     noise = torch.randn(latents.shape, generator=generator)
     with torch.inference_mode(False), torch.no_grad():
-        context = make_text_forward(clip, family)(prompts.ids[:1], prompts.mask[:1], initial)
+        text_forward = make_text_forward(clip, family)
+        context = text_forward(prompts.ids[:1], prompts.mask[:1], initial)
         parts = context if isinstance(context, tuple) else (context,)
         if not all(bool(torch.isfinite(part).all()) for part in parts):
             raise InvalidParameterError(
@@ -394,6 +395,16 @@ def probe_public_inputs(model, clip, family, prompts, initial, *, height: int, w
                 "checkpoint's text encoder is probably missing or damaged (e.g. its keys were "
                 "not recognised on loading). Your images were not used and no budget "
                 "was spent."
+            )
+        # An encoder whose weights were never loaded (left at zero) answers every prompt
+        # alike: training would not move the token. A different placeholder must show.
+        other = text_forward(prompts.ids[:1], prompts.mask[:1], -initial)
+        other = other[0] if isinstance(other, tuple) else other
+        if torch.equal(parts[0], other):
+            raise InvalidParameterError(
+                "the CLIP text encoder gives the same output whatever the prompt: its weights "
+                "were probably not loaded (e.g. the checkpoint's text-encoder keys were not "
+                "recognised on loading). Your images were not used and no budget was spent."
             )
         loss = make_denoise_loss(model)(latents, context, torch.tensor([500.0]), noise)
         if not torch.isfinite(loss).all():

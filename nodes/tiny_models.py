@@ -30,6 +30,37 @@ SDXL_SIZE_EMBEDDING = 6 * 256
 VISION_PROJECTION = 32
 """Width of the tiny CLIP-vision image embedding."""
 
+# Stable Diffusion 1.5's real sizes (UNet, CLIP-L text encoder, VAE), for random-weight
+# models at full size: benchmarks and the single-file checkpoint of ``write_sd15_checkpoint``.
+SD15_UNET = {
+    "model_channels": 320,
+    "channel_mult": [1, 2, 4, 4],
+    "num_res_blocks": [2, 2, 2, 2],
+    "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
+    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+    "transformer_depth_middle": 1,
+    "context_dim": 768,
+}
+SD15_TEXT = {
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_attention_heads": 12,
+    "num_hidden_layers": 12,
+    "projection_dim": 768,
+}
+SD_VAE_DDCONFIG = {
+    "double_z": True,
+    "z_channels": 4,
+    "resolution": 256,
+    "in_channels": 3,
+    "out_ch": 3,
+    "ch": 128,
+    "ch_mult": [1, 2, 4, 4],
+    "num_res_blocks": 2,
+    "attn_resolutions": [],
+    "dropout": 0.0,
+}
+
 _TINY_UNET_CONFIG = {
     "image_size": 32,
     "in_channels": 4,
@@ -392,3 +423,29 @@ def build_tiny_clip_vision(seed: int = 3, vision_overrides: dict | None = None):
     model = comfy.clip_vision.ClipVisionModel(_config_file(name, config))
     fill_deterministically(model.model, seed)
     return model
+
+
+def write_sd15_checkpoint(path, *, seed: int = 0, text_key_prefix: str = "text_model.") -> None:
+    """Write a single-file SD1.5 checkpoint with random weights at SD1.5's real sizes.
+
+    The original key layout (``model.diffusion_model.*``, ``cond_stage_model.transformer.
+    text_model.*``, ``first_stage_model.*``) as ComfyUI's own ``state_dict_for_saving`` writes
+    it, in fp16 (as the common 2 GB release files), so ComfyUI's checkpoint loader detects
+    and loads it like a downloaded SD1.5. ``text_key_prefix=""`` writes the text encoder's
+    keys without ``text_model.``, as transformers 5 saves them.
+    """
+    from safetensors.torch import save_file
+
+    model = build_tiny_model(seed=seed, unet_overrides=SD15_UNET)
+    clip = build_tiny_clip(seed=seed + 1, text_overrides=SD15_TEXT)
+    vae = build_tiny_vae(seed=seed + 2, ddconfig=SD_VAE_DDCONFIG)
+    with torch.inference_mode():
+        state = model.model.state_dict_for_saving(clip.get_sd(), vae.get_sd(), None)
+        written = {}
+        for key, tensor in state.items():
+            if key.startswith("cond_stage_model.transformer.text_model."):
+                key = key.replace("transformer.text_model.", "transformer." + text_key_prefix, 1)
+            half = tensor.to(torch.float16) if tensor.is_floating_point() else tensor
+            written[key] = half.contiguous().clone()
+    del model, clip, vae, state
+    save_file(written, str(path), metadata={"format": "pt"})

@@ -114,7 +114,7 @@ def _observe_world(comfy_dir: Path, pack_dir: Path, work_dir: Path, images: list
                     (
                         "DPAdaptTextualInversionTrain",
                         "embedding_name",
-                    ): f"{token_name}_{NOT_A_NAME.sub('_', path.stem)[:16]}_{suffix}",
+                    ): f"{token_name}_{NOT_A_NAME.sub('_', path.stem)[:32]}_{suffix}",
                     **extra,
                 },
             )

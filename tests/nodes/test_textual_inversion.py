@@ -370,6 +370,23 @@ def test_dpsgd_refuses_a_delta_not_below_the_sampling_rate(env):
     assert ledger_records(budget) == 0
 
 
+def test_a_text_encoder_that_ignores_its_prompt_is_refused_before_anything_is_spent(env):
+    """Weights never loaded (zeros): every prompt gives the same context."""
+    from comfyui_dp_adapt.nodes import tiny_models
+
+    clip = tiny_models.build_tiny_clip(embedding_directory=[str(env["embeddings"])])
+    with torch.inference_mode():
+        for tensor in clip.cond_stage_model.clip_l.transformer.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.zero_()
+    budget = make_budget(env)
+    name = f"probe_{uuid.uuid4().hex[:6]}"
+    with pytest.raises(InvalidParameterError, match="same output whatever the prompt"):
+        train(env, budget, name, clip=clip)
+    assert ledger_records(budget) == 0
+    assert not (env["embeddings"] / f"{name}.safetensors").exists()
+
+
 @pytest.mark.parametrize("broken", ["unet", "text encoder"])
 def test_a_model_with_non_finite_outputs_is_refused_before_anything_is_spent(env, broken):
     """The public probe: a damaged checkpoint is refused before any private image is read."""
