@@ -15,8 +15,10 @@ Both arms train the same images for the same number of steps on the same model:
   epsilon 1, delta 1e-5 at q = 0.5), i.e. the same images, steps and budget.
 The first two produce the same embeddings up to float rounding (tests/dp/test_inversion.py).
 Reported: image-steps per second, the ratio, and peak memory of each arm (each arm runs in
-its own process so peaks do not mix). ``--model sd15`` uses an SD1.5-sized UNet and text
-encoder with random weights (the default with a CUDA GPU, at 512 px), ``--model tiny`` the
+its own process so peaks do not mix). ``--model sd15`` loads an SD1.5-format single-file
+checkpoint with random weights at SD1.5's real sizes (written once, then loaded through
+ComfyUI's own checkpoint loader in every arm, as Load Checkpoint does; ``--checkpoint``
+takes a real one instead) (the default with a CUDA GPU, at 512 px), ``--model tiny`` the
 tiny in-code SD1.x model (the default on a CPU, at 64 px); ``--resolution`` overrides the
 pixel size, ``--arms`` picks arms.
 """
@@ -24,39 +26,61 @@ pixel size, ``--arms`` picks arms.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
-from _setup import SD15_TEXT, SD15_UNET, bootstrap_comfyui
+import torch
+from _setup import bootstrap_comfyui
 
 ARMS = ("separate", "batched", "batched-sdpa", "batched-plain", "dpsgd")
 
 
-def _components(device_is_cuda: bool, size: str):
+def _components(device_is_cuda: bool, size: str, checkpoint: str | None):
     bootstrap_comfyui(device_is_cuda, prefix="bench_ti_")
     from comfyui_dp_adapt.nodes import comfy_compat, tiny_models
 
-    if size == "sd15":
-        model = tiny_models.build_tiny_model(unet_overrides=SD15_UNET)
-        clip = tiny_models.build_tiny_clip(text_overrides=SD15_TEXT)
+    if checkpoint:  # what Load Checkpoint does with a single-file checkpoint
+        import comfy.sd
+
+        with torch.inference_mode():
+            model, clip, vae = comfy.sd.load_checkpoint_guess_config(
+                checkpoint, output_vae=True, output_clip=True
+            )[:3]
     else:
         model = tiny_models.build_tiny_model()
         clip = tiny_models.build_tiny_clip()
-    vae = tiny_models.build_tiny_vae()
+        vae = tiny_models.build_tiny_vae()
     comfy_compat.load_models([model, clip.patcher])
     return model, clip, vae
 
 
-def run_arm(arm: str, images: int, steps: int, batch: int, size: str, resolution: int) -> dict:
+def _write_random_sd15(path: str) -> None:
+    bootstrap_comfyui(False, prefix="bench_ti_write_")
+    from comfyui_dp_adapt.nodes import tiny_models
+
+    tiny_models.write_sd15_checkpoint(path)
+
+
+def run_arm(
+    arm: str,
+    images: int,
+    steps: int,
+    batch: int,
+    size: str,
+    resolution: int,
+    checkpoint: str | None = None,
+) -> dict:
     """One arm in this process; returns its measurements."""
     import contextlib
 
-    import torch
-
     cuda = torch.cuda.is_available()
-    model, clip, vae = _components(cuda, size)
+    model, clip, vae = _components(cuda, size, checkpoint)
     from comfyui_dp_adapt.dp.inversion import InversionConfig, train_per_image_embeddings
     from comfyui_dp_adapt.dp.templates import STYLE_TEMPLATES
     from comfyui_dp_adapt.nodes import comfy_compat
@@ -93,6 +117,8 @@ def run_arm(arm: str, images: int, steps: int, batch: int, size: str, resolution
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
+        else:
+            _reset_peak_rss()
         started = time.perf_counter()
         if arm == "separate":
             for i in range(images):
@@ -113,7 +139,7 @@ def run_arm(arm: str, images: int, steps: int, batch: int, size: str, resolution
         "image_steps_per_s": images * steps / elapsed,
         "seconds": elapsed,
         "peak_memory_mib": peak / 2**20,
-        "peak_kind": "cuda max_memory_allocated" if cuda else "process peak RSS",
+        "peak_kind": "cuda max_memory_allocated" if cuda else "process peak RSS while training",
     }
 
 
@@ -143,7 +169,27 @@ def _train_dpsgd(latents, initial, prompts, text_forward, denoise_loss, steps, b
     )
 
 
+def _reset_peak_rss() -> None:
+    """Forget the loading's peak (the checkpoint file and its fp32 copy are briefly both in
+    memory), so that the reported peak is the training's: Linux resets VmHWM on "5"."""
+    import gc
+
+    gc.collect()
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+    except OSError:
+        pass  # elsewhere the peak includes loading
+
+
 def _peak_rss() -> int:
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -161,17 +207,38 @@ def main() -> None:
     parser.add_argument(
         "--arms", default=",".join(ARMS), help="comma-separated, of " + ", ".join(ARMS)
     )
+    parser.add_argument(
+        "--checkpoint",
+        help="an SD1.x single-file checkpoint, loaded through ComfyUI's checkpoint loader "
+        "(default with --model sd15: one with random weights at SD1.5's sizes, written once "
+        "into a temporary folder)",
+    )
     parser.add_argument("--arm", choices=ARMS, help=argparse.SUPPRESS)
+    parser.add_argument("--write-checkpoint", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    import torch
-
+    if args.write_checkpoint:
+        _write_random_sd15(args.write_checkpoint)
+        return
     size = args.model or ("sd15" if torch.cuda.is_available() else "tiny")
+    if args.checkpoint:
+        size = "sd15"
     resolution = args.resolution or (512 if size == "sd15" else 64)
+    if args.arm:
+        measured = run_arm(
+            args.arm, args.images, args.steps, args.batch, size, resolution, args.checkpoint
+        )
+        print(json.dumps(measured))
+        return
+    checkpoint = args.checkpoint
+    if size == "sd15" and not checkpoint:
+        scratch = tempfile.mkdtemp(prefix="bench_ti_checkpoint_")
+        atexit.register(shutil.rmtree, scratch, ignore_errors=True)
+        checkpoint = str(Path(scratch) / "sd15_random.safetensors")
+        print("writing an SD1.5-format checkpoint with random weights ...", flush=True)
+        subprocess.run([sys.executable, __file__, "--write-checkpoint", checkpoint], check=True)
     common = ["--images", str(args.images), "--steps", str(args.steps), "--batch", str(args.batch)]
     common += ["--model", size, "--resolution", str(resolution)]
-    if args.arm:
-        print(json.dumps(run_arm(args.arm, args.images, args.steps, args.batch, size, resolution)))
-        return
+    common += ["--checkpoint", checkpoint] if checkpoint else []
     arms = [a for a in args.arms.split(",") if a]
     unknown = sorted(set(arms) - set(ARMS))
     if unknown:
