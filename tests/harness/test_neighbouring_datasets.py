@@ -44,6 +44,8 @@ DPSGD = {
     ("DPAdaptTextualInversionTrain", "sampling_rate"): 0.5,
 }
 TIMING = re.compile(r"\d+(\.\d+)? seconds")
+# A progress bar's elapsed/remaining time and rate in the log ("[00:00<00:00,  3.60it/s]").
+PROGRESS_TIMING = re.compile(r"\[\d+:\d+<[^,\]]*,\s*[\d.?]+\s*(it/s|s/it)\]")
 NOT_A_NAME = re.compile(r"\W")  # one embedding name per workflow, from its title
 
 
@@ -66,6 +68,21 @@ def _flatten(value, path: str, out: set[str]) -> None:
             out.add(f"{path}#{number}={line}")
     else:
         out.add(f"{path}={value!r}")
+
+
+def _without_timing(line: str) -> str:
+    return PROGRESS_TIMING.sub("[<timing>]", TIMING.sub("<seconds>", line))
+
+
+def _sort_cached_node_lists(entry: dict, messages: list[dict]) -> None:
+    """ComfyUI lists the cached nodes from a set: their order follows the server process's
+    string hashing (random per process), not the data. Which nodes are cached is kept."""
+    for message in messages:
+        if message.get("type") == "execution_cached":
+            message["data"]["nodes"] = sorted(message["data"]["nodes"])
+    for item in entry.get("status", {}).get("messages", []):
+        if isinstance(item, list) and len(item) == 2 and item[0] == "execution_cached":
+            item[1]["nodes"] = sorted(item[1]["nodes"])
 
 
 def _observe_world(comfy_dir: Path, pack_dir: Path, work_dir: Path, images: list[Path]) -> set[str]:
@@ -120,6 +137,7 @@ def _observe_world(comfy_dir: Path, pack_dir: Path, work_dir: Path, images: list
             )
             with WebsocketMessages(server.url) as socket:
                 entry = server.run_prompt(prompt, client_id=socket.client_id)
+            _sort_cached_node_lists(entry, socket.messages)
             prompt_record = entry.get("prompt")
             if isinstance(prompt_record, list) and len(prompt_record) > 4:
                 # The output nodes to execute: ComfyUI builds this list from a set, so its
@@ -143,7 +161,7 @@ def _observe_world(comfy_dir: Path, pack_dir: Path, work_dir: Path, images: list
         _flatten(records, "ledger", observed)
     finally:
         server.stop()
-    observed.update(f"log={TIMING.sub('<seconds>', line)}" for line in server.log().splitlines())
+    observed.update(f"log={_without_timing(line)}" for line in server.log().splitlines())
     return observed
 
 
