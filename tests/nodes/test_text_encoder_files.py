@@ -1,8 +1,8 @@
 """A text encoder saved by transformers 5 (keys without ``text_model.``, as a diffusers
 folder made today holds it), loaded through ComfyUI's own text-encoder loader: either this
 ComfyUI copy loads it, or the pack's public probe refuses the model before anything is
-spent. The March 2024 copy leaves such an encoder unloaded and gives non-finite values,
-which is how a release once trained on NaNs without a word."""
+spent. Both copies checked (March 2024 and 0.3.64) leave such an encoder unloaded ("clip
+missing") and give non-finite values: how a release once trained on NaNs without a word."""
 
 from __future__ import annotations
 
