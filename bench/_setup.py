@@ -29,7 +29,14 @@ from comfyui_dp_adapt.nodes.tiny_models import (  # noqa: E402
     SD_VAE_DDCONFIG,
 )
 
-__all__ = ["SD15_TEXT", "SD15_UNET", "SD_VAE_DDCONFIG", "bootstrap_comfyui"]
+__all__ = [
+    "SD15_TEXT",
+    "SD15_UNET",
+    "SD_VAE_DDCONFIG",
+    "bootstrap_comfyui",
+    "peak_rss",
+    "reset_peak_rss",
+]
 
 
 def bootstrap_comfyui(cuda: bool, prefix: str) -> Path:
@@ -42,3 +49,29 @@ def bootstrap_comfyui(cuda: bool, prefix: str) -> Path:
     comfy_dir = comfy_env.make_scratch_comfyui(scratch / "ComfyUI")
     comfy_env.import_comfyui_in_process(comfy_dir, cpu=not cuda)
     return scratch
+
+
+def reset_peak_rss() -> None:
+    """Forget the loading's peak (the checkpoint file and its fp32 copy are briefly both in
+    memory), so that the reported peak is the training's: Linux resets VmHWM on "5"."""
+    import gc
+
+    gc.collect()
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+    except OSError:
+        pass  # elsewhere the peak includes loading
+
+
+def peak_rss() -> int:
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

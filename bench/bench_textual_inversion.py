@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 import torch
-from _setup import bootstrap_comfyui
+from _setup import bootstrap_comfyui, peak_rss, reset_peak_rss
 
 ARMS = ("separate", "batched", "batched-sdpa", "batched-plain", "dpsgd")
 
@@ -118,7 +118,7 @@ def run_arm(
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         else:
-            _reset_peak_rss()
+            reset_peak_rss()
         started = time.perf_counter()
         if arm == "separate":
             for i in range(images):
@@ -130,7 +130,7 @@ def run_arm(
         if cuda:
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - started
-    peak = torch.cuda.max_memory_allocated() if cuda else _peak_rss()
+    peak = torch.cuda.max_memory_allocated() if cuda else peak_rss()
     return {
         "arm": arm,
         "model": size,
@@ -167,32 +167,6 @@ def _train_dpsgd(latents, initial, prompts, text_forward, denoise_loss, steps, b
         text_forward=text_forward,
         denoise_loss=denoise_loss,
     )
-
-
-def _reset_peak_rss() -> None:
-    """Forget the loading's peak (the checkpoint file and its fp32 copy are briefly both in
-    memory), so that the reported peak is the training's: Linux resets VmHWM on "5"."""
-    import gc
-
-    gc.collect()
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-    except OSError:
-        pass  # elsewhere the peak includes loading
-
-
-def _peak_rss() -> int:
-    try:
-        with open("/proc/self/status") as handle:
-            for line in handle:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def main() -> None:

@@ -340,7 +340,7 @@ def make_denoise_loss(model, *, clone_saved: bool | None = None):
         view = sigma.view(-1, 1, 1, 1)
         x_t = sampling.noise_scaling(view, noise, latents)
         context, extra = _unet_conditioning(base, context, latents)
-        with saved_tensor_clones(clone_saved):
+        with saved_tensor_clones(clone_saved, base.diffusion_model):
             denoised = base.apply_model(
                 x_t, sigma, c_crossattn=context, transformer_options={}, **extra
             )

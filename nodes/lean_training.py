@@ -35,12 +35,26 @@ def _checkpointable_types() -> tuple[type, ...]:
 
 
 @contextmanager
-def saved_tensor_clones(enabled: bool) -> Iterator[None]:
-    """Clone what autograd saves, so a later in-place add cannot invalidate it."""
+def saved_tensor_clones(enabled: bool, module: torch.nn.Module | None = None) -> Iterator[None]:
+    """Clone what autograd saves, so a later in-place add cannot invalidate it.
+
+    Tensors sharing storage with ``module``'s parameters and buffers are kept as they are:
+    weights are never changed in place, and cloning them (every linear and convolution saves
+    its weight) copied the whole UNet at every training step."""
     if not enabled:
         yield
         return
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t):
+    weights = set()
+    if module is not None:
+        for tensor in (*module.parameters(), *module.buffers()):
+            weights.add(tensor.untyped_storage().data_ptr())
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.untyped_storage().data_ptr() in weights:
+            return tensor
+        return tensor.clone()
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         yield
 
 

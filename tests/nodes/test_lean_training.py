@@ -113,3 +113,24 @@ def test_checkpointing_is_chosen_from_public_pass_sizes_only():
     assert wants_checkpointing((4, 64, 64), images_per_batch=2)  # 2 x 512 px
     assert not wants_checkpointing((4, 32, 32), images_per_batch=2)  # 2 x 256 px
     assert wants_checkpointing((4, 32, 32), images_per_batch=8)
+
+
+def test_saved_activations_are_cloned_but_weights_are_not():
+    """Old ComfyUI adds in place, so what autograd saves is cloned; weights never change in
+    place, and cloning them copied the whole UNet at every step."""
+    from comfyui_dp_adapt.nodes.lean_training import saved_tensor_clones
+
+    layer = torch.nn.Linear(4, 3)
+    x = torch.randn(2, 4, requires_grad=True)
+    with saved_tensor_clones(True, layer):
+        y = layer(x)
+    saved_input, saved_weight = y.grad_fn._saved_mat1, y.grad_fn._saved_mat2
+    assert saved_weight.untyped_storage().data_ptr() == layer.weight.untyped_storage().data_ptr()
+    assert saved_input.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
+    torch.testing.assert_close(saved_input, x)
+    with saved_tensor_clones(True):  # no module given: everything is cloned, as before
+        z = layer(x)
+    assert (
+        z.grad_fn._saved_mat2.untyped_storage().data_ptr()
+        != layer.weight.untyped_storage().data_ptr()
+    )
