@@ -11,6 +11,9 @@ or negated view) is cloned instead.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
 import torch
 from torch.utils.dlpack import from_dlpack, to_dlpack
 
@@ -31,3 +34,33 @@ def autograd_alias(tensor: torch.Tensor) -> torch.Tensor:
         if alias.is_inference() or alias.data_ptr() != tensor.data_ptr():
             return tensor.detach().clone()
         return alias
+
+
+@contextmanager
+def clone_saved_tensors(
+    enabled: bool = True, *, keep: Iterable[torch.nn.Module] = ()
+) -> Iterator[None]:
+    """Clone every tensor autograd saves, so a later in-place add cannot invalidate it.
+
+    ComfyUI's CLIP layers (and old ComfyUI's transformer blocks) add residuals in place;
+    cloning the saved activations makes backward work without touching ComfyUI. Tensors on
+    the storage of a parameter or buffer of a ``keep`` module are saved as they are: weights
+    are never changed in place, and cloning them (every linear and convolution saves its
+    weight) copied the whole model at every pass.
+    """
+    if not enabled:
+        yield
+        return
+    weights = {
+        tensor.untyped_storage().data_ptr()
+        for module in keep
+        for tensor in (*module.parameters(), *module.buffers())
+    }
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.untyped_storage().data_ptr() in weights:
+            return tensor
+        return tensor.clone()
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield

@@ -72,6 +72,7 @@ from typing import Any
 import torch
 
 from .autograd_alias import autograd_alias
+from .autograd_alias import clone_saved_tensors as clone_saved_tensors  # the guided passes
 from .errors import InvalidParameterError
 
 MAX_SELF_RECURRENCE = 10
@@ -409,17 +410,3 @@ def autograd_weights(modules: Sequence[torch.nn.Module]) -> Iterator[WeightSwap]
         yield swap
     finally:
         swap.restore()
-
-
-@contextmanager
-def clone_saved_tensors(enabled: bool = True) -> Iterator[None]:
-    """Clone every tensor autograd saves, so later in-place adds cannot invalidate it.
-
-    ComfyUI's CLIP layers (and old ComfyUI's transformer blocks) add residuals in place;
-    cloning the saved activations makes backward work without touching ComfyUI.
-    """
-    if not enabled:
-        yield
-        return
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t):
-        yield

@@ -309,7 +309,7 @@ class _GuidanceHook:
                 images.to(device=device, dtype=torch.float32), size=size, mean=mean, std=std
             )
             # CLIP layers add residuals in place (both ComfyUI versions).
-            with clone_saved_tensors():
+            with clone_saved_tensors(keep=(clip_vision.model,)):
                 return comfy_compat.clip_vision_image_embeds(clip_vision, pixels)
 
         with torch.inference_mode(False):  # autograd saves the target in the loss's product
@@ -342,7 +342,7 @@ class _GuidanceHook:
                 inner = comfy_compat.cfg_denoiser(args, self, self.cfg)
 
                 def denoiser(z: torch.Tensor) -> torch.Tensor:
-                    with clone_saved_tensors(self.unet_in_place):
+                    with clone_saved_tensors(self.unet_in_place, keep=(args["model"],)):
                         return inner(z)
 
             try:

@@ -34,28 +34,11 @@ def _checkpointable_types() -> tuple[type, ...]:
     return (ResBlock, SpatialTransformer)
 
 
-@contextmanager
-def saved_tensor_clones(enabled: bool, module: torch.nn.Module | None = None) -> Iterator[None]:
-    """Clone what autograd saves, so a later in-place add cannot invalidate it.
+def saved_tensor_clones(enabled: bool, module: torch.nn.Module | None = None):
+    """Clone what autograd saves, except ``module``'s weights (``dp/autograd_alias.py``)."""
+    from ..dp.autograd_alias import clone_saved_tensors
 
-    Tensors sharing storage with ``module``'s parameters and buffers are kept as they are:
-    weights are never changed in place, and cloning them (every linear and convolution saves
-    its weight) copied the whole UNet at every training step."""
-    if not enabled:
-        yield
-        return
-    weights = set()
-    if module is not None:
-        for tensor in (*module.parameters(), *module.buffers()):
-            weights.add(tensor.untyped_storage().data_ptr())
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        if tensor.untyped_storage().data_ptr() in weights:
-            return tensor
-        return tensor.clone()
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        yield
+    return clone_saved_tensors(enabled, keep=() if module is None else (module,))
 
 
 def _checkpointed(forward):
