@@ -28,10 +28,12 @@ TextForward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """``(token_ids (B, L) long, placeholder_mask (B, L) bool, vectors (B, k, d)) -> context``.
 
 Returns the text encoder's output (B, L, d_ctx) for prompts whose placeholder positions
-(``k`` per row, in order) take the given vectors instead of token embeddings."""
+(``k`` per row, in order) take the given vectors instead of token embeddings; for a model
+conditioned on a pooled text embedding as well (SDXL), the pair (context, pooled (B, d_pool)).
+Either is handed to ``DenoiseLoss`` unchanged, row i depending on row i's vectors only."""
 
 DenoiseLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-"""``(latents (B, C, H, W), context (B, L, d_ctx), timesteps (B,), noise) -> loss (B,)``.
+"""``(latents (B, C, H, W), context (what TextForward returned), timesteps (B,), noise) -> loss (B,)``.
 
 The model's standard denoising loss per row (mean over latent elements, a fixed count)."""
 
