@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import subprocess
 import sys
@@ -118,10 +117,34 @@ def write_images(folder: Path, count: int, resolution: int) -> list[Path]:
     return paths
 
 
+# Runs the stock script as __main__ and writes that process's own peak RSS on exit. VmHWM,
+# not getrusage(RUSAGE_CHILDREN): Linux carries ru_maxrss across fork and exec, so a child
+# of this (large) bench process would report this process's peak as its own.
+PEAK_REPORTING_RUNNER = """
+import atexit, resource, runpy, sys
+report, script = sys.argv[1], sys.argv[2]
+def write_peak():
+    try:
+        with open("/proc/self/status") as status:
+            kib = next(int(l.split()[1]) for l in status if l.startswith("VmHWM:"))
+    except OSError:
+        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with open(report, "w") as handle:
+        handle.write(str(kib))
+atexit.register(write_peak)
+sys.argv = sys.argv[2:]
+runpy.run_path(script, run_name="__main__")
+"""
+
+
 def run_script(script: Path, model: Path, images: Path, steps: int, resolution: int, out: Path):
     """One run of the stock script; returns (wall seconds, peak RSS bytes of that process)."""
+    peak_report = out.with_name(out.name + ".peak_kib")
     command = [
         sys.executable,
+        "-c",
+        PEAK_REPORTING_RUNNER,
+        str(peak_report),
         str(script),
         f"--pretrained_model_name_or_path={model}",
         f"--train_data_dir={images}",
@@ -141,7 +164,6 @@ def run_script(script: Path, model: Path, images: Path, steps: int, resolution: 
         "--seed=0",
         f"--output_dir={out}",
     ]
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True)
     elapsed = time.perf_counter() - started
@@ -149,10 +171,7 @@ def run_script(script: Path, model: Path, images: Path, steps: int, resolution: 
         raise SystemExit(
             "bench_diffusers_script.py: FAILED: the stock script failed:\n" + done.stderr[-3000:]
         )
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    # ru_maxrss of children is the largest child so far: exact for the first run, a lower
-    # bound after (every run loads the same model, so the peaks are alike).
-    return elapsed, max(peak, before) * 1024
+    return elapsed, int(peak_report.read_text()) * 1024
 
 
 def diffusers_arm(script, model, image_dirs, steps, resolution, scratch) -> dict:

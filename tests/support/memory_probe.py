@@ -9,7 +9,6 @@ Prints one JSON line: the process's peak RSS after setting up (MiB) and after th
 from __future__ import annotations
 
 import json
-import resource
 import sys
 from pathlib import Path
 
@@ -30,7 +29,11 @@ PIXELS, ROWS, PASSES = 256, 4, 2
 
 
 def peak_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss across fork and exec, so a
+    # probe started by a large pytest process would report the parent's peak.
+    from _setup import peak_rss
+
+    return peak_rss() / 2**20
 
 
 def main(arm: str) -> None:
