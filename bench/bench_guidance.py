@@ -1,13 +1,16 @@
 """Cost of one universal-guidance step relative to one plain sampler step, both modes.
 
     python bench/bench_guidance.py [--size tiny|sd15] [--resolution PX] [--steps 4] [--repeats 3]
+                                   [--arms plain,x0,x0/clip,full,full/clip]
 
-Three arms run side by side in one process on the same model, latent, prompt and seed, in
+The arms run side by side in one process on the same model, latent, prompt and seed, in
 turns (plain, x0, full, plain, x0, full, ...), through the Universal Guidance Sampler node:
 - "plain": guidance strength 0, i.e. ComfyUI's own sampling (the hook returns at once);
 - "x0": gradient on the predicted clean latent only (decode + CLIP vision, forward+backward);
 - "full": gradient through the diffusion model as in the paper (one more model forward with
-  autograd, its backward, plus decode + CLIP vision forward+backward).
+  autograd, its backward, plus decode + CLIP vision forward+backward);
+- "x0/clip", "full/clip": the same with ``decode_size="clip"`` (the latent resized so that
+  the decoded image is CLIP's input size before decoding).
 Reported: median seconds per sampler step of each arm and the ratios to "plain".
 
 ``--size tiny`` (default without a GPU): the tiny in-code SD1.x model, VAE and CLIP vision.
@@ -44,7 +47,7 @@ VIT_L14 = {
     "projection_dim": 768,
     "torch_dtype": "float32",
 }
-ARMS = ("plain", "x0", "full")
+ARMS = ("plain", "x0", "x0/clip", "full", "full/clip")
 
 
 def _bootstrap(cuda: bool):
@@ -96,7 +99,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--cfg", type=float, default=7.0)
+    parser.add_argument("--arms", default=",".join(ARMS), help="comma-separated, from " + str(ARMS))
     args = parser.parse_args()
+    arms = ["plain"] + [a for a in args.arms.split(",") if a != "plain"]
+    if not set(arms) <= set(ARMS):
+        parser.error(f"--arms: choose from {', '.join(ARMS)}")
 
     import torch
 
@@ -135,6 +142,7 @@ def main() -> None:
     device = comfy.model_management.get_torch_device()
 
     def run(arm: str) -> float:
+        mode, _, decode_size = arm.partition("/")
         if cuda:
             torch.cuda.synchronize()
         started = time.perf_counter()
@@ -155,17 +163,18 @@ def main() -> None:
                 denoise=1.0,
                 guidance_strength=0.0 if arm == "plain" else 100.0,
                 self_recurrence=0,
-                mode="x0" if arm == "plain" else arm,
+                mode="x0" if arm == "plain" else mode,
+                decode_size=decode_size or "full",
             )
         if cuda:
             torch.cuda.synchronize()
         return (time.perf_counter() - started) / args.steps
 
-    for arm in ARMS:  # warm-up: model loading, allocator, kernels
+    for arm in arms:  # warm-up: model loading, allocator, kernels
         run(arm)
-    times: dict[str, list[float]] = {arm: [] for arm in ARMS}
+    times: dict[str, list[float]] = {arm: [] for arm in arms}
     for _ in range(args.repeats):
-        for arm in ARMS:
+        for arm in arms:
             times[arm].append(run(arm))
     median = {arm: statistics.median(values) for arm, values in times.items()}
     name = torch.cuda.get_device_name() if cuda else f"cpu ({torch.get_num_threads()} threads)"
@@ -173,13 +182,11 @@ def main() -> None:
         f"device: {name} ({device}); components: {size}; {resolution} px; batch {args.batch}; "
         f"cfg {args.cfg}; euler, {args.steps} steps; median of {args.repeats} runs per arm"
     )
-    print(f"{'arm':<6} {'s/step':>10} {'x plain':>9}")
-    for arm in ARMS:
-        print(f"{arm:<6} {median[arm]:>10.4f} {median[arm] / median['plain']:>9.2f}")
-    print(
-        f"guided step / plain step: x0 {median['x0'] / median['plain']:.2f}x, "
-        f"full {median['full'] / median['plain']:.2f}x"
-    )
+    print(f"{'arm':<10} {'s/step':>10} {'x plain':>9}")
+    for arm in arms:
+        print(f"{arm:<10} {median[arm]:>10.4f} {median[arm] / median['plain']:>9.2f}")
+    ratios = ", ".join(f"{arm} {median[arm] / median['plain']:.2f}x" for arm in arms[1:])
+    print(f"guided step / plain step: {ratios}")
 
 
 if __name__ == "__main__":

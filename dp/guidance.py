@@ -98,6 +98,13 @@ class GuidanceMode(str, Enum):
     X0 = "x0"
 
 
+class DecodeSize(str, Enum):
+    """At what size each step's prediction is decoded for CLIP (see :func:`latents_for_clip`)."""
+
+    FULL = "full"
+    CLIP = "clip"
+
+
 class GuidanceError(InvalidParameterError):
     """Bad input to the universal guidance sampler."""
 
@@ -109,6 +116,7 @@ class GuidanceConfig:
     strength: float
     mode: GuidanceMode = GuidanceMode.FULL
     self_recurrence: int = 0
+    decode_size: DecodeSize = DecodeSize.FULL
 
     def __post_init__(self) -> None:
         s = self.strength
@@ -127,6 +135,13 @@ class GuidanceConfig:
         except ValueError:
             allowed = ", ".join(repr(m.value) for m in GuidanceMode)
             raise GuidanceError(f"mode must be one of {allowed}, got mode={self.mode!r}.") from None
+        try:
+            object.__setattr__(self, "decode_size", DecodeSize(self.decode_size))
+        except ValueError:
+            allowed = ", ".join(repr(d.value) for d in DecodeSize)
+            raise GuidanceError(
+                f"decode_size must be one of {allowed}, got decode_size={self.decode_size!r}."
+            ) from None
         k = self.self_recurrence
         if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= MAX_SELF_RECURRENCE:
             raise GuidanceError(
@@ -233,6 +248,33 @@ def preprocess_for_clip(
     m = torch.tensor(mean, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
     s = torch.tensor(std, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
     return (images - m) / s
+
+
+def latents_for_clip(
+    latents: torch.Tensor, *, clip_size: int, downscale_ratio: int
+) -> torch.Tensor:
+    """Latents (B, C, h, w) resized so that their decoded image's shorter side is CLIP's input
+    size (``ceil(clip_size / downscale_ratio)`` latent pixels), aspect ratio kept.
+
+    CLIP only sees the decoded image resized to ``clip_size`` on its shorter side, so decoding
+    latents already at about that size costs a fraction of a full decode: at 512 px and CLIP's
+    224 px, the decoder runs on (224 / 512)^2 = 19 % of the pixels, and its backward pass too.
+    It is an approximation that Bansal et al. do not make (they decode at full size): a VAE
+    decoder is not exactly scale-equivariant, so decode(resize(z)) is close to, not equal to,
+    resize(decode(z)). The resize is bilinear with antialiasing, differentiable, so the
+    gradient comes back at full size. Latents already that small are returned unchanged.
+    """
+    if latents.dim() != 4:
+        raise GuidanceError(f"expected latents (B, C, h, w), got {tuple(latents.shape)}.")
+    height, width = latents.shape[-2:]
+    shorter = math.ceil(clip_size / downscale_ratio)
+    if min(height, width) <= shorter:
+        return latents
+    scale = shorter / min(height, width)
+    size = (max(shorter, round(height * scale)), max(shorter, round(width * scale)))
+    return torch.nn.functional.interpolate(
+        latents, size=size, mode="bilinear", antialias=True, align_corners=False
+    )
 
 
 def clip_guidance_loss(embeddings: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 
 TARGET_TYPE = "DP_CLIP_TARGET"
 MODES = ["full", "x0"]
+DECODE_SIZES = ["full", "clip"]
 SEED_MODULUS = 2**64
 DEFAULT_STRENGTH = 600.0
 """Bansal et al.'s style transfer (weight 6 on a loss of -100 x cosine) in this node's units."""
@@ -156,7 +157,19 @@ class UniversalGuidanceSamplerNode:
                         "several times cheaper in time and GPU memory.",
                     },
                 ),
-            }
+            },
+            "optional": {
+                "decode_size": (
+                    DECODE_SIZES,
+                    {
+                        "default": "full",
+                        "tooltip": "full: decode each step's prediction at full size for CLIP, as "
+                        "in the paper. clip: resize the latent first so the decoded image is CLIP's "
+                        "input size (224 px for ViT-L/14): an approximation, several times "
+                        "cheaper at 512 px and above.",
+                    },
+                ),
+            },
         }
 
     def sample(
@@ -177,11 +190,15 @@ class UniversalGuidanceSamplerNode:
         guidance_strength,
         self_recurrence,
         mode,
+        decode_size="full",
     ):
         from ..dp.guidance import GuidanceConfig, GuidanceError, WeightSwap
 
         config = GuidanceConfig(
-            strength=guidance_strength, mode=mode, self_recurrence=self_recurrence
+            strength=guidance_strength,
+            mode=mode,
+            self_recurrence=self_recurrence,
+            decode_size=decode_size,
         )
         _validate(model, latent_image, vae, clip_vision, target, steps, sampler_name, scheduler)
         if (
@@ -223,9 +240,11 @@ class UniversalGuidanceSamplerNode:
         finally:
             weights.restore()
         logger.info(
-            "Universal guidance: %d guided model evaluations, mode %s, strength %g, loss %s",
+            "Universal guidance: %d guided model evaluations, mode %s, decode %s, strength %g, "
+            "loss %s",
             guide.calls,
             config.mode.value,
+            config.decode_size.value,
             config.strength,
             guide.loss_summary(),
         )
@@ -285,7 +304,7 @@ class _GuidanceHook:
     """The post-CFG function: corrects ``denoised`` by eq. (2) of ``dp/guidance.py``."""
 
     def __init__(self, model, vae, clip_vision, target, config, cfg, weights) -> None:
-        from ..dp.guidance import make_guidance_loss
+        from ..dp.guidance import DecodeSize, latents_for_clip, make_guidance_loss
 
         self.config = config
         self.cfg = cfg
@@ -299,7 +318,13 @@ class _GuidanceHook:
         latent_out = model.model.process_latent_out
         device = clip_vision.load_device
 
+        # SD1.x/2.x/SDXL VAEs downscale by 8; a VAE without one integer ratio decodes at full size.
+        ratio = getattr(vae, "downscale_ratio", None)
+        shrink = config.decode_size is DecodeSize.CLIP and isinstance(ratio, int)
+
         def decode(denoised: torch.Tensor) -> torch.Tensor:
+            if shrink:
+                denoised = latents_for_clip(denoised, clip_size=size, downscale_ratio=ratio)
             return comfy_compat.vae_decode_differentiable(vae, latent_out(denoised))
 
         def embed(images: torch.Tensor) -> torch.Tensor:

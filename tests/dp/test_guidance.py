@@ -23,6 +23,7 @@ from comfyui_dp_adapt.dp.guidance import (
     clip_guidance_loss,
     eps_form_prediction,
     guided_prediction,
+    latents_for_clip,
     make_guidance_loss,
     preprocess_for_clip,
     renoise,
@@ -155,6 +156,7 @@ def test_renoise_is_algorithm_1_in_the_variance_exploding_variable():
         ({"strength": 1.0, "self_recurrence": -1}, "self_recurrence"),
         ({"strength": 1.0, "self_recurrence": 1.5}, "self_recurrence"),
         ({"strength": 1.0, "mode": "latent"}, "mode"),
+        ({"strength": 1.0, "decode_size": "half"}, "decode_size"),
     ],
 )
 def test_bad_guidance_settings_fail_clearly(kwargs, message):
@@ -166,6 +168,41 @@ def test_bad_guidance_settings_fail_clearly(kwargs, message):
 def test_recurrence_up_to_the_bound_is_accepted():
     config = GuidanceConfig(strength=2.0, mode="x0", self_recurrence=MAX_SELF_RECURRENCE)
     assert config.mode is GuidanceMode.X0
+
+
+@pytest.mark.parametrize(
+    ("latent_size", "clip_size", "ratio", "expected"),
+    [
+        ((64, 64), 224, 8, (28, 28)),  # SD1.5 at 512 px, ViT-L/14
+        ((64, 96), 224, 8, (28, 42)),  # landscape: the shorter side is CLIP's size
+        ((128, 128), 336, 8, (42, 42)),  # SDXL at 1024 px, a 336 px CLIP
+        ((75, 64), 224, 8, (33, 28)),
+    ],
+)
+def test_latents_for_clip_decode_to_clips_size_on_the_shorter_side(
+    latent_size, clip_size, ratio, expected
+):
+    latents = torch.randn(2, 4, *latent_size)
+    assert tuple(latents_for_clip(latents, clip_size=clip_size, downscale_ratio=ratio).shape) == (
+        2,
+        4,
+        *expected,
+    )
+
+
+def test_latents_for_clip_leave_small_latents_alone_and_pass_gradients_at_full_size():
+    small = torch.randn(1, 4, 28, 40)
+    assert latents_for_clip(small, clip_size=224, downscale_ratio=8) is small
+    # A smooth field survives the resize (antialiased bilinear): the mean and the ramp's ends.
+    ramp = torch.linspace(-1.0, 1.0, 64).view(1, 1, 1, 64).expand(1, 4, 64, 64).clone()
+    shrunk = latents_for_clip(ramp, clip_size=224, downscale_ratio=8)
+    assert abs(float(shrunk.mean() - ramp.mean())) < 1e-3
+    assert float(shrunk[..., 0].mean()) < -0.9 and float(shrunk[..., -1].mean()) > 0.9
+    leaf = torch.randn(2, 4, 64, 64, requires_grad=True)
+    latents_for_clip(leaf, clip_size=224, downscale_ratio=8).sum().backward()
+    assert leaf.grad.shape == leaf.shape
+    # The resize averages: each input pixel's weights sum to (28/64)^2 of an output pixel's.
+    assert torch.allclose(leaf.grad.sum(), torch.tensor(2 * 4 * 28 * 28.0), rtol=1e-4)
 
 
 def _target(width: int = D) -> ClipTarget:

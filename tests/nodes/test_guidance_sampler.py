@@ -178,12 +178,51 @@ def test_hooks_sigma_form_equals_the_papers_eps_form(family_env, mode, monkeypat
     assert checked[0][1] > 0.1, f"the guidance must change the prediction: {checked}"
 
 
-@pytest.mark.parametrize("mode", ["full", "x0"])
-def test_strong_guidance_pulls_the_image_towards_the_target(family_env, mode):
+@pytest.mark.parametrize(
+    ("mode", "decode_size"), [("full", "full"), ("x0", "full"), ("x0", "clip"), ("full", "clip")]
+)
+def test_strong_guidance_pulls_the_image_towards_the_target(family_env, mode, decode_size):
     env = family_env
-    plain = cosine_to_target(env, sample(env, guidance_strength=0.0, steps=4))
-    guided = cosine_to_target(env, sample(env, guidance_strength=20.0, steps=4, mode=mode))
+    # "clip" shrinks latents whose image is larger than CLIP's 224 px: 256 px images here.
+    side = 32 if decode_size == "clip" else 8
+    latent = {"samples": torch.zeros(2, 4, side, side)}
+    plain = cosine_to_target(env, sample(env, guidance_strength=0.0, steps=4, latent_image=latent))
+    guided = cosine_to_target(
+        env,
+        sample(
+            env,
+            guidance_strength=20.0,
+            steps=4,
+            mode=mode,
+            decode_size=decode_size,
+            latent_image=latent,
+        ),
+    )
     assert (guided > plain + 0.02).all(), f"unguided {plain.tolist()}, guided {guided.tolist()}"
+
+
+@pytest.mark.parametrize(("decode_size", "decoded_side"), [("full", 32), ("clip", 28)])
+def test_decode_size_clip_decodes_latents_at_clips_input_size(
+    env, decode_size, decoded_side, monkeypatch
+):
+    """CLIP vision sees 224 px and the VAE downscales by 8: for a 256 px image "clip" decodes
+    28x28 latents (224 px images) instead of the sampled 32x32 ones."""
+    from comfyui_dp_adapt.nodes import comfy_compat
+
+    assert env["vae"].downscale_ratio == 8
+    assert comfy_compat.clip_vision_settings(env["clip_vision"])[0] == 224
+    shapes = []
+    original = comfy_compat.vae_decode_differentiable
+
+    def spy(vae, latents):
+        shapes.append(tuple(latents.shape))
+        return original(vae, latents)
+
+    monkeypatch.setattr(comfy_compat, "vae_decode_differentiable", spy)
+    latent = {"samples": torch.zeros(1, 4, 32, 32)}
+    samples = sample(env, steps=1, latent_image=latent, decode_size=decode_size)
+    assert samples.shape == (1, 4, 32, 32) and torch.isfinite(samples).all()
+    assert shapes and set(shapes) == {(1, 4, decoded_side, decoded_side)}, shapes
 
 
 @pytest.mark.parametrize("sampler_name", SAMPLERS)
@@ -293,6 +332,7 @@ def test_cancel_stops_sampling(env):
         ({"guidance_strength": -1.0}, "guidance_strength"),
         ({"self_recurrence": MAX_SELF_RECURRENCE + 1}, "self_recurrence"),
         ({"mode": "both"}, "mode"),
+        ({"decode_size": "half"}, "decode_size"),
         ({"steps": 0}, "steps"),
         ({"sampler_name": "dpm_adaptive"}, "chooses its own number of steps"),
         ({"denoise": float("nan")}, "denoise"),
