@@ -165,8 +165,9 @@ class UniversalGuidanceSamplerNode:
                         "default": "full",
                         "tooltip": "full: decode each step's prediction at full size for CLIP, as "
                         "in the paper. clip: resize the latent first so the decoded image is CLIP's "
-                        "input size (224 px for ViT-L/14): an approximation, several times "
-                        "cheaper at 512 px and above.",
+                        "input size (224 px for ViT-L/14): an approximation, much cheaper at "
+                        "512 px and above (x0 mode at 512 px, CPU: 1.7x a plain step instead of "
+                        "3.6x).",
                     },
                 ),
             },
