@@ -385,7 +385,8 @@ HOSTILE_EPSILONS = (1e-300, 1e-6, 0.001, 0.01, 0.05, 0.1, 1.0, 10.0, 100.0)
 HOSTILE_DELTAS = (1e-12, 1e-5, 0.01, 0.1, 0.3, 0.9)
 HOSTILE_RATES = (1e-4, 0.01, 0.1, 0.3, 1.0)
 # A hang guard, not a benchmark: one cold calibration takes about a second at most on two
-# cores; the bound leaves room for a loaded CI machine.
+# cores. Measured in this process's CPU time (time.process_time), so other jobs on the
+# machine do not count: the accountant is pure computation, a hang is a loop.
 PER_CALL_BOUND_S = 8.0
 # Targets that used to hang or take minutes (delta >= q, an epsilon tiny next to delta).
 FORMERLY_SLOW = [
@@ -410,14 +411,14 @@ def cold_cache():
 
 
 def _calibrate_or_refuse(epsilon, delta, q):
-    start = time.perf_counter()
+    start = time.process_time()
     try:
         cal = calibrate_noise_multiplier(epsilon=epsilon, delta=delta, sampling_rate=q)
     except InvalidParameterError as error:
         cal, refusal = None, str(error)
     else:
         refusal = None
-    elapsed = time.perf_counter() - start
+    elapsed = time.process_time() - start
     assert elapsed < PER_CALL_BOUND_S, f"{epsilon=}, {delta=}, {q=} took {elapsed:.1f} s"
     if cal is not None:
         assert cal.epsilon_achieved <= epsilon
@@ -475,13 +476,13 @@ def test_delta_at_or_above_the_sampling_rate_is_refused_for_that_reason(cold_cac
 @pytest.mark.parametrize("q", HOSTILE_RATES)
 def test_targets_needing_more_than_z_max_are_refused_at_once(cold_cache, epsilon, q):
     passes = []
-    start = time.perf_counter()
+    start = time.process_time()
     with pytest.raises(InvalidParameterError) as error:
         calibrate_noise_multiplier(
             epsilon=epsilon, delta=1e-12, sampling_rate=q, poll=lambda: passes.append(1)
         )
     assert not passes, "decided by the exact bound, before any PLD pass"
-    assert time.perf_counter() - start < PER_CALL_BOUND_S
+    assert time.process_time() - start < PER_CALL_BOUND_S
     message = str(error.value)
     assert f"epsilon={epsilon!r}" in message
     assert "noise multiplier above Z_MAX" in message and "times the signal bound" in message
@@ -506,11 +507,11 @@ def test_targets_met_without_real_noise_are_still_refused(cold_cache):
 
 def test_poll_is_called_between_passes_and_often(cold_cache):
     times = []
-    start = time.perf_counter()
+    start = time.process_time()
     cal = calibrate_noise_multiplier(
-        epsilon=1e-6, delta=0.3, sampling_rate=1.0, poll=lambda: times.append(time.perf_counter())
+        epsilon=1e-6, delta=0.3, sampling_rate=1.0, poll=lambda: times.append(time.process_time())
     )
-    end = time.perf_counter()
+    end = time.process_time()
     assert cal.epsilon_achieved <= 1e-6
     assert len(times) >= 2
     gaps = np.diff([start, *times, end])
@@ -634,10 +635,10 @@ HOSTILE_STORED = {
 def test_any_stored_event_that_is_accepted_is_accounted_in_bounded_time(data):
     event = event_from_dict(data)
     for delta in (1e-12, 0.999999):
-        start = time.perf_counter()
+        start = time.process_time()
         epsilon = epsilon_for(event, delta=delta)
         composed = compose_epsilon([event, event], delta=delta)
-        assert time.perf_counter() - start < PER_CALL_BOUND_S
+        assert time.process_time() - start < PER_CALL_BOUND_S
         assert 0 <= epsilon <= composed  # inf is an (uninformative) upper bound
         assert not math.isnan(composed)
 
@@ -713,7 +714,7 @@ def test_classical_sigma_refuses_to_overflow():
     ],
 )
 def test_noise_comparison_on_extreme_targets_is_finite_or_refused(cold_cache, epsilon, delta, q):
-    start = time.perf_counter()
+    start = time.process_time()
     try:
         comparison = noise_comparison(
             epsilon=epsilon,
@@ -733,7 +734,7 @@ def test_noise_comparison_on_extreme_targets_is_finite_or_refused(cold_cache, ep
             comparison.same_adjacency_ratio,
         ):
             assert math.isfinite(value) and value >= 0
-    assert time.perf_counter() - start < 2 * PER_CALL_BOUND_S
+    assert time.process_time() - start < 2 * PER_CALL_BOUND_S
 
 
 # --- DP-SGD (docs/privacy.md §4) ---------------------------------------------------------
