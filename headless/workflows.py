@@ -32,12 +32,13 @@ def load_workflow(path: Path) -> dict:
     return data
 
 
-def _ordered_inputs(spec: dict) -> list[tuple[str, tuple]]:
+def _ordered_inputs(spec: dict) -> list[tuple[str, tuple, bool]]:
+    """``(name, spec, optional)`` in widget order: required inputs, then optional ones."""
     inputs = spec.get("input", {})
     ordered = []
     for section in ("required", "optional"):
         for name, value in inputs.get(section, {}).items():
-            ordered.append((name, tuple(value)))
+            ordered.append((name, tuple(value), section == "optional"))
     return ordered
 
 
@@ -136,7 +137,7 @@ def to_api_prompt(
         values = list(node.get("widgets_values", []) or [])
         inputs: dict = {}
         position = 0
-        for name, input_spec in _ordered_inputs(spec):
+        for name, input_spec, optional in _ordered_inputs(spec):
             if name in linked:
                 inputs[name] = linked[name]
                 if _is_widget(input_spec):  # a widget turned into a socket keeps its value
@@ -145,6 +146,10 @@ def to_api_prompt(
             if not _is_widget(input_spec):
                 continue
             if position >= len(values):
+                if optional:
+                    # Saved before the node had this optional widget: the node's default
+                    # applies, as when ComfyUI's frontend loads such a workflow.
+                    continue
                 raise WorkflowError(
                     f"{node_type} (node {node['id']}) has no widget value for {name}"
                 )

@@ -35,6 +35,30 @@ def test_workflow_fits_the_nodes_comfyui_reports(path, object_info):
     assert prompt, f"{path.name} has no executable node"
 
 
+def test_optional_widgets_missing_from_a_saved_workflow_take_their_defaults(object_info):
+    """A workflow saved before a node gained an optional widget (the guidance sampler's
+    ``decode_size``) still converts, as ComfyUI's frontend loads it; a missing required
+    widget is still an error naming it."""
+    path = next(p for p in WORKFLOWS if "guidance" in p.name)
+    workflow = wf.load_workflow(path)
+    (sampler,) = [n for n in workflow["nodes"] if n["type"] == "DPAdaptUniversalGuidanceSampler"]
+    optional = object_info["DPAdaptUniversalGuidanceSampler"]["input"]["optional"]
+    assert "decode_size" in optional
+    saved_before = list(sampler["widgets_values"])
+    assert "clip" not in saved_before and len(saved_before) == 10
+
+    inputs = wf.to_api_prompt(workflow, object_info)[str(sampler["id"])]["inputs"]
+    assert "decode_size" not in inputs and inputs["mode"] == saved_before[-1]
+
+    sampler["widgets_values"] = [*saved_before, "clip"]
+    inputs = wf.to_api_prompt(workflow, object_info)[str(sampler["id"])]["inputs"]
+    assert inputs["decode_size"] == "clip"
+
+    sampler["widgets_values"] = saved_before[:-1]  # "mode" is required
+    with pytest.raises(wf.WorkflowError, match="no widget value for mode"):
+        wf.to_api_prompt(workflow, object_info)
+
+
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
 def test_workflow_explains_itself_to_an_artist(path):
     workflow = wf.load_workflow(path)
