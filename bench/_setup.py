@@ -65,6 +65,8 @@ def reset_peak_rss() -> None:
 
 
 def peak_rss() -> int:
+    """This process's peak resident memory in bytes: VmHWM, per address space and fresh at
+    exec. Not Linux: ``ru_maxrss``, which Linux would carry over from a parent."""
     try:
         with open("/proc/self/status") as handle:
             for line in handle:

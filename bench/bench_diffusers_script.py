@@ -119,7 +119,9 @@ def write_images(folder: Path, count: int, resolution: int) -> list[Path]:
 
 # Runs the stock script as __main__ and writes that process's own peak RSS on exit. VmHWM,
 # not getrusage(RUSAGE_CHILDREN): Linux carries ru_maxrss across fork and exec, so a child
-# of this (large) bench process would report this process's peak as its own.
+# of this (large) bench process would report this process's peak as its own. The same read
+# as _setup.peak_rss, written out because importing _setup would load torch and the pack
+# into the measured process before the script starts.
 PEAK_REPORTING_RUNNER = """
 import atexit, resource, runpy, sys
 report, script = sys.argv[1], sys.argv[2]
