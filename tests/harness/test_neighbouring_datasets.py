@@ -70,7 +70,15 @@ def _flatten(value, path: str, out: set[str]) -> None:
         out.add(f"{path}={value!r}")
 
 
+# A progress bar's intermediate render ("67%|...| 2/3"): tqdm prints one only when its refresh
+# timer fires, so whether it appears depends on timing. Its total stays observed.
+PARTIAL_PROGRESS = re.compile(r"^\s*\d+%\|[^|]*\|\s*(\d+)/(\d+)\b.*$")
+
+
 def _without_timing(line: str) -> str:
+    partial = PARTIAL_PROGRESS.match(line)
+    if partial and partial.group(1) != partial.group(2):
+        return f"<a progress bar's intermediate render>/{partial.group(2)}"
     return PROGRESS_TIMING.sub("[<timing>]", TIMING.sub("<seconds>", line))
 
 
