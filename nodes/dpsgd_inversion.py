@@ -69,6 +69,7 @@ def release_dpsgd(
     clip_norm,
     postprocess,
     label,
+    precision="model",
 ):
     """Train the shared token with DP-SGD inside the ledger commit and post-process it (the
     same rescale as DPAgg-TI); returns the release outcome (flattened token, float64)."""
@@ -91,7 +92,9 @@ def release_dpsgd(
             torch.inference_mode(False),
             torch.enable_grad(),
             im.training_passes(
-                model, checkpoint_blocks=im.wants_checkpointing(latents.shape, sgd.images_per_batch)
+                model,
+                checkpoint_blocks=im.wants_checkpointing(latents.shape, sgd.images_per_batch),
+                precision=precision,
             ) as denoise_loss,
         ):
             token = train_shared_embedding_dpsgd(

@@ -311,13 +311,18 @@ def wants_checkpointing(latent_shape, images_per_batch: int) -> bool:
 
 
 @contextmanager
-def training_passes(model, *, checkpoint_blocks: bool = True):
+def training_passes(model, *, checkpoint_blocks: bool = True, precision: str = "model"):
     """The ``DenoiseLoss`` to train with, inside memory-lean UNet passes (fused attention,
-    block checkpointing where the ComfyUI copy allows; ``lean_training.py``). Use it around
-    the whole training loop: backward runs inside it too."""
+    block checkpointing where the ComfyUI copy allows; ``lean_training.py``), in
+    ``precision`` (``training_precision.py``). Use it around the whole training loop:
+    backward runs inside it too."""
     from .lean_training import lean_unet_passes
+    from .training_precision import training_precision
 
-    with lean_unet_passes(model, checkpoint_blocks=checkpoint_blocks) as clone_saved:
+    with (
+        lean_unet_passes(model, checkpoint_blocks=checkpoint_blocks) as clone_saved,
+        training_precision(precision, model.load_device),
+    ):
         yield make_denoise_loss(model, clone_saved=clone_saved)
 
 

@@ -26,6 +26,7 @@ from . import comfy_compat
 from . import dpsgd_inversion as dpsgd
 from .budget import SAMPLING_RATE_INPUT, private_release_inputs
 from .dependencies import require_runtime_packages
+from .training_precision import PRECISION_INPUT, PRECISIONS, check_precision
 
 logger = logging.getLogger(__name__)
 
@@ -165,7 +166,8 @@ class DPTextualInversionTrainNode:
                         "gradient clipped to 'clip_norm' ('bound_mode' does not apply).",
                     },
                 ),
-            }
+            },
+            "optional": {"precision": PRECISION_INPUT},
         }
 
     def train(
@@ -187,6 +189,7 @@ class DPTextualInversionTrainNode:
         bound_mode,
         overwrite,
         method=METHODS[0],
+        precision=PRECISIONS[0],
     ):
         require_runtime_packages()
         from ..dp.embedding_file import (
@@ -219,6 +222,7 @@ class DPTextualInversionTrainNode:
             raise InvalidParameterError(
                 f"num_vectors must be 1..{MAX_VECTORS}, got num_vectors={num_vectors}."
             )
+        check_precision(precision, model.load_device)
         private = check_private_image_set(private_images)
         family = im.detect_family(model, clip)
         directory = prepare_directory(comfy_compat.embeddings_directories()[0])
@@ -251,6 +255,8 @@ class DPTextualInversionTrainNode:
             "clip_norm": clip_norm,
             "bound_mode": mode.value,
             "resolution": list(private.images.shape[1:3]),
+            # Only when chosen, so that earlier records of the same release still match.
+            **({"precision": precision} if precision != PRECISIONS[0] else {}),
         }
         plan = plan_release(
             budget,
@@ -271,7 +277,8 @@ class DPTextualInversionTrainNode:
             mode=mode,
             extra_lines=(
                 f"saved: {path.name} in the embeddings folder; use it as embedding:{path.stem}",
-                f"model family: {family.name}; vectors: {num_vectors} x {width}; steps: {steps}",
+                f"model family: {family.name}; vectors: {num_vectors} x {width}; steps: {steps}"
+                + ("; bf16 autocast" if precision == "bf16" else ""),
             ),
             noise_lines=dpsgd.report_lines(plan, steps=steps, dimension=dimension) if sgd else None,
             poll=comfy_compat.raise_if_cancelled,
@@ -297,10 +304,11 @@ class DPTextualInversionTrainNode:
                 clip_norm=clip_norm,
                 postprocess=postprocess,
                 label=label,
+                precision=precision,
             )
         else:
             vectors = _train_every_image(
-                model, clip, vae, family, private, plan, config, initial, prompts
+                model, clip, vae, family, private, plan, config, initial, prompts, precision
             )
             outcome = execute_release(
                 plan,
@@ -324,6 +332,7 @@ class DPTextualInversionTrainNode:
             template_set,
             clip_norm,
             mode,
+            precision,
         )
         if not (outcome.reused and is_release_file(path, outcome.release_id)):
             save_embedding(
@@ -337,7 +346,9 @@ class DPTextualInversionTrainNode:
         return {"ui": {"text": [report]}, "result": (f"embedding:{path.stem}", report)}
 
 
-def _train_every_image(model, clip, vae, family, private, plan, config, initial, prompts):
+def _train_every_image(
+    model, clip, vae, family, private, plan, config, initial, prompts, precision
+):
     """One embedding per image, (n, k, d), for ALL images (sampling happens in the commit),
     with the constant, padded work of ``inversion_model.encode_for_training``."""
     from ..dp.inversion import train_per_image_embeddings
@@ -350,7 +361,9 @@ def _train_every_image(model, clip, vae, family, private, plan, config, initial,
         torch.inference_mode(False),
         torch.enable_grad(),
         im.training_passes(
-            model, checkpoint_blocks=im.wants_checkpointing(latents.shape, config.images_per_batch)
+            model,
+            checkpoint_blocks=im.wants_checkpointing(latents.shape, config.images_per_batch),
+            precision=precision,
         ) as denoise_loss,
     ):
         return train_per_image_embeddings(
@@ -377,6 +390,7 @@ def _file_metadata(
     template_set,
     clip_norm,
     mode,
+    precision,
 ) -> dict[str, str]:
     """Public facts only (docs/privacy.md §3.4): the DpEvent and parameters, nothing per image, and
     no count of images (the declared n_hat is public, the real count is not)."""
@@ -406,6 +420,7 @@ def _file_metadata(
         "dp_adapt.initializer_word": initializer_word,
         "dp_adapt.template_set": template_set,
         "dp_adapt.model_family": family.name,
+        "dp_adapt.precision": precision,
         "dp_adapt.package_version": PACKAGE_VERSION,
     }
 

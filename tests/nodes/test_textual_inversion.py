@@ -129,6 +129,7 @@ def test_metadata_holds_the_dp_event_and_public_parameters_only(env):
         "initializer_word",
         "template_set",
         "model_family",
+        "precision",
         "package_version",
     }
     assert {key.removeprefix("dp_adapt.") for key in metadata} == allowed
@@ -233,6 +234,36 @@ def test_identical_rerun_reuses_the_release_and_spends_nothing(env):
     assert ledger_records(budget) == 1
     assert "nothing was spent" in again["result"][1]
     assert first["result"][0] == again["result"][0]
+
+
+@pytest.mark.parametrize("method", ["DPAgg-TI", "DP-SGD"])
+def test_bf16_precision_releases_and_is_recorded_as_a_setting(env, method):
+    """precision=bf16 trains under bfloat16 autocast: a finite token, the choice in the file's
+    metadata and the report, and a run that differs only in precision is a new release."""
+    budget = make_budget(env)
+    images = private_set(env["images"])
+    name = f"bf16_{uuid.uuid4().hex[:6]}"
+    common = dict(private_images=images, method=method, sampling_rate=0.5, overwrite=True)
+    out = train(env, budget, name, precision="bf16", **common)
+    tensors, metadata = read_embedding(env["embeddings"] / f"{name}.safetensors")
+    assert tensors["emb_params"].dtype == torch.float32
+    assert torch.isfinite(tensors["emb_params"]).all()
+    assert metadata["dp_adapt.precision"] == "bf16"
+    assert "bf16 autocast" in out["result"][1]
+    again = train(env, budget, name, precision="model", **common)
+    assert "nothing was spent" not in again["result"][1]
+    assert ledger_records(budget) == 2
+    _, metadata = read_embedding(env["embeddings"] / f"{name}.safetensors")
+    assert metadata["dp_adapt.precision"] == "model"
+
+
+def test_an_unknown_precision_is_refused_before_anything_is_spent(env):
+    budget = make_budget(env)
+    name = f"prec_{uuid.uuid4().hex[:6]}"
+    with pytest.raises(InvalidParameterError, match="precision must be one of"):
+        train(env, budget, name, precision="fp8")
+    assert ledger_records(budget) == 0
+    assert not (env["embeddings"] / f"{name}.safetensors").exists()
 
 
 def test_a_failed_run_in_between_does_not_make_the_rerun_spend(env):
