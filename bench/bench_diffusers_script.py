@@ -6,7 +6,7 @@ pack's trainer, on the same SD1.5-sized files, side by side.
     curl -L -o /tmp/textual_inversion.py \\
       https://raw.githubusercontent.com/huggingface/diffusers/v$V/examples/textual_inversion/textual_inversion.py
     python bench/bench_diffusers_script.py --script /tmp/textual_inversion.py \\
-      [--images 2] [--steps 6] [--resolution 256]
+      [--images 2] [--steps 6] [--resolution 256] [--precisions fp32,bf16]
 
 The script is diffusers' own example, fetched by you (it is not part of the diffusers wheel
 and never part of this repository). This bench builds an SD1.5-sized diffusers folder with
@@ -15,10 +15,16 @@ layout with ``text_model.`` keys, ComfyUI's bundled CLIP tokenizer, SD1.5's DDPM
 and runs both arms on it:
 
 - "diffusers script": the stock script once per image (a folder holding that image), batch
-  1, ``--steps`` steps each, fp32 (``--mixed_precision no``), as the paper trains DPAgg-TI;
+  1, ``--steps`` steps each, as the paper trains DPAgg-TI;
 - "pack": ComfyUI loads the same folder (its diffusers loader), encodes each image once and
   trains every image's embedding for ``--steps`` steps with this pack's trainer, all images
   in one pass, inside its memory-lean UNet passes.
+
+Each arm runs at every precision of ``--precisions`` (default fp32): fp32 is the script's
+``--mixed_precision no`` and the pack's ``precision=model`` (ComfyUI keeps an SD1.5 UNet in
+fp32 on a CPU); bf16 is the script's ``--mixed_precision bf16`` (its UNet and VAE cast to
+bfloat16) and the pack's ``precision=bf16`` (bfloat16 autocast, ``nodes/training_precision.py``).
+On a GPU, ComfyUI already loads the UNet in fp16, so the pack's fp32 row is its default there.
 
 Reported per arm: wall time of the whole arm (processes started, models loaded, images
 encoded, trained: what a user waits for), the training time per image-step (the script's:
@@ -41,6 +47,7 @@ import torch
 from _setup import SD15_TEXT, SD15_UNET, bootstrap_comfyui, peak_rss, reset_peak_rss
 
 PLACEHOLDER = "<dp-bench>"
+PRECISIONS = ("fp32", "bf16")
 INITIALIZER = "painting"
 LEARNING_RATE = 0.005
 
@@ -73,7 +80,10 @@ def build_diffusers_folder(folder: Path, comfy_dir: Path) -> None:
         )
     )
     tokenizer = transformers.CLIPTokenizer.from_pretrained(
-        str(comfy_dir / "comfy" / "sd1_tokenizer")
+        # SD1.5's 77 tokens: current ComfyUI's copy says 8192 (its own long-prompt handling),
+        # which the script would pad every prompt to.
+        str(comfy_dir / "comfy" / "sd1_tokenizer"),
+        model_max_length=77,
     )
     scheduler = diffusers.DDPMScheduler(
         beta_start=0.00085,
@@ -139,7 +149,9 @@ runpy.run_path(script, run_name="__main__")
 """
 
 
-def run_script(script: Path, model: Path, images: Path, steps: int, resolution: int, out: Path):
+def run_script(
+    script: Path, model: Path, images: Path, steps: int, resolution: int, out: Path, precision: str
+):
     """One run of the stock script; returns (wall seconds, peak RSS bytes of that process)."""
     peak_report = out.with_name(out.name + ".peak_kib")
     command = [
@@ -159,7 +171,7 @@ def run_script(script: Path, model: Path, images: Path, steps: int, resolution: 
         f"--learning_rate={LEARNING_RATE}",
         "--lr_warmup_steps=0",
         "--repeats=1",
-        "--mixed_precision=no",
+        f"--mixed_precision={'bf16' if precision == 'bf16' else 'no'}",
         "--report_to=tensorboard",
         "--save_steps=1000000",
         "--checkpointing_steps=1000000",
@@ -176,20 +188,30 @@ def run_script(script: Path, model: Path, images: Path, steps: int, resolution: 
     return elapsed, int(peak_report.read_text()) * 1024
 
 
-def diffusers_arm(script, model, image_dirs, steps, resolution, scratch) -> dict:
+def diffusers_arm(script, model, image_dirs, steps, resolution, scratch, precision) -> dict:
+    def run(images, steps_to_run, out):
+        return run_script(script, model, images, steps_to_run, resolution, out, precision)
+
     started = time.perf_counter()
     peak = 0
     for index, images in enumerate(image_dirs):
-        _, run_peak = run_script(script, model, images, steps, resolution, scratch / f"out_{index}")
+        _, run_peak = run(images, steps, scratch / f"out_{precision}_{index}")
         peak = max(peak, run_peak)
     wall = time.perf_counter() - started
-    one_step, _ = run_script(script, model, image_dirs[0], 1, resolution, scratch / "out_one")
-    many, _ = run_script(script, model, image_dirs[0], steps, resolution, scratch / "out_many")
+    one_step, _ = run(image_dirs[0], 1, scratch / f"out_{precision}_one")
+    many, _ = run(image_dirs[0], steps, scratch / f"out_{precision}_many")
     per_step = (many - one_step) / max(1, steps - 1)
-    return {"arm": "diffusers script", "wall_s": wall, "s_per_image_step": per_step, "peak": peak}
+    return {
+        "arm": f"script {precision}",
+        "wall_s": wall,
+        "s_per_image_step": per_step,
+        "peak": peak,
+    }
 
 
-def pack_arm(model: str, image_dirs: list[str], steps: int, resolution: int) -> dict:
+def pack_arm(
+    model: str, image_dirs: list[str], steps: int, resolution: int, precision: str
+) -> dict:
     """Runs in its own process (``--pack-arm``): ComfyUI loads the diffusers folder."""
     started = time.perf_counter()
     cuda = torch.cuda.is_available()
@@ -230,7 +252,9 @@ def pack_arm(model: str, image_dirs: list[str], steps: int, resolution: int) -> 
     with (
         torch.inference_mode(False),
         torch.enable_grad(),
-        im.training_passes(unet, checkpoint_blocks=checkpoint) as denoise_loss,
+        im.training_passes(
+            unet, checkpoint_blocks=checkpoint, precision="bf16" if precision == "bf16" else "model"
+        ) as denoise_loss,
     ):
         text_forward = im.make_text_forward(clip, family)
 
@@ -262,7 +286,7 @@ def pack_arm(model: str, image_dirs: list[str], steps: int, resolution: int) -> 
         training = time.perf_counter() - training_started
     peak = torch.cuda.max_memory_allocated() if cuda else peak_rss()
     return {
-        "arm": "pack",
+        "arm": f"pack {precision}",
         "training_s": training,
         "s_per_image_step": training / (len(image_dirs) * steps),
         "in_process_s": time.perf_counter() - started,
@@ -280,11 +304,20 @@ def main() -> int:
     parser.add_argument("--images", type=int, default=2)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--resolution", type=int, default=256)
+    parser.add_argument(
+        "--precisions", default="fp32", help="comma-separated, of " + ", ".join(PRECISIONS)
+    )
     parser.add_argument("--pack-arm", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    precisions = [p for p in args.precisions.split(",") if p]
+    if not precisions or set(precisions) - set(PRECISIONS):
+        raise SystemExit(
+            f"bench_diffusers_script.py: FAILED: --precisions takes {', '.join(PRECISIONS)}, "
+            f"got {args.precisions!r}."
+        )
     if args.pack_arm:
         model, *image_dirs = args.pack_arm
-        print(json.dumps(pack_arm(model, image_dirs, args.steps, args.resolution)))
+        print(json.dumps(pack_arm(model, image_dirs, args.steps, args.resolution, precisions[0])))
         return 0
     if args.script is None or not args.script.is_file():
         raise SystemExit(
@@ -300,49 +333,69 @@ def main() -> int:
         print("building an SD1.5-sized diffusers folder with random weights ...", flush=True)
         build_diffusers_folder(model, comfy_dir)
         image_dirs = write_images(scratch / "images", args.images, args.resolution)
-        print("arm: diffusers script (one run per image) ...", flush=True)
-        stock = diffusers_arm(args.script, model, image_dirs, args.steps, args.resolution, scratch)
-        print("arm: pack ...", flush=True)
-        started = time.perf_counter()
-        done = subprocess.run(
-            [
-                sys.executable,
-                __file__,
-                "--steps",
-                str(args.steps),
-                "--resolution",
-                str(args.resolution),
-                "--pack-arm",
-                str(model),
-                *map(str, image_dirs),
-            ],
-            capture_output=True,
-            text=True,
-        )
-        if done.returncode != 0:
-            raise SystemExit("bench_diffusers_script.py: FAILED: pack arm:\n" + done.stderr[-3000:])
-        pack = json.loads(done.stdout.strip().splitlines()[-1])
-        pack["wall_s"] = time.perf_counter() - started
+        rows = {}
+        for precision in precisions:
+            print(f"arm: diffusers script (one run per image), {precision} ...", flush=True)
+            rows[f"script {precision}"] = diffusers_arm(
+                args.script, model, image_dirs, args.steps, args.resolution, scratch, precision
+            )
+            print(f"arm: pack, {precision} ...", flush=True)
+            rows[f"pack {precision}"] = _pack_subprocess(model, image_dirs, args, precision)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    _print_table(rows, args, precisions)
+    return 0
+
+
+def _pack_subprocess(model: Path, image_dirs: list[Path], args, precision: str) -> dict:
+    started = time.perf_counter()
+    done = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--steps",
+            str(args.steps),
+            "--resolution",
+            str(args.resolution),
+            "--precisions",
+            precision,
+            "--pack-arm",
+            str(model),
+            *map(str, image_dirs),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        raise SystemExit("bench_diffusers_script.py: FAILED: pack arm:\n" + done.stderr[-3000:])
+    pack = json.loads(done.stdout.strip().splitlines()[-1])
+    pack["wall_s"] = time.perf_counter() - started
+    return pack
+
+
+def _print_table(rows: dict, args, precisions: list[str]) -> None:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     kind = "peak GPU memory" if torch.cuda.is_available() else "peak RSS"
     print(
-        f"device: {device}; SD1.5-sized random weights, fp32, {args.images} images x "
+        f"device: {device}; SD1.5-sized random weights, {args.images} images x "
         f"{args.steps} steps at {args.resolution} px; {kind}"
     )
     print(f"{'arm':<18} {'wall s':>8} {'s / image-step':>15} {'peak MiB':>10}")
-    for row in (stock, pack):
+    for row in rows.values():
         print(
             f"{row['arm']:<18} {row['wall_s']:>8.1f} {row['s_per_image_step']:>15.2f} "
             f"{row['peak'] / 2**20:>10.0f}"
         )
-    print(
-        f"pack vs script: wall {stock['wall_s'] / pack['wall_s']:.2f}x faster, training per "
-        f"image-step {stock['s_per_image_step'] / pack['s_per_image_step']:.2f}x faster, "
-        f"peak memory {pack['peak'] / stock['peak']:.2f}x"
-    )
-    return 0
+    for script_precision in precisions:
+        for pack_precision in precisions:
+            stock = rows[f"script {script_precision}"]
+            pack = rows[f"pack {pack_precision}"]
+            print(
+                f"pack {pack_precision} vs script {script_precision}: wall "
+                f"{stock['wall_s'] / pack['wall_s']:.2f}x faster, training per image-step "
+                f"{stock['s_per_image_step'] / pack['s_per_image_step']:.2f}x faster, "
+                f"peak memory {pack['peak'] / stock['peak']:.2f}x"
+            )
 
 
 if __name__ == "__main__":

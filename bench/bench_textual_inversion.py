@@ -20,7 +20,8 @@ checkpoint with random weights at SD1.5's real sizes (written once, then loaded 
 ComfyUI's own checkpoint loader in every arm, as Load Checkpoint does; ``--checkpoint``
 takes a real one instead) (the default with a CUDA GPU, at 512 px), ``--model tiny`` the
 tiny in-code SD1.x model (the default on a CPU, at 64 px); ``--resolution`` overrides the
-pixel size, ``--arms`` picks arms.
+pixel size, ``--arms`` picks arms, ``--precision bf16`` trains every lean arm under bfloat16
+autocast (``nodes/training_precision.py``; default ``model``, the model's own dtype).
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ def run_arm(
     size: str,
     resolution: int,
     checkpoint: str | None = None,
+    precision: str = "model",
 ) -> dict:
     """One arm in this process; returns its measurements."""
     import contextlib
@@ -96,7 +98,9 @@ def run_arm(
     seeds = list(range(images))
     lean = contextlib.nullcontext(im.make_denoise_loss(model))
     if arm != "batched-plain":
-        lean = im.training_passes(model, checkpoint_blocks=arm != "batched-sdpa")
+        lean = im.training_passes(
+            model, checkpoint_blocks=arm != "batched-sdpa", precision=precision
+        )
     with torch.inference_mode(False), torch.enable_grad(), lean as denoise_loss:
         text_forward = im.make_text_forward(clip, family)
 
@@ -136,6 +140,7 @@ def run_arm(
         "model": size,
         "device": torch.cuda.get_device_name() if cuda else "cpu",
         "resolution": resolution,
+        "precision": precision,
         "image_steps_per_s": images * steps / elapsed,
         "seconds": elapsed,
         "peak_memory_mib": peak / 2**20,
@@ -187,6 +192,7 @@ def main() -> None:
         "(default with --model sd15: one with random weights at SD1.5's sizes, written once "
         "into a temporary folder)",
     )
+    parser.add_argument("--precision", choices=["model", "bf16"], default="model")
     parser.add_argument("--arm", choices=ARMS, help=argparse.SUPPRESS)
     parser.add_argument("--write-checkpoint", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -199,7 +205,14 @@ def main() -> None:
     resolution = args.resolution or (512 if size == "sd15" else 64)
     if args.arm:
         measured = run_arm(
-            args.arm, args.images, args.steps, args.batch, size, resolution, args.checkpoint
+            args.arm,
+            args.images,
+            args.steps,
+            args.batch,
+            size,
+            resolution,
+            args.checkpoint,
+            args.precision,
         )
         print(json.dumps(measured))
         return
@@ -211,7 +224,7 @@ def main() -> None:
         print("writing an SD1.5-format checkpoint with random weights ...", flush=True)
         subprocess.run([sys.executable, __file__, "--write-checkpoint", checkpoint], check=True)
     common = ["--images", str(args.images), "--steps", str(args.steps), "--batch", str(args.batch)]
-    common += ["--model", size, "--resolution", str(resolution)]
+    common += ["--model", size, "--resolution", str(resolution), "--precision", args.precision]
     common += ["--checkpoint", checkpoint] if checkpoint else []
     arms = [a for a in args.arms.split(",") if a]
     unknown = sorted(set(arms) - set(ARMS))
@@ -230,7 +243,8 @@ def main() -> None:
     first = next(iter(results.values()))
     print(
         f"device: {first['device']}, model {size}, {resolution} px, {args.images} images x "
-        f"{args.steps} steps, batch {args.batch}; peak = {first['peak_kind']}"
+        f"{args.steps} steps, batch {args.batch}, precision {args.precision}; "
+        f"peak = {first['peak_kind']}"
     )
     print(f"{'arm':<14} {'image-steps/s':>14} {'seconds':>9} {'peak MiB':>10}")
     for row in results.values():
