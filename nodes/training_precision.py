@@ -55,6 +55,11 @@ def check_precision(precision: str, device: torch.device) -> None:
         )
     if precision != "bf16":
         return
+    if not torch.amp.is_autocast_available(device.type):
+        raise InvalidParameterError(
+            f"precision=bf16 needs autocast, which PyTorch does not offer on device "
+            f"{device.type}. Use precision=model."
+        )
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise InvalidParameterError(
             f"precision=bf16 needs a GPU with bfloat16 support; {torch.cuda.get_device_name(device)} "
@@ -75,12 +80,6 @@ def check_precision(precision: str, device: torch.device) -> None:
             "in place, so training copies every tensor autograd saves. Update ComfyUI for "
             "the speed-up."
         )
-    try:
-        torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    except RuntimeError as error:  # a device type autocast does not cover
-        raise InvalidParameterError(
-            f"precision=bf16 is not available on device {device.type}: {error}"
-        ) from None
 
 
 def training_precision(precision: str, device: torch.device):

@@ -141,6 +141,15 @@ def test_unknown_precision_is_refused_by_name(comfy):
         check_precision("fp8", torch.device("cpu"))
 
 
+def test_bf16_on_a_device_without_autocast_is_refused(comfy):
+    """Refused before training, not left to autocast, which may only warn and run fp32."""
+    from comfyui_dp_adapt.nodes.training_precision import check_precision
+
+    with pytest.raises(InvalidParameterError, match=r"needs autocast.*device meta"):
+        check_precision("bf16", torch.device("meta"))
+    check_precision("model", torch.device("meta"))  # the default needs nothing
+
+
 @pytest.mark.parametrize("native", [False, True])
 @pytest.mark.parametrize("adds_in_place", [False, True])
 def test_bf16_warns_where_it_would_not_be_faster(comfy, monkeypatch, caplog, native, adds_in_place):
