@@ -47,6 +47,11 @@ def _parse_override(text: str):
         parsed = json.loads(value)
     except json.JSONDecodeError:
         parsed = value
+    if isinstance(parsed, (list, dict)) or parsed is None:
+        # ComfyUI reads a two-item list as a link to another node's output.
+        raise argparse.ArgumentTypeError(
+            f"--set {key}: the value must be a number, true/false or text, got {value!r}"
+        )
     return (node_type, name), parsed
 
 
@@ -68,7 +73,16 @@ def _ensure_environment(argv: list[str] | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    _ensure_environment(argv)
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        # ComfyUI got the same Ctrl-C; a release it had already recorded stays recorded, and
+        # queueing the same settings again publishes it at no cost.
+        print("run_workflow.py: INTERRUPTED (Ctrl-C): stopped.", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -108,7 +122,9 @@ def main(argv: list[str] | None = None) -> int:
         metavar="NODE_TYPE.input=VALUE",
         help="override a widget value, e.g. DPAdaptTextualInversionTrain.steps=50",
     )
+    # Arguments (and --help) first: neither needs torch, so neither waits for a set-up.
     args = parser.parse_args(argv)
+    _ensure_environment(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     runner = _import_pack()
     try:
@@ -122,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
             overrides=dict(args.overrides),
         )
     except Exception as error:  # one readable line, not a traceback or a JSON dump
+        tail = getattr(error, "log_tail", "")
+        if tail:  # ComfyUI failed to start: its last words, then the one line
+            print(tail, file=sys.stderr)
         print(f"run_workflow.py: FAILED: {runner.failure_line(error)}", file=sys.stderr)
         return 1
     for label, paths in (

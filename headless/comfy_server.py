@@ -24,6 +24,22 @@ def free_loopback_port() -> int:
         return sock.getsockname()[1]
 
 
+LOG_TAIL_LINES = 15  # of ComfyUI's log, shown above the one-line summary
+
+
+class ServerStartFailed(RuntimeError):
+    """ComfyUI exited, or did not answer, at start-up. ``summary`` is one line: the reason
+    (the last line of ComfyUI's log, e.g. its ModuleNotFoundError) and where the log is."""
+
+    def __init__(self, reason: str, log_text: str, log_path: Path):
+        tail = [line.strip() for line in log_text.strip().splitlines() if line.strip()]
+        last = tail[-1][:300] if tail else "ComfyUI printed nothing"
+        self.reason, self.log_text = reason, log_text
+        self.summary = f"{reason}: {last} (ComfyUI's log: {log_path})"
+        self.log_tail = "\n".join(tail[-LOG_TAIL_LINES:])
+        super().__init__(f"{self.summary}\n{self.log_tail}")
+
+
 class PromptFailed(RuntimeError):
     """ComfyUI refused or failed a prompt; the message holds ComfyUI's own error text.
 
@@ -49,8 +65,11 @@ def summarize_failure(payload) -> str:
         for node_error in (payload.get("node_errors") or {}).values():
             for error in node_error.get("errors", []):
                 node = node_error.get("class_type", "a node")
-                detail = error.get("details") or error.get("message", "")
-                return f"{node}: {' '.join(str(detail).split())}"
+                # ComfyUI puts the rule in "message" ("Value bigger than max") and often only
+                # the input's name in "details": both are needed to read it.
+                parts = [str(error.get(k) or "").strip() for k in ("message", "details")]
+                detail = ": ".join(p for p in parts if p) or "refused"
+                return f"{node}: {' '.join(detail.split())}"
         error = payload.get("error")
         if isinstance(error, dict):
             return " ".join(str(error.get("message", error)).split())
@@ -152,14 +171,16 @@ class ComfyServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"ComfyUI exited at start-up:\n{self.log()}")
+                raise ServerStartFailed("ComfyUI exited at start-up", self.log(), self.log_path)
             try:
                 self.get_json("/object_info/CheckpointLoaderSimple", timeout=2)
                 return self
             except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
                 time.sleep(0.5)
         self.stop()
-        raise RuntimeError(f"ComfyUI did not answer within {timeout} s:\n{self.log()}")
+        raise ServerStartFailed(
+            f"ComfyUI did not answer within {timeout:g} s", self.log(), self.log_path
+        )
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

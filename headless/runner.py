@@ -21,7 +21,7 @@ from pathlib import Path
 
 from . import comfy_env
 from . import workflows as wf
-from .comfy_server import ComfyServer
+from .comfy_server import ComfyServer, ServerStartFailed
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,9 @@ def run_workflow(
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     workflow = wf.load_workflow(Path(workflow_path))
-    overrides = dict(overrides or {})
+    user_overrides = dict(overrides or {})
+    overrides = dict(user_overrides)
+    _check_files_apply(workflow, checkpoint=checkpoint, clip_vision=clip_vision, images=images)
     with tempfile.TemporaryDirectory(prefix="dp_adapt_run_") as scratch:
         scratch = Path(scratch)
         source = Path(comfyui_dir) if comfyui_dir else None
@@ -102,9 +104,14 @@ def run_workflow(
             overrides = {**demo_settings(workflow), **overrides}  # the user's --set wins
         server.extra_model_paths = extra_paths
         used_replacements = {k: v for k, v in replace.items() if _uses(workflow, k)}
-        server.start()
+        logger.info("Starting ComfyUI (%s) ...", comfy_dir.name)
+        _start(server, out_dir)
         try:
             object_info = server.get_json("/object_info")
+            wf.check_overrides(
+                workflow, object_info, user_overrides, replaced=set(used_replacements)
+            )
+            logger.info("Running %s ...", Path(workflow_path).name)
             prompt = wf.to_api_prompt(
                 workflow, object_info, replace=used_replacements, overrides=overrides
             )
@@ -112,6 +119,40 @@ def run_workflow(
         finally:
             server.stop()
         return _collect(entry, server, out_dir)
+
+
+def _check_files_apply(workflow: dict, **files: Path | None) -> None:
+    """Refuse a file flag the workflow has no node for, or a file that does not exist,
+    before anything starts (instead of dropping it and running the demo settings)."""
+    needs = {
+        "checkpoint": ("CheckpointLoaderSimple", "Load Checkpoint node"),
+        "clip_vision": ("CLIPVisionLoader", "Load CLIP Vision node"),
+        "images": (PRIVATE_IMAGES_NODE, "DP Load Private Images node"),
+    }
+    for flag, path in files.items():
+        if path is None:
+            continue
+        option = "--" + flag.replace("_", "-")
+        node_type, described = needs[flag]
+        if not _uses(workflow, node_type):
+            raise wf.WorkflowError(
+                f"{option}: this workflow has no {described} ({node_type}) to give it to."
+            )
+        kind_ok = Path(path).is_dir() if flag == "images" else Path(path).is_file()
+        if not kind_ok:
+            wanted = "folder" if flag == "images" else "file"
+            raise wf.WorkflowError(f"{option} {path}: no such {wanted}.")
+
+
+def _start(server: ComfyServer, out_dir: Path) -> None:
+    """Start ComfyUI; when it fails, keep its log in ``out_dir`` (the scratch copy it ran in
+    is deleted) and say where."""
+    try:
+        server.start()
+    except ServerStartFailed as error:
+        kept = out_dir / "comfyui.log"
+        kept.write_text(error.log_text)
+        raise ServerStartFailed(error.reason, error.log_text, kept) from None
 
 
 def _uses(workflow: dict, node_type: str) -> bool:
@@ -122,8 +163,10 @@ def failure_line(error: BaseException) -> str:
     """What went wrong, in one line: ComfyUI's own message for a refused or failed prompt."""
     from .comfy_server import PromptFailed
 
-    if isinstance(error, PromptFailed):
+    if isinstance(error, (PromptFailed, ServerStartFailed)):
         return error.summary
+    if isinstance(error, wf.WorkflowError):  # already says which flag or node
+        return " ".join(str(error).split())[:500]
     lines = [line for line in str(error).strip().splitlines() if line.strip()]
     text = lines[0] if lines else type(error).__name__
     return f"{type(error).__name__}: {text[:500]}"

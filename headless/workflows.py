@@ -186,5 +186,53 @@ def to_api_prompt(
     return prompt
 
 
+def check_overrides(
+    workflow: dict, object_info: dict, overrides: dict, *, replaced: frozenset | set = frozenset()
+) -> None:
+    """Refuse a ``--set`` that would not take effect, instead of ignoring it.
+
+    ``overrides`` maps ``(node type or node id, input name)`` to a value (see
+    ``to_api_prompt``). Each target must be a node of the workflow that runs (not a note, not
+    swapped for the demo model: ``replaced``), the input one of that node's widget inputs
+    and not fed by a link, and the value one the widget accepts (its type, min and max).
+    """
+    nodes = [n for n in workflow["nodes"] if n["type"] not in FRONTEND_ONLY_TYPES]
+    for (target, name), value in overrides.items():
+        setting = f"--set {target}.{name}"
+        matches = [n for n in nodes if target in (n["type"], str(n["id"]))]
+        if not matches:
+            present = ", ".join(sorted({n["type"] for n in nodes}))
+            raise WorkflowError(
+                f"{setting}: the workflow has no node of type or id {target!r} (its nodes: "
+                f"{present})."
+            )
+        for node in matches:
+            node_type = node["type"]
+            if node_type in replaced:
+                raise WorkflowError(
+                    f"{setting}: {node_type} is replaced by the demo model in this run; give "
+                    "--checkpoint / --clip-vision to use a real file."
+                )
+            specs = {n: s for n, s, _ in _ordered_inputs(object_info.get(node_type, {}))}
+            widgets = sorted(n for n, s in specs.items() if _is_widget(s))
+            if name not in specs or name not in widgets:
+                raise WorkflowError(
+                    f"{setting}: {node_type} has no widget input {name!r} (its widget inputs: "
+                    f"{', '.join(widgets) or 'none'})."
+                )
+            if any(
+                s.get("name") == name and s.get("link") is not None
+                for s in node.get("inputs", []) or []
+            ):
+                raise WorkflowError(
+                    f"{setting}: {node_type} (node {node['id']}) takes {name} from a link in "
+                    "this workflow, so a value set here would be ignored."
+                )
+            try:
+                _check_value(node_type, name, tuple(specs[name]), value)
+            except WorkflowError as error:
+                raise WorkflowError(f"--set {error}.") from None
+
+
 def node_types(workflow: dict) -> set[str]:
     return {node["type"] for node in workflow["nodes"] if node["type"] not in FRONTEND_ONLY_TYPES}
