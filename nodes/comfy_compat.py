@@ -196,6 +196,34 @@ def transformer_blocks_add_in_place() -> bool:
         return True
 
 
+def socket_kind(value) -> str:
+    """Which ComfyUI socket ``value`` belongs on (MODEL, CLIP, VAE, CLIP_VISION), by its real
+    ComfyUI class, or its Python type's name: for messages when a wrong socket is wired."""
+    import comfy.clip_vision
+    import comfy.model_patcher
+    import comfy.sd
+
+    kinds = (
+        (comfy.model_patcher.ModelPatcher, "MODEL"),
+        (comfy.sd.CLIP, "CLIP (a text encoder)"),
+        (comfy.sd.VAE, "VAE"),
+        (comfy.clip_vision.ClipVisionModel, "CLIP_VISION"),
+    )
+    return next((kind for cls, kind in kinds if isinstance(value, cls)), type(value).__name__)
+
+
+def is_clip_vision(value) -> bool:
+    import comfy.clip_vision
+
+    return isinstance(value, comfy.clip_vision.ClipVisionModel)
+
+
+def is_vae(value) -> bool:
+    import comfy.sd
+
+    return isinstance(value, comfy.sd.VAE)
+
+
 def clip_vision_settings(clip_vision) -> tuple[int, tuple[float, ...], tuple[float, ...]]:
     """``(image_size, mean, std)`` of a CLIP_VISION model's preprocessing.
 

@@ -39,6 +39,10 @@ TARGET_TYPE = "DP_CLIP_TARGET"
 MODES = ["full", "x0"]
 DECODE_SIZES = ["full", "clip"]
 SEED_MODULUS = 2**64
+# Guided steps cost 2-6 plain steps each (README, benchmarks): 1,000 is already hours at
+# 512 px on a CPU, and no schedule gains from more. KSampler's 10,000 would allow days.
+MAX_STEPS = 1000
+MAX_CFG = 100.0
 DEFAULT_STRENGTH = 600.0
 """Bansal et al.'s style transfer (weight 6 on a loss of -100 x cosine) in this node's units."""
 
@@ -95,14 +99,20 @@ class UniversalGuidanceSamplerNode:
                 ),
                 "steps": (
                     "INT",
-                    {"default": 30, "min": 1, "max": 10000, "tooltip": "Sampling steps."},
+                    {
+                        "default": 30,
+                        "min": 1,
+                        "max": MAX_STEPS,
+                        "tooltip": "Sampling steps. Each guided step costs 2-6 plain ones "
+                        "(decode + CLIP + gradient).",
+                    },
                 ),
                 "cfg": (
                     "FLOAT",
                     {
                         "default": 7.0,
                         "min": 0.0,
-                        "max": 100.0,
+                        "max": MAX_CFG,
                         "step": 0.1,
                         "round": 0.01,
                         "tooltip": "Classifier-free guidance scale, as in KSampler.",
@@ -202,6 +212,7 @@ class UniversalGuidanceSamplerNode:
             decode_size=decode_size,
         )
         _validate(model, latent_image, vae, clip_vision, target, steps, sampler_name, scheduler)
+        _check_cfg(cfg)
         if (
             isinstance(denoise, bool)
             or not isinstance(denoise, (int, float))
@@ -259,6 +270,15 @@ ADAPTIVE_SAMPLERS = frozenset({"dpm_adaptive"})
 ``dpm_adaptive`` keeps stepping until its error estimate is met)."""
 
 
+def _check_cfg(cfg) -> None:
+    from ..dp.guidance import GuidanceError
+
+    if isinstance(cfg, bool) or not isinstance(cfg, (int, float)) or not 0 <= cfg <= MAX_CFG:
+        # NaN fails the range test too: it would make every prediction NaN, and the picture
+        # black, long before any overflow.
+        raise GuidanceError(f"cfg must be a number from 0 to {MAX_CFG:g}, got cfg={cfg!r}.")
+
+
 def _validate(model, latent, vae, clip_vision, target, steps, sampler_name, scheduler) -> None:
     from ..dp.guidance import ClipTarget, GuidanceError, check_target_width
 
@@ -267,8 +287,18 @@ def _validate(model, latent, vae, clip_vision, target, steps, sampler_name, sche
             "clip_vision is missing: connect Load CLIP Vision, the same CLIP vision model that "
             "made the target in DP Aggregate CLIP Embeddings."
         )
+    if not comfy_compat.is_clip_vision(clip_vision):
+        raise GuidanceError(
+            f"clip_vision must be a CLIP vision model (Load CLIP Vision, or the demo model's "
+            f"clip_vision output), got a {comfy_compat.socket_kind(clip_vision)}."
+        )
     if vae is None:
         raise GuidanceError("vae is missing: connect the checkpoint's VAE.")
+    if not comfy_compat.is_vae(vae):
+        raise GuidanceError(
+            f"vae must be a VAE (the checkpoint's VAE output), got a "
+            f"{comfy_compat.socket_kind(vae)}."
+        )
     if not isinstance(target, ClipTarget):
         raise GuidanceError(
             f"target must be the DP_CLIP_TARGET output of DP Aggregate CLIP Embeddings, got "
@@ -287,8 +317,8 @@ def _validate(model, latent, vae, clip_vision, target, steps, sampler_name, sche
             f"latent_image must hold a batch of image latents (B, C, h, w), got shape "
             f"{tuple(latent['samples'].shape)}."
         )
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise GuidanceError(f"steps must be a positive integer, got steps={steps!r}.")
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
+        raise GuidanceError(f"steps must be an integer from 1 to {MAX_STEPS}, got steps={steps!r}.")
     if sampler_name not in comfy_compat.sampler_names():
         raise GuidanceError(f"unknown sampler_name={sampler_name!r}.")
     if sampler_name in ADAPTIVE_SAMPLERS:

@@ -41,6 +41,7 @@ def _build_env(family: str) -> dict:
     _ENVS[family] = {
         "node": UniversalGuidanceSamplerNode(),
         "model": model,
+        "clip": clip,
         "vae": vae,
         "clip_vision": clip_vision,
         "positive": positive,
@@ -334,6 +335,9 @@ def test_cancel_stops_sampling(env):
         ({"mode": "both"}, "mode"),
         ({"decode_size": "half"}, "decode_size"),
         ({"steps": 0}, "steps"),
+        ({"steps": 1001}, "steps must be an integer from 1 to 1000"),
+        ({"cfg": float("nan")}, r"cfg must be a number from 0 to 100, got cfg=nan"),
+        ({"cfg": -1.0}, "cfg must be a number"),
         ({"sampler_name": "dpm_adaptive"}, "chooses its own number of steps"),
         ({"denoise": float("nan")}, "denoise"),
         ({"latent_image": {"samples": torch.zeros(0, 4, 8, 8)}}, "latent_image"),
@@ -352,6 +356,18 @@ def test_cancel_stops_sampling(env):
 def test_bad_inputs_fail_clearly_before_sampling(env, overrides, message, spy_hook):
     with pytest.raises(DpAdaptError, match=message):
         sample(env, **overrides)
+    assert not spy_hook, "nothing was sampled"
+
+
+def test_a_wrong_socket_is_named_not_a_raw_attribute_error(env, spy_hook):
+    """A text CLIP in clip_vision, or a MODEL in vae, used to fail deep inside with
+    ``'CLIP' object has no attribute 'model'``."""
+    with pytest.raises(
+        DpAdaptError, match=r"clip_vision must be a CLIP vision model .* CLIP \(a text"
+    ):
+        sample(env, clip_vision=env["clip"])
+    with pytest.raises(DpAdaptError, match=r"vae must be a VAE .* got a MODEL"):
+        sample(env, vae=env["model"])
     assert not spy_hook, "nothing was sampled"
 
 
