@@ -6,7 +6,13 @@ token arrives as an input and only this cheap node re-executes when the text cha
 
 from __future__ import annotations
 
+from pathlib import Path
+
 TOKEN_FIELD = "{token}"
+TOKEN_PREFIX = "embedding:"
+# Text encoders a CLIP may hold, in ComfyUI's attribute names (SD1: L, SD2: H, SDXL: L + G).
+ENCODERS = ("clip_l", "clip_h", "clip_g")
+SINGLE_ENCODER_KEY = "emb_params"
 
 
 class DPStylePromptNode:
@@ -54,7 +60,7 @@ class DPStylePromptNode:
 
         from ..dp.errors import InvalidParameterError
 
-        check_token(token)
+        check_token_file(clip, token)
         if TOKEN_FIELD not in text:
             raise InvalidParameterError(
                 f"the prompt text has no {TOKEN_FIELD} field to put the style token in; add "
@@ -69,9 +75,93 @@ def check_token(token: str) -> str:
     """A token reference as DP Textual Inversion Train returns it: ``embedding:NAME``."""
     from ..dp.errors import InvalidParameterError
 
-    if not token.startswith("embedding:") or len(token) <= len("embedding:"):
+    if not token.startswith(TOKEN_PREFIX) or len(token) <= len(TOKEN_PREFIX):
         raise InvalidParameterError(f"token must look like 'embedding:NAME', got token={token!r}.")
     return token
+
+
+def check_token_file(clip, token: str) -> Path:
+    """The token's embedding file, checked against ``clip`` before anything is generated.
+
+    ComfyUI renders a prompt whose embedding is missing or does not fit its text encoders
+    without the token, with only a console warning: a preview would then silently show the
+    model's default style. Refused here by name: a missing file, a file that is not
+    safetensors (the pack never unpickles), junk, keys of another model family, or a width
+    other than the encoders'.
+    """
+    from ..dp.embedding_file import read_embedding
+    from ..dp.errors import InvalidParameterError
+
+    name = check_token(token)[len(TOKEN_PREFIX) :].strip()
+    directories = _embedding_directories(clip)
+    path = _find_embedding(name, directories)
+    if path is None:
+        shown = ", ".join(str(d) for d in directories) or "none configured"
+        raise InvalidParameterError(
+            f"no embedding file named {name!r} in the embeddings folder ({shown}): train it "
+            "with DP Textual Inversion Train, or correct the name."
+        )
+    if path.suffix.lower() != ".safetensors":
+        raise InvalidParameterError(
+            f"{path.name} is not a .safetensors file; DP nodes read tokens only as safetensors "
+            "(as DP Textual Inversion Train saves them), never by unpickling."
+        )
+    try:
+        tensors, _ = read_embedding(path)
+    except Exception as error:
+        raise InvalidParameterError(
+            f"{path.name} is not a readable safetensors embedding ({type(error).__name__})."
+        ) from None
+    expected = _expected_parts(clip)
+    keys = [SINGLE_ENCODER_KEY] if len(expected) == 1 else list(expected)
+    wanted = ", ".join(f"{k} (k, {w})" for k, w in zip(keys, expected.values(), strict=True))
+    for key, width in zip(keys, expected.values(), strict=True):
+        tensor = tensors.get(key)
+        if tensor is None and len(tensors) == 1 and len(keys) == 1:
+            (tensor,) = tensors.values()  # ComfyUI reads a lone tensor under any key
+        if tensor is None or tensor.dim() not in (1, 2) or tensor.shape[-1] != width:
+            found = ", ".join(f"{k} {tuple(t.shape)}" for k, t in tensors.items()) or "nothing"
+            raise InvalidParameterError(
+                f"{path.name} does not fit this CLIP: it needs {wanted}, the file holds "
+                f"{found}. Was the token trained on another model family?"
+            )
+        if not bool(tensor.float().isfinite().all()):
+            raise InvalidParameterError(f"{path.name} holds NaN or infinite values.")
+    return path
+
+
+def _embedding_directories(clip) -> list[Path]:
+    """Where ComfyUI's tokenizer looks for ``embedding:NAME``: its own directory setting,
+    else the embeddings folders."""
+    from . import comfy_compat
+
+    for encoder in ENCODERS:
+        tokenizer = getattr(clip.tokenizer, encoder, None)
+        found = getattr(tokenizer, "embedding_directory", None)
+        if found:
+            return [Path(d) for d in ([found] if isinstance(found, (str, Path)) else found)]
+    return comfy_compat.embeddings_directories()
+
+
+def _find_embedding(name: str, directories: list[Path]) -> Path | None:
+    """``name`` (with or without its extension) inside one of ``directories``, never outside."""
+    for directory in directories:
+        base = directory.resolve()
+        for candidate in (name, *(name + ext for ext in (".safetensors", ".pt", ".bin"))):
+            path = (base / candidate).resolve()
+            if base in path.parents and path.is_file():
+                return path
+    return None
+
+
+def _expected_parts(clip) -> dict[str, int]:
+    """Each text encoder of ``clip`` and the width of its token embeddings."""
+    encoders = {e: getattr(clip.cond_stage_model, e, None) for e in ENCODERS}
+    return {
+        name: int(encoder.transformer.get_input_embeddings().weight.shape[1])
+        for name, encoder in encoders.items()
+        if encoder is not None
+    }
 
 
 NODE_CLASS_MAPPINGS = {"DPAdaptStylePrompt": DPStylePromptNode}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from .style_prompt import TOKEN_FIELD, check_token
+from .style_prompt import TOKEN_FIELD, check_token, check_token_file
 
 DEFAULT_PROMPTS = "\n".join(
     (
@@ -20,6 +20,7 @@ DEFAULT_PROMPTS = "\n".join(
     )
 )
 MAX_PROMPTS = 16
+MAX_CFG = 30.0
 
 
 class StyleTokenPreviewNode:
@@ -107,7 +108,7 @@ class StyleTokenPreviewNode:
                     {
                         "default": 7.0,
                         "min": 0.0,
-                        "max": 30.0,
+                        "max": MAX_CFG,
                         "step": 0.1,
                         "tooltip": "Classifier-free guidance scale.",
                     },
@@ -136,7 +137,14 @@ class StyleTokenPreviewNode:
         import nodes as comfy_nodes
         import torch
 
+        from ..dp.errors import InvalidParameterError
+
         texts = preview_prompts(prompts, token)
+        check_token_file(clip, token)
+        if isinstance(cfg, bool) or not isinstance(cfg, (int, float)) or not 0 <= cfg <= MAX_CFG:
+            raise InvalidParameterError(
+                f"cfg must be a number from 0 to {MAX_CFG:g}, got cfg={cfg!r}."
+            )
         negative_conditioning = comfy_nodes.CLIPTextEncode().encode(clip, negative)[0]
         (latent,) = comfy_nodes.EmptyLatentImage().generate(width, height, 1)
         pictures = []

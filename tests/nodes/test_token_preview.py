@@ -98,3 +98,65 @@ def test_tile_places_pictures_row_by_row():
 def test_bad_inputs_are_refused_clearly(env, token, prompts, message):
     with pytest.raises(DpAdaptError, match=message):
         preview(env, token, prompts)
+
+
+def _bad_file(env, kind):
+    """An embedding file that ComfyUI would skip with only a console warning."""
+    from comfyui_dp_adapt.dp.embedding_file import save_embedding
+
+    name = f"bad_{kind}_{uuid.uuid4().hex[:8]}"
+    folder = env["embeddings"]
+    width = env["clip"].cond_stage_model.clip_l.transformer.get_input_embeddings().weight.shape[1]
+    if kind == "sdxl":  # an SDXL token on an SD1 CLIP
+        tensors = {"clip_l": torch.zeros(1, 768), "clip_g": torch.zeros(1, 1280)}
+        save_embedding(folder, name, tensors, {}, overwrite=False)
+    elif kind == "width":
+        save_embedding(folder, name, {"emb_params": torch.zeros(1, width + 1)}, {}, overwrite=False)
+    elif kind == "junk":
+        (folder / f"{name}.safetensors").write_bytes(b"not a safetensors file at all")
+    elif kind == "pickle":
+        (folder / f"{name}.pt").write_bytes(b"\x80\x04N.")
+    return f"embedding:{name}"
+
+
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("missing", "no embedding file named 'bad_missing_"),
+        (
+            "sdxl",
+            r"does not fit this CLIP: it needs emb_params \(k, \d+\), the file holds clip_g \(1, 1280\), clip_l",
+        ),
+        ("width", "does not fit this CLIP"),
+        ("junk", "is not a readable safetensors embedding"),
+        ("pickle", "is not a .safetensors file"),
+    ],
+)
+def test_a_token_file_that_would_be_skipped_silently_is_refused_by_name(env, kind, message):
+    from comfyui_dp_adapt.nodes.style_prompt import DPStylePromptNode
+
+    token = _bad_file(env, kind) if kind != "missing" else f"embedding:bad_missing_{uuid.uuid4()}"
+    with pytest.raises(DpAdaptError, match=message):
+        preview(env, token, PROMPTS)
+    with pytest.raises(DpAdaptError, match=message), torch.inference_mode():
+        DPStylePromptNode().encode(env["clip"], token, "a boat, {token}")
+
+
+def test_the_style_prompt_encodes_a_fitting_token(env):
+    from comfyui_dp_adapt.nodes.style_prompt import DPStylePromptNode
+
+    with torch.inference_mode():
+        conditioning, prompt = DPStylePromptNode().encode(env["clip"], env["tokens"][0], "{token}")
+        other, _ = DPStylePromptNode().encode(env["clip"], env["tokens"][1], "{token}")
+    assert prompt == env["tokens"][0]
+    assert not torch.equal(conditioning[0][0], other[0][0]), "the token changes the conditioning"
+
+
+@pytest.mark.parametrize("cfg", [float("nan"), -1.0, 31.0])
+def test_cfg_is_validated(env, cfg):
+    with pytest.raises(DpAdaptError, match="cfg must be a number from 0 to 30"):
+        with torch.inference_mode():
+            env["node"].preview(
+                env["model"], env["clip"], env["vae"], env["tokens"][0], PROMPTS, "", SIDE,
+                SIDE, 0, 2, cfg, "euler", "normal",
+            )  # fmt: skip
