@@ -20,6 +20,10 @@ DEFAULT_PROMPTS = "\n".join(
     )
 )
 MAX_PROMPTS = 16
+# Small pictures (the demo model's 64 px) are shown enlarged, by whole pixels (nearest
+# neighbour: no new colours, a 4-px dot pattern stays a dot pattern) so that each cell is at
+# least this wide at 100 % zoom.
+DISPLAY_MIN_CELL = 256
 MAX_CFG = 30.0
 
 
@@ -32,7 +36,8 @@ class StyleTokenPreviewNode:
     OUTPUT_NODE = True
     DESCRIPTION = (
         "After a release: one picture per prompt with the new style token, tiled into one grid, "
-        "to see whether the style carries across subjects. Post-processing of the released "
+        f"to see whether the style carries across subjects (pictures under {DISPLAY_MIN_CELL} "
+        "px are shown enlarged, pixel for pixel). Post-processing of the released "
         "token: it reads no private image and spends no privacy budget."
     )
 
@@ -162,7 +167,7 @@ class StyleTokenPreviewNode:
                 latent,
             )
             pictures.append(vae.decode(samples["samples"]).float().clone())
-        grid = tile(torch.cat(pictures))
+        grid = enlarge_for_display(tile(torch.cat(pictures)), cell=max(height, width))
         listing = "\n".join(f"{i + 1}. {t}" for i, t in enumerate(texts))
         return {
             "ui": {"text": [f"preview of {token} (post-processing, no budget):\n{listing}"]},
@@ -189,6 +194,15 @@ def preview_prompts(prompts: str, token: str) -> list[str]:
             + "; ".join(repr(line) for line in without)
         )
     return [line.replace(TOKEN_FIELD, token) for line in lines]
+
+
+def enlarge_for_display(grid, *, cell: int):
+    """``grid`` (1, H, W, C) enlarged by the whole factor that makes a ``cell``-pixel picture
+    at least DISPLAY_MIN_CELL pixels (factor 1 for pictures that already are)."""
+    factor = max(1, math.ceil(DISPLAY_MIN_CELL / cell))
+    if factor == 1:
+        return grid
+    return grid.repeat_interleave(factor, dim=1).repeat_interleave(factor, dim=2)
 
 
 def tile(pictures):

@@ -49,9 +49,10 @@ def test_readme_command_writes_embedding_images_report_and_ledger(tmp_path):
     assert len(pictures) == 4
     assert Image.open(pictures[0]).size == (64, 64)
     assert f"embedding: {embeddings[0]}" in done.stdout
-    # The token preview grid (Preview Image): 4 demo prompts of 64 px in a 2 x 2 grid.
+    # The token preview grid (Preview Image): 4 demo prompts of 64 px in a 2 x 2 grid, each
+    # shown 4x (nearest neighbour) so that the style is visible at 100 % zoom.
     (grid,) = sorted((out / "previews").glob("*.png"))
-    assert Image.open(grid).size == (128, 128) and f"preview: {grid}" in done.stdout
+    assert Image.open(grid).size == (512, 512) and f"preview: {grid}" in done.stdout
     report = (out / "privacy_report.txt").read_text()
     assert "noise multiplier" in report and "ledger" in report
     ledgers = list((out / "user").rglob("*.json"))

@@ -55,7 +55,7 @@ PROMPTS = "a house in the style of {token}\na tree, {token}\n\n{token} boat\n"
 def test_one_picture_per_prompt_tiled_near_square(env):
     out = preview(env, env["tokens"][0], PROMPTS)
     (grid,) = out["result"]
-    side = grid.shape[1] // 2
+    side = grid.shape[1] // 2  # cells are enlarged for display, the layout is unchanged
     assert grid.shape[0] == 1 and grid.shape[1] == grid.shape[2] and grid.shape[-1] == 3
     assert torch.isfinite(grid).all()
     # 3 prompts: a 2 x 2 grid, the fourth cell left white.
@@ -72,6 +72,19 @@ def test_the_pictures_are_made_with_the_token(env):
     b = preview(env, second, PROMPTS)["result"][0]
     assert torch.equal(a, again), "same token, same seed: the same pictures"
     assert not torch.allclose(a, b), "another token must give other pictures"
+
+
+def test_small_pictures_are_enlarged_pixel_for_pixel_for_display(env):
+    from comfyui_dp_adapt.nodes.token_preview import DISPLAY_MIN_CELL, enlarge_for_display
+
+    (grid,) = preview(env, env["tokens"][0], "{token}")["result"]
+    factor = -(-DISPLAY_MIN_CELL // SIDE)
+    assert grid.shape[1:3] == (SIDE * factor, SIDE * factor)
+    # Nearest neighbour: every factor x factor block is one original pixel, no new colours.
+    blocks = grid[0].reshape(SIDE, factor, SIDE, factor, 3)
+    assert torch.equal(blocks, blocks[:, :1, :, :1].expand_as(blocks))
+    large = torch.rand(1, 8, 8, 3)
+    assert enlarge_for_display(large, cell=DISPLAY_MIN_CELL) is large
 
 
 def test_tile_places_pictures_row_by_row():
