@@ -39,7 +39,7 @@ TARGET_TYPE = "DP_CLIP_TARGET"
 MODES = ["full", "x0"]
 DECODE_SIZES = ["full", "clip"]
 SEED_MODULUS = 2**64
-# Guided steps cost 2-6 plain steps each (README, benchmarks): 1,000 is already hours at
+# Guided steps cost 2-6 plain steps each (docs/performance.md): 1,000 is already hours at
 # 512 px on a CPU, and no schedule gains from more. KSampler's 10,000 would allow days.
 MAX_STEPS = 1000
 MAX_CFG = 100.0

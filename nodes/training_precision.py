@@ -6,7 +6,7 @@
   convolutions and attention of the UNet and the text encoder run in bfloat16. The weights
   are not copied or changed (each op casts what it needs). The loss, the trained vectors and
   Adam's state stay fp32. On a CPU with native bfloat16 (AVX512-BF16 or AMX) this is where
-  the speed is: about 1.6x fp32 per training step at SD1.5 size (``bench/``, README) on
+  the speed is: about 1.6x fp32 per training step at SD1.5 size (``bench/``, docs/performance.md) on
   current ComfyUI. Not on old copies whose transformer blocks add in place: there autograd
   copies every tensor it saves (``lean_training.py``), the weights' casts too, which ate the
   gain in a measurement.
