@@ -395,6 +395,129 @@ def epsilon_rdp(event: dpa.DpEvent, *, delta: float) -> float:
     return float(accountant.compose(event).get_epsilon(check_delta(delta)))
 
 
+# --- fully adaptive filters (docs/privacy.md §7) ------------------------------------------
+
+# Calibration and the ledger's filters decide "at most the target" in double precision.
+# dp_accounting evaluates the divergences with a relative rounding error of order 1e-14
+# (measured: the PLD accepted a z whose exact delta at (epsilon, delta) = (10, 1e-3), q = 1,
+# exceeds 1e-3 by a relative 2.3e-14, checked at 40 digits), so every such decision is taken
+# at delta * (1 - SAFETY_MARGIN) instead of delta. 1e-9 is five orders of magnitude above
+# that rounding and costs a relative ~1e-10 of noise, far below anything measurable.
+SAFETY_MARGIN = 1e-9
+
+
+def safe_delta(delta: float) -> float:
+    """``delta`` less the SAFETY_MARGIN: the delta that "never above the target" checks use."""
+    return delta * (1.0 - SAFETY_MARGIN)
+
+
+def gaussian_precision(event: dpa.DpEvent) -> float | None:
+    """sum_i 1/z_i^2 over the Gaussian mechanisms of ``event`` when none is subsampled, else None.
+
+    A composition of Gaussian mechanisms (sensitivity 1, noise multipliers z_i) is exactly a
+    Gaussian mechanism with 1/z^2 = sum_i 1/z_i^2, i.e. mu-GDP with mu^2 = sum_i 1/z_i^2
+    (Dong, Roth & Su 2022, Cor. 3.3). A Poisson-sampled event with q = 1 keeps every image
+    and counts as Gaussian (so does DP-SGD with q = 1); q = 0 releases nothing about the
+    images and adds 0. Any other subsampling makes the event non-Gaussian (None). An event
+    without noise has precision ``math.inf``.
+    """
+    leaves: list[_Leaf] = []
+    try:
+        _leaves(event, 1, leaves)
+    except _NonPrivate:
+        return math.inf
+    if any(leaf.q != 1 for leaf in leaves):
+        return None
+    return math.fsum(1.0 / leaf.noise_multiplier**2 for leaf in leaves)
+
+
+def gdp_admits(precision: float, *, epsilon: float, delta: float) -> bool:
+    """Whether mu-GDP with mu^2 = ``precision`` is (epsilon, delta)-DP, exactly.
+
+    mu-GDP is the Gaussian mechanism with noise multiplier 1/mu (Dong, Roth & Su 2022,
+    Cor. 2.13), whose exact delta at epsilon is the analytic Gaussian one (Balle & Wang 2018,
+    Thm 8). Compared with delta * (1 - SAFETY_MARGIN / 2): a release calibrated at
+    ``safe_delta(delta)`` (the full margin) is always admitted, and an admitted one is below
+    delta also after rounding.
+    """
+    if precision == 0:
+        return True
+    if not math.isfinite(precision):
+        return False
+    z = 1.0 / math.sqrt(precision)
+    return _remove_delta(z, 1.0, epsilon) <= delta * (1.0 - SAFETY_MARGIN / 2)
+
+
+def gdp_mu_limit(*, epsilon: float, delta: float) -> float:
+    """The largest mu (to ~1e-12) with mu-GDP within (epsilon, delta): for messages only."""
+    with np.errstate(divide="ignore"):
+        return 1.0 / float(dpa.get_sigma_gaussian(epsilon, delta * (1.0 - SAFETY_MARGIN / 2)))
+
+
+RDP_FILTER_ORDERS: tuple[int, ...] = tuple(
+    int(order)
+    for order in rdp.rdp_privacy_accountant.DEFAULT_RDP_ORDERS
+    if float(order).is_integer() and order >= 2
+)
+"""Orders the Renyi filter may pin: the integer orders among dp_accounting's defaults. At an
+integer order the RDP of a Poisson-subsampled Gaussian is a finite binomial sum (Mironov,
+Talwar & Zhang 2019, Sec. 3.3), exact up to rounding; fractional orders use a truncated
+series."""
+
+
+def rdp_budget(order: int, *, epsilon: float, delta: float) -> float:
+    """B(alpha): the largest RDP at ``order`` that converts to (epsilon, delta)-DP.
+
+    dp_accounting's RdpAccountant converts RDP r at order a > 1 to
+    epsilon = r + log(1 - 1/a) - log(delta * a) / (a - 1) (Canonne, Kamath & Steinke 2020,
+    Prop. 12; Balle et al. 2020, Thm 21; its ``compute_epsilon``), so
+    B = epsilon - log(1 - 1/a) + log(delta * a) / (a - 1), at ``safe_delta(delta)``. It may be
+    <= 0 (no RDP fits at that order).
+    """
+    a = float(order)
+    return epsilon - math.log1p(-1.0 / a) + math.log(safe_delta(delta) * a) / (a - 1.0)
+
+
+def event_rdp(event: dpa.DpEvent, orders: Sequence[int]) -> tuple[float, ...]:
+    """The RDP of ``event`` at each of ``orders`` (add/remove), from dp_accounting's accountant.
+
+    RdpAccountant keeps the composed RDP per order in ``_rdp`` (dp-accounting 0.6.0, pinned;
+    tests/dp/test_accounting.py checks it against a/(2 z^2) for a Gaussian).
+    """
+    accountant = rdp.RdpAccountant(orders=[float(order) for order in orders])
+    if not accountant.supports(event):
+        raise InvalidParameterError(f"the RDP accountant cannot account for {event!r:.200}.")
+    accountant.compose(event)
+    values = getattr(accountant, "_rdp", None)
+    if values is None or len(values) != len(orders):
+        raise InvalidParameterError(
+            "dp_accounting's RdpAccountant no longer exposes its per-order RDP (_rdp); this "
+            "pack needs dp-accounting==0.6.0."
+        )
+    return tuple(float(value) for value in values)
+
+
+def filter_order(first_event: dpa.DpEvent, *, epsilon: float, delta: float) -> int:
+    """alpha*: the order a Renyi filter is pinned to, from the history's first event alone.
+
+    The order among RDP_FILTER_ORDERS minimising RDP_first(alpha) / B(alpha) over the orders
+    with B(alpha) > 0 (the first release then takes the smallest share of the filter's
+    budget); the order with the largest B when none is positive (every later release is then
+    refused, which is sound). A function of the public first event and total only, so it is
+    fixed before any output of the history exists. One order, not several: a filter checked
+    at several orders at once must keep every one of them within its budget.
+    """
+    values = event_rdp(first_event, RDP_FILTER_ORDERS)
+    budgets = [rdp_budget(a, epsilon=epsilon, delta=delta) for a in RDP_FILTER_ORDERS]
+    best, best_ratio = None, math.inf
+    for order, value, budget in zip(RDP_FILTER_ORDERS, values, budgets, strict=True):
+        if budget > 0 and (best is None or value / budget < best_ratio):
+            best, best_ratio = order, value / budget
+    if best is None:
+        best = RDP_FILTER_ORDERS[max(range(len(budgets)), key=budgets.__getitem__)]
+    return best
+
+
 # --- calibration --------------------------------------------------------------------------
 
 
@@ -523,7 +646,7 @@ def _calibrate(
 ) -> Calibration:
     started = time.monotonic()
     _check_calibration_delta(delta, q)
-    z_star = _exact_noise(epsilon, delta, q)
+    z_star = _exact_noise(epsilon, safe_delta(delta), q)
     return _search_noise(
         epsilon,
         delta,
@@ -552,13 +675,17 @@ def _search_noise(
 ) -> Calibration:
     """The (near-)smallest z with epsilon_for(make_event(z)) <= epsilon (see the callers).
 
-    ``z_star`` must be a lower bound on every z that meets the target under a correct
+    The search meets the target at ``safe_delta(delta)`` (SAFETY_MARGIN), so that the exact
+    divergence stays at most delta also after rounding (docs/privacy.md §2.6); the epsilon
+    reported is the one at ``delta`` itself, checked <= epsilon too. ``z_star`` must be a
+    lower bound on every z that meets the target at ``safe_delta(delta)`` under a correct
     accountant (no z below it can do), ``guess`` any starting point (the search is fastest
     when it is close to the answer). With ``poll_inside_passes`` the time limit and ``poll``
     are also checked between the PLD passes of one epsilon (for compositions, whose
     epsilon takes several passes).
     """
     passes = 0
+    search_delta = safe_delta(delta)
 
     def check_time() -> None:
         if time.monotonic() - started > CALIBRATION_TIME_LIMIT_S:
@@ -587,8 +714,8 @@ def _search_noise(
         if poll is not None:
             poll()
         if poll_inside_passes:
-            return _pld_epsilon([(make_event(z), 1)], delta, between_passes)
-        return epsilon_for(make_event(z), delta=delta)
+            return _pld_epsilon([(make_event(z), 1)], search_delta, between_passes)
+        return epsilon_for(make_event(z), delta=search_delta)
 
     def too_tight(z_star: float) -> InvalidParameterError:
         needs = f" (about {z_star:.3g})" if math.isfinite(z_star) else ""
@@ -681,14 +808,17 @@ def _search_noise(
         )
 
     # 4. Re-check (docs/privacy.md §2.6): never report a z whose epsilon exceeds the target.
+    # eps_hi <= epsilon at safe_delta(delta); the epsilon reported is the one at delta (what
+    # the ledger recomputes), never above the target either.
     event = make_event(hi)
     if poll is not None:
         poll()
     achieved = epsilon_for(event, delta=delta)
-    while not achieved <= epsilon:  # only if the accountant were not deterministic
+    while not (achieved <= epsilon and eps_hi <= epsilon):  # a grid that is not monotone
         hi *= 1.0 + CALIBRATION_BAND / 4
         event = make_event(hi)
-        achieved = eps_of(hi)
+        eps_hi = eps_of(hi)
+        achieved = epsilon_for(event, delta=delta)
     return Calibration(
         noise_multiplier=hi,
         epsilon_target=epsilon,
@@ -1181,10 +1311,10 @@ def _calibrate_dpsgd(
     started = time.monotonic()
     _check_calibration_delta(delta, q)
     if q == 1:
-        z_star = math.sqrt(steps) * _exact_noise(epsilon, delta, 1.0)
+        z_star = math.sqrt(steps) * _exact_noise(epsilon, safe_delta(delta), 1.0)
         guess = z_star
     else:
-        z_star = _exact_noise(epsilon, delta, q)
+        z_star = _exact_noise(epsilon, safe_delta(delta), q)
         guess = _dpsgd_guess(epsilon, delta, q, steps) if math.isfinite(z_star) else z_star
     return _search_noise(
         epsilon,

@@ -4,14 +4,14 @@ ComfyUI re-executes a node whenever its inputs change and every execution of a D
 new release, so spending must be remembered across runs. One JSON file per ComfyUI
 installation (``<user>/dp_adapt/ledger.json``) records every release:
 
-    {"format": "comfyui-dp-adapt-ledger", "version": 2,
+    {"format": "comfyui-dp-adapt-ledger", "version": 3,
      "collections": {"<name>": {"total": {"epsilon": e, "delta": d},
-                                "releases": ["<release id>", ...]}},
+                                "releases": ["<release id>", ...],
+                                "filter": {"kind": "gaussian"} | {"kind": "rdp", "order": a}}},
      "releases": {"<release id>": {"collection": "<name>", "event": {...DpEvent...},
                   "epsilon": <the event's own epsilon at the collection total's delta>,
                   "label": "...", "request_key": "<opaque>", "result": {...public...}}},
-     "images": {"<image key>": {"total": {"epsilon": e, "delta": d},
-                                "releases": ["<release id>", ...]}}}
+     "images": {"<image key>": {"total": ..., "releases": [...], "filter": ...}}}
 
 Lists are in the order of recording. There are no timestamps: a release's duration depends
 on the private images, and so would its recorded times. Release ids are random. Image keys
@@ -24,31 +24,59 @@ Two levels of budget, because the unit of privacy is one image (add/remove adjac
 - Collection (public). A collection is the ledger name the user chose. Its total
   (epsilon, delta) is pinned at its first release: a later, larger total is refused (it
   would re-open spent budget), a smaller one tightens it for good. Before a release, the
-  PLD composition of the collection's recorded events and the new one, at the total's
-  delta, must not exceed the total epsilon, or the release is refused with
+  collection's filter (below) must admit it, or the release is refused with
   BudgetExceededError. This decision depends only on the releases the user made (public),
   never on which images are in the folder, so whether a release happens reveals nothing
   about the images.
 - Image (per person): an individual privacy filter in the sense of Feldman & Zrnic 2021
   ("Individual Privacy Accounting via a Renyi Filter"). Each image key has its own total,
   pinned to the total of the first collection it was released in (tightened by a smaller
-  total later, never raised), and the list of releases it took part in. At a new release an
-  image whose own composition (its recorded events and the new one, PLD at its total's
-  delta) would exceed its total epsilon is excluded: it is not charged and contributes 0
-  (the caller drops it inside ``release``). Nothing says which or how many images were
-  excluded. Because every image carries its own history, a folder with one image added,
+  total later, never raised), its filter and the list of releases it took part in. At a new
+  release an image whose own filter does not admit the new event is excluded: it is not
+  charged and contributes 0 (the caller drops it inside ``release``). Nothing says which or
+  how many images were excluded. Because every image carries its own history, a folder with one image added,
   removed or re-encoded, or the same images under another ledger name, never gives the
   other images a fresh budget: the composition of the releases an image took part in, over
   every collection of the installation, never exceeds its total. Whether one image is
   included depends on its own history only, so adding or removing an image never changes
-  what happens to the others. Feldman & Zrnic prove the filter for Renyi DP; for Gaussian
-  events without subsampling the PLD composition used here is Gaussian-DP composition, for
-  which fully adaptive composition holds too (Smith & Thakurta 2022, "Fully adaptive
-  composition for Gaussian differential privacy"; Koskela, Tobaben, Honkela 2023,
-  "Individual privacy accounting with Gaussian differential privacy"); for Poisson-sampled
-  events the PLD filter is the same rule, not covered by those theorems. Compositions are
-  cached per multiset of events, so many images sharing a few histories cost a few
-  compositions.
+  what happens to the others.
+
+Fully adaptive filters. Users choose each release after seeing earlier outputs, so every
+decision (a collection refusal, an image exclusion) must rest on a composition proven for
+adaptively chosen mechanisms and an adaptive stopping rule. The plain PLD composition is
+not: for histories mixing Gaussian, Poisson-subsampled Gaussian and DP-SGD events the natural
+PLD / f-DP filter can fail (arXiv 2602.06756, 2602.15815). It is still computed and shown as
+the non-adaptive estimate (``spent``, ``image_spent``, ``BudgetCheck``'s epsilons, reports).
+Each history (a collection's, each image's) has a filter pinned at its first release, from
+that first event and the total in force (``HistoryFilter``):
+
+- "gaussian": the first event is Gaussian without subsampling (q = 1, also DP-SGD with
+  q = 1). A composition of Gaussians with noise multipliers z_i is exactly mu-GDP with
+  mu^2 = sum 1/z_i^2 (Dong, Roth & Su 2022, Cor. 3.3); a release is admitted iff that mu's
+  exact (analytic Gaussian) delta at the total epsilon is within the total delta. Proven for
+  fully adaptive choices by Smith & Thakurta 2022 ("Fully adaptive composition for Gaussian
+  differential privacy"; per image: Koskela, Tobaben & Honkela 2023). Every later event must
+  be Gaussian too: a collection refuses any other (saying why), an image is excluded.
+- "rdp" (anything else): the first event alone is admitted iff its own PLD epsilon is within
+  the total (one event chosen before any output of the history: non-adaptive, exact). Every
+  later event is admitted iff the sum of the RDP of all the history's events, the new one
+  included, at ONE order alpha* is at most B(alpha*), the largest RDP that converts to the
+  total (epsilon, delta) by dp_accounting's conversion (``rdp_budget``): Feldman & Zrnic
+  2021, Thm 3.1 (Renyi filter). alpha* minimises RDP_first(alpha) / B(alpha) over the integer
+  default orders; it stays pinned when the total is tightened (B is recomputed from the
+  total in force). When the first event alone exceeds B, every later event is refused.
+
+Why pin the kind instead of "GDP while the history is Gaussian-only, RDP filter once it is
+not": the analyst could then choose adaptively between a branch that continues with
+Gaussians up to the GDP limit (past what the RDP filter would allow) and a branch that
+switches to a subsampled event; splitting the transcripts by branch and applying each
+theorem gives only (epsilon, 2 delta). A kind fixed by the first event is fixed before any
+output of that history exists. Decisions use delta * (1 - SAFETY_MARGIN) (``safe_delta``,
+half the margin for the Gaussian filter), so rounding never puts a history above its total.
+Version-2 ledgers (which stored no filter) are read by deriving each history's filter from
+its first event and its stored total; the decisions recorded before the upgrade were PLD
+decisions, and a Gaussian history that already holds a subsampled event admits nothing more.
+A version-2 file is written as version 3 at its next release.
 
 Idempotence: ``request_key`` identifies identical settings on identical images. A commit
 with a recorded request key returns the stored public result and charges nothing (a
@@ -86,7 +114,20 @@ from pathlib import Path
 import dp_accounting as dpa
 from dp_accounting import pld
 
-from .accounting import compose_epsilon, epsilon_for, event_from_dict, event_to_dict
+from .accounting import (
+    RDP_FILTER_ORDERS,
+    compose_epsilon,
+    epsilon_for,
+    event_from_dict,
+    event_rdp,
+    event_to_dict,
+    filter_order,
+    gaussian_precision,
+    gdp_admits,
+    gdp_mu_limit,
+    rdp_budget,
+    safe_delta,
+)
 from .display import shown_path
 from .errors import (
     BudgetExceededError,
@@ -101,7 +142,7 @@ from .validation import check_delta, check_epsilon
 logger = logging.getLogger(__name__)
 
 FORMAT = "comfyui-dp-adapt-ledger"
-VERSION = 2
+VERSION = 3
 LEDGER_FILE_NAME = "ledger.json"
 LOCK_TIMEOUT_S = 120.0
 # Events the ledger accepts (new or stored). Calibration only produces noise multipliers in
@@ -172,15 +213,101 @@ class TotalBudget:
         return TotalBudget(min(self.epsilon, other.epsilon), min(self.delta, other.delta))
 
 
+GAUSSIAN_FILTER = "gaussian"
+RENYI_FILTER = "rdp"
+
+
+@dataclass(frozen=True)
+class HistoryFilter:
+    """The fully adaptive composition rule of one history, pinned at its first release.
+
+    ``kind``: GAUSSIAN_FILTER when the first release was a Gaussian mechanism without
+    subsampling (q = 1), RENYI_FILTER otherwise; ``order``: the Renyi filter's order alpha*
+    (``filter_order``), None for a Gaussian filter. Both are functions of the public first
+    event and the total in force at it, fixed before any output of the history exists.
+    """
+
+    kind: str
+    order: int | None = None
+
+    @classmethod
+    def for_first(cls, event: dpa.DpEvent, total: TotalBudget) -> HistoryFilter:
+        if gaussian_precision(event) is not None:
+            return cls(GAUSSIAN_FILTER)
+        return cls(RENYI_FILTER, filter_order(event, epsilon=total.epsilon, delta=total.delta))
+
+    def as_dict(self) -> dict:
+        if self.kind == GAUSSIAN_FILTER:
+            return {"kind": GAUSSIAN_FILTER}
+        return {"kind": RENYI_FILTER, "order": self.order}
+
+
+@dataclass(frozen=True)
+class FilterDecision:
+    """How a history's pinned rule (``HistoryFilter``) decides on one more release.
+
+    ``first``: the history was empty, so the release is judged alone; ``value`` and
+    ``budget`` are in the rule's units: mu of the history with this release and the largest
+    mu the total allows (Gaussian filter), the sum of the history's RDP at alpha* with this
+    release and B(alpha*) (Renyi filter), or the release's own PLD epsilon and the total
+    epsilon (a first release of a Renyi history: one non-adaptive event, exact).
+    ``mixed``: a non-Gaussian release on a Gaussian history (always refused, value inf).
+    ``ok``: the release may go ahead.
+    """
+
+    filter: HistoryFilter
+    first: bool
+    value: float
+    budget: float
+    ok: bool
+    mixed: bool = False
+
+    def explanation(self) -> str:
+        if self.mixed:
+            return (
+                "its first release was a Gaussian mechanism without subsampling (q = 1), so "
+                "its releases are composed as Gaussian DP, which is proven for adaptively "
+                "chosen releases only while every release is Gaussian (Smith & Thakurta "
+                "2022); this release is Poisson-subsampled (q < 1) and cannot join it. A "
+                "new collection name does not help for the same pictures: each picture "
+                "keeps its own history, and pictures first released with q = 1 can only take "
+                "part in q = 1 releases (pictures first released with q < 1 take part in "
+                "either kind). Use sampling rate q = 1 for these pictures"
+            )
+        if self.filter.kind == GAUSSIAN_FILTER and self.value == math.inf:
+            return (
+                "its history holds a Poisson-subsampled release recorded before ledger version "
+                "3, which the Gaussian-DP filter (Smith & Thakurta 2022) cannot compose, so it "
+                "admits no further release"
+            )
+        if self.filter.kind == GAUSSIAN_FILTER:
+            return (
+                "by the Gaussian-DP filter (Smith & Thakurta 2022, fully adaptive "
+                f"composition), its releases with this one are mu-GDP with mu = {self.value:.6g}, "
+                f"and the total allows mu <= {self.budget:.6g}"
+            )
+        if self.first:
+            return (
+                f"this release alone has epsilon {self.value:.6g} (PLD, exact for one release) "
+                f"> total epsilon {self.budget:g}"
+            )
+        return (
+            f"by the Renyi filter at order alpha = {self.filter.order} (Feldman & Zrnic 2021, "
+            f"Thm 3.1), its releases with this one have Renyi DP {self.value:.6g} at that "
+            f"order, and the total allows {self.budget:.6g}"
+        )
+
+
 @dataclass(frozen=True)
 class BudgetCheck:
     """A candidate release against a collection's budget; all epsilons at ``total.delta``.
 
-    ``spent``: PLD composition of the collection's recorded releases; ``requested``: the new
-    event's own epsilon (0 for a reused release); ``total_after``: PLD composition of the
-    recorded releases and the new one; ``remaining``: total epsilon minus ``spent`` (before
-    this release, >= 0); ``ok``: the release may go ahead (``total_after <= total.epsilon``;
-    always True for a reused release, which spends nothing).
+    ``ok`` (the release may go ahead) is the decision of the collection's fully adaptive
+    filter, ``decision`` (None for a reused release, which spends nothing and is always ok).
+    The epsilons are the PLD composition, the non-adaptive estimate shown in reports:
+    ``spent`` of the recorded releases, ``requested`` the new event's own epsilon (0 for a
+    reused release), ``total_after`` of the recorded releases and the new one;
+    ``remaining``: total epsilon minus ``spent`` (>= 0).
     """
 
     spent: float
@@ -189,16 +316,25 @@ class BudgetCheck:
     total: TotalBudget
     remaining: float
     ok: bool
+    decision: FilterDecision | None
 
     @classmethod
-    def of(cls, spent: float, requested: float, total_after: float, total: TotalBudget):
+    def of(
+        cls,
+        spent: float,
+        requested: float,
+        total_after: float,
+        total: TotalBudget,
+        decision: FilterDecision,
+    ):
         return cls(
             spent=spent,
             requested=requested,
             total_after=total_after,
             total=total,
             remaining=max(0.0, total.epsilon - spent),
-            ok=total_after <= total.epsilon,
+            ok=decision.ok,
+            decision=decision,
         )
 
     @classmethod
@@ -210,14 +346,28 @@ class BudgetCheck:
             total=total,
             remaining=max(0.0, total.epsilon - spent),
             ok=True,
+            decision=None,
         )
 
+    def reason(self) -> str:
+        """Why the collection's filter refuses (or admits) the release: the rule and its figures."""
+        if self.decision is None:
+            return "an identical release was recorded before and is reused"
+        return self.decision.explanation()
+
     def refusal_message(self, name: str) -> str:
+        mixed = self.decision is not None and self.decision.mixed
+        headline = (
+            f"collection '{name}' cannot take this release"
+            if mixed
+            else f"privacy budget of collection '{name}' would be exceeded"
+        )
         return (
-            f"privacy budget of collection '{name}' would be exceeded: spent epsilon "
-            f"{self.spent:.6g}, this release requests epsilon {self.requested:.6g}, together "
-            f"(PLD composition) {self.total_after:.6g} > total budget epsilon "
-            f"{self.total.epsilon:g} at delta {self.total.delta:g}. Nothing was released."
+            f"{headline}: {self.reason()}. "
+            f"Non-adaptive estimate (PLD composition): spent epsilon {self.spent:.6g}, this "
+            f"release epsilon {self.requested:.6g}, together {self.total_after:.6g}, of total "
+            f"budget epsilon {self.total.epsilon:g} at delta {self.total.delta:g}. Nothing was "
+            "released."
         )
 
 
@@ -367,6 +517,130 @@ def _public_result(result: object) -> tuple[str, dict]:
     return text, json.loads(text)
 
 
+class _Decider:
+    """Fully adaptive filter decisions on the histories of one snapshot (module docstring).
+
+    Caches every per-event figure (Gaussian precision, RDP at an order, PLD epsilon of the new
+    event) and every decision per (history, filter, total), so many images sharing a few
+    histories cost a few computations.
+    """
+
+    def __init__(self, events: dict[str, dpa.DpEvent], event: dpa.DpEvent, failed: Callable):
+        self._events = events
+        self._event = event
+        self._failed = failed
+        self._precision: dict[str, float | None] = {}
+        self._rdp: dict[tuple[str, int], float] = {}
+        self._new_rdp: dict[int, float] = {}
+        self._new_precision = self._guarded(lambda: gaussian_precision(event))
+        self._new_epsilon: dict[float, float] = {}
+        self._firsts: dict[TotalBudget, HistoryFilter] = {}
+        self._mu_limits: dict[TotalBudget, float] = {}
+        self._decisions: dict[tuple, FilterDecision] = {}
+
+    def _guarded(self, compute: Callable):
+        try:
+            return compute()
+        except DpAdaptError:
+            raise
+        except (ArithmeticError, MemoryError, ValueError) as error:
+            raise self._failed(error) from error
+
+    def first_filter(self, total: TotalBudget) -> HistoryFilter:
+        """The filter a history starting with the new event would be pinned to."""
+        if total not in self._firsts:
+            self._firsts[total] = self._guarded(lambda: HistoryFilter.for_first(self._event, total))
+        return self._firsts[total]
+
+    def _mu_limit(self, total: TotalBudget) -> float:
+        if total not in self._mu_limits:
+            self._mu_limits[total] = self._guarded(
+                lambda: gdp_mu_limit(epsilon=total.epsilon, delta=total.delta)
+            )
+        return self._mu_limits[total]
+
+    def _precision_of(self, rid: str) -> float | None:
+        if rid not in self._precision:
+            self._precision[rid] = self._guarded(lambda: gaussian_precision(self._events[rid]))
+        return self._precision[rid]
+
+    def _rdp_of(self, rid: str | None, order: int) -> float:
+        cache, key = (self._new_rdp, order) if rid is None else (self._rdp, (rid, order))
+        if key not in cache:
+            event = self._event if rid is None else self._events[rid]
+            cache[key] = self._guarded(lambda: event_rdp(event, (order,))[0])
+        return cache[key]
+
+    def decide(
+        self, pinned: HistoryFilter | None, history: Sequence[str], total: TotalBudget
+    ) -> FilterDecision:
+        """The decision on the new event for a history (release ids in order) pinned to
+        ``pinned`` (None for an empty history) under ``total``."""
+        key = (pinned, tuple(history), total)
+        if key not in self._decisions:
+            self._decisions[key] = self._decide(pinned, history, total)
+        return self._decisions[key]
+
+    def _gaussian(self, precision: float, total: TotalBudget, *, first: bool) -> FilterDecision:
+        admitted = self._guarded(
+            lambda: gdp_admits(precision, epsilon=total.epsilon, delta=total.delta)
+        )
+        return FilterDecision(
+            HistoryFilter(GAUSSIAN_FILTER),
+            first=first,
+            value=math.sqrt(precision),
+            budget=self._mu_limit(total),
+            ok=admitted,
+        )
+
+    def _decide(
+        self, pinned: HistoryFilter | None, history: Sequence[str], total: TotalBudget
+    ) -> FilterDecision:
+        if not history:
+            pinned = self.first_filter(total)
+            if pinned.kind == GAUSSIAN_FILTER:
+                return self._gaussian(self._new_precision, total, first=True)
+            # One event chosen before any output of this history: non-adaptive, and its PLD
+            # epsilon is exact (an upper bound). At safe_delta, as calibration checks it.
+            delta = safe_delta(total.delta)
+            if delta not in self._new_epsilon:
+                self._new_epsilon[delta] = self._guarded(
+                    lambda: epsilon_for(self._event, delta=delta)
+                )
+            epsilon = self._new_epsilon[delta]
+            return FilterDecision(
+                pinned, first=True, value=epsilon, budget=total.epsilon, ok=epsilon <= total.epsilon
+            )
+        if pinned.kind == GAUSSIAN_FILTER:
+            # Smith & Thakurta 2022: adaptively chosen mu_i-GDP mechanisms, stopped before
+            # sum mu_i^2 exceeds mu^2, are mu-GDP. Only Gaussian releases have a mu: any other
+            # one is refused (a history upgraded from version 2 may already hold one; then
+            # nothing more is admitted).
+            precisions = [self._precision_of(rid) for rid in history]
+            precisions.append(self._new_precision)
+            if any(p is None for p in precisions):
+                return FilterDecision(
+                    pinned,
+                    first=False,
+                    value=math.inf,
+                    budget=self._mu_limit(total),
+                    ok=False,
+                    mixed=self._new_precision is None,
+                )
+            return self._gaussian(math.fsum(precisions), total, first=False)
+        # Feldman & Zrnic 2021, Thm 3.1: adaptively chosen releases, each admitted only while
+        # the sum of their RDP at alpha* stays <= B, are (alpha*, B)-RDP together, which
+        # converts to the total (epsilon, delta) (``rdp_budget``).
+        order = pinned.order
+        value = math.fsum(
+            [*(self._rdp_of(rid, order) for rid in history), self._rdp_of(None, order)]
+        )
+        budget = self._guarded(lambda: rdp_budget(order, epsilon=total.epsilon, delta=total.delta))
+        return FilterDecision(
+            pinned, first=False, value=value, budget=budget, ok=budget > 0 and value <= budget
+        )
+
+
 class Ledger:
     """The installation's ledger file (see the module docstring for format and guarantees)."""
 
@@ -414,14 +688,14 @@ class Ledger:
             raise LedgerFormatError(
                 f"budget ledger {self.path} is a version-1 ledger: it recorded releases per "
                 "folder fingerprint, which cannot be attributed to images, so it cannot be "
-                "carried into this version's per-image ledger (version 2). It was left "
+                "carried into a per-image ledger (version 2 or later). It was left "
                 "untouched. Move it aside to start a new ledger (the budget it records stays "
                 "spent: keep it to know what was released), or keep the older pack."
             )
-        if version != VERSION or isinstance(version, bool):
+        if version not in (2, VERSION) or isinstance(version, bool):
             raise LedgerFormatError(
                 f"budget ledger {self.path} has version {version!r}; this version of "
-                f"comfyui-dp-adapt reads version {VERSION} only. It was left untouched: "
+                f"comfyui-dp-adapt reads versions 2 and {VERSION} only. It was left untouched: "
                 "update the pack."
             )
         if set(data) != _TOP_LEVEL:
@@ -429,7 +703,7 @@ class Ledger:
                 f"the document must have exactly the fields {sorted(_TOP_LEVEL)}, got "
                 f"{sorted(map(str, data))}"
             )
-        return self._validate(data)
+        return self._validate(data, upgrade=version == 2)
 
     def _total(self, value: object, owner: str) -> TotalBudget:
         try:
@@ -449,7 +723,62 @@ class Ledger:
             raise self._corrupt(f"{owner} lists a release twice")
         return value
 
-    def _validate(self, data: dict) -> _Snapshot:
+    def _history_filter(
+        self,
+        entry: dict,
+        owner: str,
+        events: dict[str, dpa.DpEvent],
+        upgrade: bool,
+        derived: dict[tuple, HistoryFilter],
+    ) -> None:
+        """Validate (version 3) or derive (version 2) the pinned filter of a history entry.
+
+        Version 2 stored no filter: it is derived from the history's first event and its
+        stored total, as it would have been pinned (decisions recorded before the upgrade
+        were PLD decisions; from now on the filter decides). Version 3: the kind must be the
+        one the first event gives, the order one of RDP_FILTER_ORDERS (it cannot be
+        recomputed: the total may have been tightened since it was pinned).
+        """
+        fields = {"total", "releases"} if upgrade else {"total", "releases", "filter"}
+        if not isinstance(entry, dict) or set(entry) != fields:
+            raise self._corrupt(f"{owner} does not have exactly {', '.join(sorted(fields))}")
+        if not isinstance(entry["releases"], list) or not entry["releases"]:
+            raise self._corrupt(f"{owner} lists no release (a history starts with its first)")
+        first = entry["releases"][0]
+        if not isinstance(first, str) or first not in events:
+            raise self._corrupt(f"{owner} refers to a release id that is not recorded")
+        total = self._total(entry["total"], owner)
+        if upgrade:
+            key = (first, total)
+            if key not in derived:
+                try:
+                    derived[key] = HistoryFilter.for_first(events[first], total)
+                except (ArithmeticError, MemoryError, ValueError, DpAdaptError) as error:
+                    raise self._corrupt(f"{owner} has a first event without RDP", error) from error
+            entry["filter"] = derived[key].as_dict()
+            return
+        stored = entry["filter"]
+        kind = GAUSSIAN_FILTER if gaussian_precision(events[first]) is not None else RENYI_FILTER
+        if kind == GAUSSIAN_FILTER:
+            valid = stored == {"kind": GAUSSIAN_FILTER}
+        else:
+            order = stored.get("order") if isinstance(stored, dict) else None
+            valid = (
+                isinstance(stored, dict)
+                and set(stored) == {"kind", "order"}
+                and stored["kind"] == RENYI_FILTER
+                and type(order) is int
+                and order in RDP_FILTER_ORDERS
+            )
+        if not valid:
+            raise self._corrupt(
+                f"{owner} has an invalid filter {json.dumps(stored)[:80]} (its first release "
+                f"needs kind '{kind}'"
+                + ("" if kind == GAUSSIAN_FILTER else " with an order from RDP_FILTER_ORDERS")
+                + ")"
+            )
+
+    def _validate(self, data: dict, *, upgrade: bool = False) -> _Snapshot:
         collections, releases, images = data["collections"], data["releases"], data["images"]
         for field, value in (
             ("collections", collections),
@@ -498,6 +827,7 @@ class Ledger:
                 raise self._corrupt(f"{owner} belongs to a collection that is not recorded")
 
         listed: set[str] = set()
+        derived: dict[tuple, HistoryFilter] = {}
         for name, entry in collections.items():
             try:
                 valid_name = sanitize_ledger_name(name) == name
@@ -506,9 +836,7 @@ class Ledger:
             if not valid_name:
                 raise self._corrupt(f"collection name {name!r:.120} is not a valid ledger name")
             owner = f"collection {name!r}"
-            if not isinstance(entry, dict) or set(entry) != {"total", "releases"}:
-                raise self._corrupt(f"{owner} does not have exactly total and releases")
-            self._total(entry["total"], owner)
+            self._history_filter(entry, owner, events, upgrade, derived)
             for rid in self._release_list(entry["releases"], owner, releases):
                 if releases[rid]["collection"] != name:
                     raise self._corrupt(f"{owner} lists release {rid} of another collection")
@@ -521,10 +849,17 @@ class Ledger:
             if not _KEY.fullmatch(key):
                 raise self._corrupt("an image key is not 1-256 printable ASCII characters")
             owner = "an image"
-            if not isinstance(entry, dict) or set(entry) != {"total", "releases"}:
-                raise self._corrupt(f"{owner} does not have exactly total and releases")
-            self._total(entry["total"], owner)
+            self._history_filter(entry, owner, events, upgrade, derived)
             self._release_list(entry["releases"], owner, releases)
+        if upgrade:
+            logger.info(
+                "budget ledger %s: version 2 read; each history's filter was derived from its "
+                "first release (earlier decisions were PLD decisions); written as version %d "
+                "at the next release",
+                self.path,
+                VERSION,
+            )
+            data["version"] = VERSION
         return _Snapshot(data, events, by_request)
 
     def _compose(self, events: list[dpa.DpEvent], delta: float) -> float:
@@ -616,33 +951,59 @@ class Ledger:
                 "spending more than was promised. Keep the total (or lower it)."
             )
 
+    def _decider(self, snapshot: _Snapshot, event: dpa.DpEvent) -> _Decider:
+        def failed(error: Exception) -> LedgerError:
+            return LedgerError(
+                f"privacy accounting failed on the releases in {self.path} ({error!r}); "
+                "nothing was released and the ledger was left untouched."
+            )
+
+        return _Decider(snapshot.events, event, failed)
+
+    @staticmethod
+    def _pinned_filter(entry: dict | None) -> HistoryFilter | None:
+        if entry is None:
+            return None
+        stored = entry["filter"]
+        return HistoryFilter(stored["kind"], stored.get("order"))
+
     def _check(
-        self, snapshot: _Snapshot, name: str, event: dpa.DpEvent, total: TotalBudget
+        self,
+        snapshot: _Snapshot,
+        name: str,
+        event: dpa.DpEvent,
+        total: TotalBudget,
+        decider: _Decider | None = None,
     ) -> BudgetCheck:
         self._pinned_check(snapshot, name, total)
+        entry = snapshot.data["collections"].get(name)
+        decider = decider or self._decider(snapshot, event)
+        decision = decider.decide(
+            self._pinned_filter(entry), entry["releases"] if entry else (), total
+        )
         recorded = self._collection_events(snapshot, name)
         return BudgetCheck.of(
             spent=self._compose(recorded, total.delta),
             requested=epsilon_for(event, delta=total.delta),
             total_after=self._compose([*recorded, event], total.delta),
             total=total,
+            decision=decision,
         )
 
     def _filter(
-        self, snapshot: _Snapshot, keys: tuple[str, ...], event: dpa.DpEvent, total: TotalBudget
-    ) -> tuple[tuple[bool, ...], dict[str, TotalBudget]]:
+        self, snapshot: _Snapshot, keys: tuple[str, ...], decider: _Decider, total: TotalBudget
+    ) -> tuple[tuple[bool, ...], dict[str, tuple[TotalBudget, HistoryFilter]]]:
         """The individual privacy filter (Feldman & Zrnic 2021): which images may take part.
 
-        An image is included iff the PLD composition of its recorded events and ``event``,
-        at its total's delta, is at most its total epsilon, its total being its pinned one
-        tightened by ``total`` (a new image gets ``total``). Only the first occurrence of a
-        key can be included. Returns the mask and each included key's total to store.
+        An image is included iff its own pinned filter (module docstring) admits the new
+        event after its recorded releases, under its total: its pinned one tightened by
+        ``total`` (a new image gets ``total`` and the filter the new event pins). Only the
+        first occurrence of a key can be included. Returns the mask and, per included key,
+        the total and filter to store.
         """
         images = snapshot.data["images"]
-        histories: dict[tuple[str, ...], tuple[str, ...]] = {}
-        composed: dict[tuple[tuple[str, ...], float], float] = {}
         mask: list[bool] = []
-        charged: dict[str, TotalBudget] = {}
+        charged: dict[str, tuple[TotalBudget, HistoryFilter]] = {}
         seen: set[str] = set()
         for key in keys:
             if key in seen:
@@ -654,23 +1015,11 @@ class Ledger:
                 limit, history = total, ()
             else:
                 limit = TotalBudget(**entry["total"]).tightened(total)
-                history = tuple(entry["releases"])
-            # Composition depends on the multiset of events only (commutative): many images
-            # with different release ids but equal events share one composition.
-            signature = histories.get(history)
-            if signature is None:
-                signature = tuple(sorted(repr(snapshot.events[rid]) for rid in history))
-                histories[history] = signature
-            cache_key = (signature, limit.delta)
-            epsilon = composed.get(cache_key)
-            if epsilon is None:
-                events = [snapshot.events[rid] for rid in history]
-                epsilon = self._compose([*events, event], limit.delta)
-                composed[cache_key] = epsilon
-            included = epsilon <= limit.epsilon
-            mask.append(included)
-            if included:
-                charged[key] = limit
+                history = entry["releases"]
+            decision = decider.decide(self._pinned_filter(entry), history, limit)
+            mask.append(decision.ok)
+            if decision.ok:
+                charged[key] = (limit, decision.filter)
         return tuple(mask), charged
 
     # -- writing -------------------------------------------------------------------------
@@ -749,17 +1098,25 @@ class Ledger:
                     reused=True,
                     check=BudgetCheck.reuse(spent, total),
                 )
-            check = self._check(snapshot, name, event, total)
+            decider = self._decider(snapshot, event)
+            check = self._check(snapshot, name, event, total, decider)
             if not check.ok:
                 raise BudgetExceededError(check.refusal_message(name))
-            mask, charged = self._filter(snapshot, keys, event, total)
+            mask, charged = self._filter(snapshot, keys, decider, total)
             text, stored = _public_result(release(mask))
 
             data = snapshot.data
             rid = secrets.token_hex(16)
             while rid in data["releases"]:
                 rid = secrets.token_hex(16)
-            entry = data["collections"].setdefault(name, {"total": total.as_dict(), "releases": []})
+            entry = data["collections"].setdefault(
+                name,
+                {
+                    "total": total.as_dict(),
+                    "releases": [],
+                    "filter": check.decision.filter.as_dict(),
+                },
+            )
             if TotalBudget(**entry["total"]) != total:
                 logger.info(
                     "ledger %s: total budget of collection '%s' tightened to (%g, %g)",
@@ -780,8 +1137,10 @@ class Ledger:
                 "result": stored,
             }
             images = data["images"]
-            for key, limit in charged.items():
-                image = images.setdefault(key, {"total": limit.as_dict(), "releases": []})
+            for key, (limit, pinned) in charged.items():
+                image = images.setdefault(
+                    key, {"total": limit.as_dict(), "releases": [], "filter": pinned.as_dict()}
+                )
                 image["total"] = limit.as_dict()
                 image["releases"].append(rid)
             self._remove_stale_temp_files()

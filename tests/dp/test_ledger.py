@@ -20,14 +20,22 @@ from pathlib import Path
 
 import dp_accounting as dpa
 import pytest
+from dp_accounting import rdp
 
 from comfyui_dp_adapt.dp import ledger as ledger_module
 from comfyui_dp_adapt.dp.accounting import (
+    RDP_FILTER_ORDERS,
+    calibrate_noise_multiplier,
     compose_epsilon,
     epsilon_for,
     event_from_dict,
+    event_rdp,
     event_to_dict,
+    filter_order,
+    gdp_mu_limit,
+    rdp_budget,
     release_event,
+    safe_delta,
 )
 from comfyui_dp_adapt.dp.errors import (
     BudgetExceededError,
@@ -52,8 +60,19 @@ SAMPLED = release_event(noise_multiplier=2.0, sampling_rate=0.2)
 
 
 def budget_for_exactly(k: int, event=EVENT) -> TotalBudget:
-    """The total that admits exactly k releases of ``event``: their composed epsilon."""
-    return TotalBudget(epsilon=compose_epsilon([event] * k, delta=DELTA), delta=DELTA)
+    """A total that admits exactly k releases of the Gaussian ``event``: their composed PLD
+    epsilon (for Gaussians it matches the exact, Gaussian-DP one to ~1e-9) plus a hair for
+    the filter's safety margin, far below the epsilon of k + 1 releases."""
+    return TotalBudget(epsilon=compose_epsilon([event] * k, delta=DELTA) * (1 + 1e-6), delta=DELTA)
+
+
+def rdp_budget_for_exactly(k: int, event=SAMPLED) -> TotalBudget:
+    """The total whose Renyi filter admits exactly k releases of the subsampled ``event``:
+    the RDP accountant's epsilon of k releases over the filter's orders (the order it picks
+    is then the filter's pinned alpha*), plus a hair for rounding."""
+    accountant = rdp.RdpAccountant(orders=[float(a) for a in RDP_FILTER_ORDERS])
+    accountant.compose(event, k)
+    return TotalBudget(accountant.get_epsilon(safe_delta(DELTA)) * (1 + 1e-9), DELTA)
 
 
 _requests = iter(range(10**9))
@@ -117,10 +136,16 @@ def test_a_release_is_stored_in_the_documented_format_without_timestamps(tmp_pat
     text = ledger.path.read_text()
     data = json.loads(text)
     assert set(data) == {"format", "version", "collections", "releases", "images"}
-    assert data["format"] == "comfyui-dp-adapt-ledger" and data["version"] == 2
+    assert data["format"] == "comfyui-dp-adapt-ledger" and data["version"] == 3
     assert re.fullmatch(r"[0-9a-f]{32}", done.release_id)
+    # A subsampled first release pins a Renyi filter at the order chosen from it alone.
+    pinned = {"kind": "rdp", "order": filter_order(SAMPLED, epsilon=5.0, delta=DELTA)}
     assert data["collections"] == {
-        "art": {"total": {"epsilon": 5.0, "delta": DELTA}, "releases": [done.release_id]}
+        "art": {
+            "total": {"epsilon": 5.0, "delta": DELTA},
+            "releases": [done.release_id],
+            "filter": pinned,
+        }
     }
     stored = data["releases"][done.release_id]
     assert set(stored) == {"collection", "event", "epsilon", "label", "request_key", "result"}
@@ -132,6 +157,7 @@ def test_a_release_is_stored_in_the_documented_format_without_timestamps(tmp_pat
         assert data["images"][key] == {
             "total": {"epsilon": 5.0, "delta": DELTA},
             "releases": [done.release_id],
+            "filter": pinned,
         }
     # No wall-clock time anywhere (a release's duration depends on the private images).
     assert not re.search(r"\d{4}-\d{2}-\d{2}|T\d{2}:\d{2}", text)
@@ -293,10 +319,17 @@ def test_the_collection_refusal_depends_only_on_its_history(tmp_path, keys):
             release=never_called,
         )
     spent = compose_epsilon([EVENT] * 2, delta=DELTA)
+    # The rule that refused (three Gaussians are mu-GDP with mu = sqrt(3) / z), then the
+    # non-adaptive PLD estimate.
+    mu = (3 / EVENT.noise_multiplier**2) ** 0.5
     assert str(error.value) == (
-        f"privacy budget of collection 'art' would be exceeded: spent epsilon {spent:.6g}, "
-        f"this release requests epsilon {epsilon_for(EVENT, delta=DELTA):.6g}, together (PLD "
-        f"composition) {compose_epsilon([EVENT] * 3, delta=DELTA):.6g} > total budget epsilon "
+        "privacy budget of collection 'art' would be exceeded: by the Gaussian-DP filter "
+        "(Smith & Thakurta 2022, fully adaptive composition), its releases with this one are "
+        f"mu-GDP with mu = {mu:.6g}, and the total allows mu <= "
+        f"{gdp_mu_limit(epsilon=total.epsilon, delta=DELTA):.6g}. Non-adaptive estimate (PLD "
+        f"composition): spent epsilon {spent:.6g}, this release epsilon "
+        f"{epsilon_for(EVENT, delta=DELTA):.6g}, together "
+        f"{compose_epsilon([EVENT] * 3, delta=DELTA):.6g}, of total budget epsilon "
         f"{total.epsilon:g} at delta {DELTA:g}. Nothing was released."
     )
     assert ledger.path.read_bytes() == before
@@ -304,18 +337,23 @@ def test_the_collection_refusal_depends_only_on_its_history(tmp_path, keys):
     assert not check.ok and check.spent == pytest.approx(spent)
 
 
-def test_spending_is_the_pld_composition_not_the_sum(tmp_path):
+@pytest.mark.parametrize("event", [EVENT, SAMPLED], ids=["gaussian", "subsampled"])
+def test_spending_is_the_pld_composition_not_the_sum(tmp_path, event):
+    # One kind per history: a collection whose first release is Gaussian (q = 1) takes
+    # Gaussian releases only (see the filter tests below), so each kind is checked alone.
     ledger = Ledger(tmp_path / "ledger.json")
-    events = [EVENT, SAMPLED, EVENT]
-    for event in events:
-        commit(ledger, ["a"], event=event, total=TotalBudget(50.0, DELTA))
+    events = [event] * 3
+    for one in events:
+        commit(ledger, ["a"], event=one, total=TotalBudget(50.0, DELTA))
     assert ledger.spent("art", delta=DELTA) == compose_epsilon(events, delta=DELTA)
     assert spent_on(ledger, "a") == compose_epsilon(events, delta=DELTA)
     assert ledger.spent("art", delta=DELTA) < sum(epsilon_for(e, delta=DELTA) for e in events)
-    # A total that the sum of epsilons would refuse admits a fourth release.
-    total = TotalBudget(compose_epsilon([*events, EVENT], delta=DELTA), DELTA)
+    # The filters compose too: a total that the sum of epsilons would refuse admits a
+    # fourth release.
+    total = budget_for_exactly(4) if event is EVENT else rdp_budget_for_exactly(4)
+    assert total.epsilon < 4 * epsilon_for(event, delta=DELTA)
     other = Ledger(tmp_path / "other.json")
-    for event in [*events, EVENT]:
+    for _ in range(4):
         _, mask = commit(other, ["a"], event=event, total=total)
         assert mask == (True,)
 
@@ -519,19 +557,28 @@ def test_a_thousand_images_with_three_histories_commit_quickly(tmp_path, monkeyp
     keys = [f"image-{i:04d}" for i in range(1000)]
     commit(ledger, keys[:333], collection="one", total=total, event=EVENT)
     commit(ledger, keys[333:666], collection="two", total=total, event=SAMPLED)
-    calls = []
-    real = ledger_module.compose_epsilon
+    calls, rdp_calls = [], []
+    real, real_rdp = ledger_module.compose_epsilon, ledger_module.event_rdp
     monkeypatch.setattr(
         ledger_module,
         "compose_epsilon",
         lambda events, *, delta: (calls.append(1), real(events, delta=delta))[1],
     )
+    monkeypatch.setattr(
+        ledger_module,
+        "event_rdp",
+        lambda event, orders: (rdp_calls.append(1), real_rdp(event, orders))[1],
+    )
     start = time.perf_counter()
     _, mask = commit(ledger, keys, collection="three", total=total)
     elapsed = time.perf_counter() - start
+    # All included: images first released with q < 1 (Renyi filter) take Gaussian releases.
     assert all(mask)
-    # Two compositions for the collection and one per distinct history, not one per image.
-    assert len(calls) <= 5, len(calls)
+    # Two PLD compositions for the collection's estimate; the filters' figures are computed
+    # once per distinct event (the subsampled history's and the new one at alpha*), not once
+    # per image.
+    assert len(calls) <= 2, len(calls)
+    assert len(rdp_calls) <= 2, len(rdp_calls)
     assert elapsed < 10, f"{elapsed:.1f} s"
     assert spent_on(ledger, keys[0]) == compose_epsilon([EVENT, EVENT], delta=DELTA)
 
@@ -692,7 +739,7 @@ print(ok)
 @pytest.mark.slow
 def test_processes_committing_at_once_are_serialised_and_never_overspend(tmp_path):
     path, go, k = tmp_path / "ledger.json", tmp_path / "go", 4
-    total = budget_for_exactly(k, SAMPLED)
+    total = rdp_budget_for_exactly(k, SAMPLED)
     writers = {tag: _child(_RACER, path, go, tag, k, repr(total.epsilon)) for tag in "abc"}
     go.touch()
     successes = {}
@@ -713,8 +760,14 @@ def test_processes_committing_at_once_are_serialised_and_never_overspend(tmp_pat
 RID = "0123456789abcdef0123456789abcdef"
 VALID = {
     "format": "comfyui-dp-adapt-ledger",
-    "version": 2,
-    "collections": {"art": {"total": {"epsilon": 2, "delta": 1e-5}, "releases": [RID]}},
+    "version": 3,
+    "collections": {
+        "art": {
+            "total": {"epsilon": 2, "delta": 1e-5},
+            "releases": [RID],
+            "filter": {"kind": "gaussian"},
+        }
+    },
     "releases": {
         RID: {
             "collection": "art",
@@ -725,8 +778,21 @@ VALID = {
             "result": {"estimate": [0.25]},
         }
     },
-    "images": {"img": {"total": {"epsilon": 2, "delta": 1e-5}, "releases": [RID]}},
+    "images": {
+        "img": {
+            "total": {"epsilon": 2, "delta": 1e-5},
+            "releases": [RID],
+            "filter": {"kind": "gaussian"},
+        }
+    },
 }
+# The same ledger with a subsampled first release (a Renyi filter).
+_SUBSAMPLED_FIRST = json.loads(
+    json.dumps(VALID).replace(json.dumps(event_to_dict(EVENT)), json.dumps(event_to_dict(SAMPLED)))
+)
+_RDP_ORDER = filter_order(SAMPLED, epsilon=2, delta=1e-5)
+for _entry in (_SUBSAMPLED_FIRST["collections"]["art"], _SUBSAMPLED_FIRST["images"]["img"]):
+    _entry["filter"] = {"kind": "rdp", "order": _RDP_ORDER}
 
 
 def _changed(path: tuple, value, base: dict = VALID) -> bytes:
@@ -752,7 +818,7 @@ _V1 = {
         (json.dumps(_V1).encode(), LedgerFormatError, "version-1 ledger.*images"),
         (_changed(("format",), "something-else"), LedgerFormatError, "not a comfyui-dp-adapt"),
         (b"[1, 2]", LedgerFormatError, "not a comfyui-dp-adapt"),
-        (_changed(("version",), 3), LedgerFormatError, "version 3"),
+        (_changed(("version",), 4), LedgerFormatError, "version 4"),
         (_changed(("version",), "2"), LedgerFormatError, "version '2'"),
         (_changed(("version",), True), LedgerFormatError, "version True"),
         (json.dumps(VALID).encode()[:-40], LedgerCorruptError, "JSON"),
@@ -764,7 +830,30 @@ _V1 = {
         (_changed(("collections", "art", "releases"), ["f" * 32]), LedgerCorruptError, "not rec"),
         (_changed(("images", "img", "releases"), [RID, "e" * 32]), LedgerCorruptError, "not rec"),
         (_changed(("images", "img", "releases"), [RID, RID]), LedgerCorruptError, "twice"),
-        (_changed(("collections", "art", "releases"), []), LedgerCorruptError, "not listed"),
+        (_changed(("collections", "art", "releases"), []), LedgerCorruptError, "no release"),
+        (_changed(("images", "img", "releases"), []), LedgerCorruptError, "no release"),
+        # The pinned filter: the kind the first event gives, an order among the filter's.
+        (_changed(("collections", "art", "filter"), {"kind": "rdp", "order": 8}), None, "filter"),
+        (_changed(("images", "img", "filter"), {"kind": "Gaussian"}), None, "filter"),
+        (_changed(("images", "img", "filter"), {"kind": "gaussian", "order": 8}), None, "filter"),
+        (_changed(("images", "img", "filter"), None), None, "filter"),
+        (
+            _changed(("collections", "art", "filter", "kind"), "gaussian", _SUBSAMPLED_FIRST),
+            None,
+            "filter",
+        ),
+        (
+            _changed(("collections", "art", "filter"), {"kind": "gaussian"}, _SUBSAMPLED_FIRST),
+            None,
+            "filter",
+        ),
+        (_changed(("images", "img", "filter", "order"), 7.5, _SUBSAMPLED_FIRST), None, "filter"),
+        (_changed(("images", "img", "filter", "order"), 8.0, _SUBSAMPLED_FIRST), None, "filter"),
+        (_changed(("images", "img", "filter", "order"), True, _SUBSAMPLED_FIRST), None, "filter"),
+        (_changed(("images", "img", "filter", "order"), 3000, _SUBSAMPLED_FIRST), None, "filter"),
+        (_changed(("images", "img", "filter", "order"), 1, _SUBSAMPLED_FIRST), None, "filter"),
+        (_changed(("images", "img", "filter", "extra"), 1, _SUBSAMPLED_FIRST), None, "filter"),
+        (_changed(("images", "img", "extra"), 1), None, "exactly"),
         (_changed(("collections", "art", "total"), {"epsilon": -1, "delta": 0}), None, "total"),
         (_changed(("images", "img", "total"), {"epsilon": 1}), LedgerCorruptError, "total"),
         (_changed(("images", "img", "total", "delta"), 1.5), LedgerCorruptError, "total"),
