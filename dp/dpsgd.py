@@ -50,7 +50,8 @@ from .inversion import (
     check_training_hyperparameters,
     padded_chunk_count,
 )
-from .mechanism import BoundMode, _as_float64, _bound, os_entropy_generator
+from .mechanism import BoundMode, _as_float64, _bound
+from .noise import GaussianMechanism, bernoulli
 from .validation import (
     check_clip_norm,
     check_noise_multiplier,
@@ -109,11 +110,11 @@ def _clipped_sum(
 
 
 def _noisy_step(
-    total: torch.Tensor, clip_norm: float, z: float, q: float, n_hat: int
+    total: torch.Tensor, gaussian: GaussianMechanism, q: float, n_hat: int
 ) -> torch.Tensor:
-    """(total + N(0, (z C)^2 I_D)) / (q n_hat), float64 CPU, noise from OS entropy."""
-    noise = torch.randn(total.shape, generator=os_entropy_generator(), dtype=torch.float64)
-    return (total + noise * (z * clip_norm)) / (q * n_hat)
+    """(total + N(0, (z C)^2 I_D)) / (q n_hat), float64 CPU: OpenDP's Gaussian mechanism on
+    the float64 sum, fresh OpenSSL randomness at every step (docs/privacy.md §6)."""
+    return gaussian(total) / (q * n_hat)
 
 
 def _check_per_example(per_example: torch.Tensor, keep: torch.Tensor) -> None:
@@ -148,8 +149,8 @@ def noisy_gradient_sum(
     per_example: (m, D) per-example gradients (any real dtype and device); keep: (m,) bool,
     True for rows that are sampled AND included (the others contribute exactly 0).
     Adjacency add/remove one example; each kept row is clipped to norm <= C (non-finite
-    rows give 0), so the sum has sensitivity C; noise N(0, (z C)^2 I_D) from a fresh
-    OS-entropy generator, summed in float64 (docs/privacy.md §6); the result is divided by
+    rows give 0), so the sum has sensitivity C; noise N(0, (z C)^2 I_D) by OpenDP's
+    Gaussian mechanism on the float64 sum (docs/privacy.md §6); the result is divided by
     q n_hat. With q = ``sampling_rate`` of a Poisson sample this is one step of
     ``accounting.dpsgd_event``.
     """
@@ -158,7 +159,8 @@ def noisy_gradient_sum(
     q = check_sampling_rate(sampling_rate)
     n_hat = check_positive_int("declared_dataset_size", declared_dataset_size)
     _check_per_example(per_example, keep)
-    return _noisy_step(_clipped_sum(per_example, keep, clip_norm), clip_norm, z, q, n_hat)
+    gaussian = GaussianMechanism(dimension=int(per_example.shape[1]), scale=z * clip_norm)
+    return _noisy_step(_clipped_sum(per_example, keep, clip_norm), gaussian, q, n_hat)
 
 
 def per_example_gradients(
@@ -291,11 +293,16 @@ def train_shared_embedding_dpsgd(
     device = latents.device
     ids = prompts.ids.to(device)
     mask = prompts.mask.to(device)
-    # Per-image randomness (template, timestep, noise) from each image's own generator,
-    # seeded from OS entropy once per run (docs/privacy.md §6); padding rows are public.
+    # Per-image TRAINING randomness (template, timestep, denoising noise) from each image's
+    # own generator, seeded once per run; padding rows use the public seed. Privacy does not
+    # rest on it: the clip bound C holds whatever it draws, so a 32-bit torch seed is fine
+    # here. Privacy rests on the Poisson sample and the Gaussian noise (dp.noise), which never
+    # touch torch's RNG (docs/privacy.md §6).
     generators = [
         torch.Generator(device="cpu").manual_seed(secrets.randbits(63)) for _ in range(n)
     ] + [torch.Generator(device="cpu").manual_seed(PADDING_SEED) for _ in range(chunks * b - n)]
+    # Built (OpenDP imported, scale checked) before any step, so no step fails on it.
+    gaussian = GaussianMechanism(dimension=int(initial.numel()), scale=z * clip_norm)
     embedding = initial.detach().to(device=device, dtype=torch.float32).clone()
     embedding.requires_grad_(True)
     optimizer = torch.optim.Adam([embedding], lr=config.learning_rate, weight_decay=0.0)
@@ -304,8 +311,7 @@ def train_shared_embedding_dpsgd(
 
     for _ in range(config.steps):
         # Poisson sample over the n images, fresh OS entropy per step (docs/privacy.md §2.1).
-        draws = torch.rand(n, generator=os_entropy_generator(), dtype=torch.float64)
-        keep = (draws < q) & inputs.included
+        keep = torch.from_numpy(bernoulli(n, q)) & inputs.included
         summed = torch.zeros(embedding.numel(), dtype=torch.float64)
         for chunk_index in range(chunks):
             start = chunk_index * b
@@ -331,7 +337,7 @@ def train_shared_embedding_dpsgd(
             done += 1
             if on_step is not None:
                 on_step(done, total)
-        noisy = _noisy_step(summed, clip_norm, z, q, n_hat)
+        noisy = _noisy_step(summed, gaussian, q, n_hat)
         optimizer.zero_grad(set_to_none=True)
         embedding.grad = noisy.to(dtype=torch.float32).reshape(embedding.shape).to(device)
         optimizer.step()

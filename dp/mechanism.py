@@ -5,29 +5,28 @@ image i alone; it is bounded around a public centre c to norm at most C, so addi
 removing one image changes the float64 sum by at most C (L2 sensitivity C). The sum gets
 isotropic Gaussian noise N(0, (z C)^2 I_D) (the Gaussian mechanism) and is divided by the
 public q n. With Poisson sampling at rate q the release is the Poisson-subsampled Gaussian
-mechanism, whose DpEvent is ``accounting.release_event``. Sampling and noise draw their
-seeds from OS entropy, fresh per release, never from a workflow seed or torch's global RNG
-(docs/privacy.md §6).
-
-Known limit (docs/privacy.md §6): the noise is a floating-point Gaussian from a seeded Mersenne
-Twister; a discrete Gaussian sampler (Canonne, Kamath, Steinke 2020) would resist
-floating-point attacks on the continuous Gaussian (Mironov 2012; Jin et al. 2022).
+mechanism, whose DpEvent is ``accounting.release_event``. The noise is OpenDP's Gaussian
+mechanism applied to the float64 sum (OpenSSL randomness, exact sampling, resistant to the
+floating-point attacks of Mironov 2012) and the Poisson sample takes its bits straight from
+the OS CSPRNG: fresh per release, never a workflow seed, never a torch generator, on any
+device (``dp.noise``, docs/privacy.md §6).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
 import dp_accounting as dpa
+import numpy as np
 import torch
 
 from .accounting import release_event
 from .errors import InvalidParameterError
+from .noise import GaussianMechanism, bernoulli
 from .validation import (
     check_clip_norm,
     check_noise_multiplier,
@@ -51,17 +50,6 @@ def _bound_mode(mode: BoundMode | str) -> BoundMode:
     except ValueError:
         allowed = ", ".join(repr(m.value) for m in BoundMode)
         raise InvalidParameterError(f"mode must be one of {allowed}, got mode={mode!r}.") from None
-
-
-def os_entropy_generator(device: str | torch.device = "cpu") -> torch.Generator:
-    """A torch generator seeded with 63 bits from ``secrets`` (the OS CSPRNG), fresh per call.
-
-    Independent of torch's global RNG, so ``torch.manual_seed(workflow_seed)`` elsewhere
-    can neither reproduce nor influence it (docs/privacy.md §6).
-    """
-    generator = torch.Generator(device=device)
-    generator.manual_seed(secrets.randbits(63))
-    return generator
 
 
 @dataclass(frozen=True, repr=False)
@@ -88,15 +76,13 @@ class PoissonSample:
 def poisson_sample(dataset_size: int, *, sampling_rate: float) -> PoissonSample:
     """Keep each of n images independently with probability q (q = 1 keeps all).
 
-    Call this FIRST and compute per-image vectors only for the kept images. The draws come
-    from ``os_entropy_generator`` (docs/privacy.md §2.1, 6).
+    Call this FIRST and compute per-image vectors only for the kept images. Each image is
+    kept with probability exactly q, its bits straight from the OS CSPRNG, fresh per call
+    (``noise.bernoulli``; docs/privacy.md §2.1, 6).
     """
     n = check_positive_int("dataset_size", dataset_size)
     q = check_sampling_rate(sampling_rate)
-    if q == 1:
-        return PoissonSample(_indices=tuple(range(n)), dataset_size=n)
-    draws = torch.rand(n, generator=os_entropy_generator(), dtype=torch.float64)
-    kept = torch.nonzero(draws < q).flatten().tolist()
+    kept = np.flatnonzero(bernoulli(n, q)).tolist()
     return PoissonSample(_indices=tuple(kept), dataset_size=n)
 
 
@@ -247,8 +233,9 @@ def release_noisy_aggregate(
     Order: every argument is validated first (nothing happens on bad input); the
     contributions are bounded and summed; ``before_noise(event)`` is called exactly once
     (the caller records the release in the ledger there; if it raises, the exception
-    propagates, no noise is drawn and nothing is released); the noise is drawn from a fresh
-    OS-entropy generator; ``postprocess`` (free: docs/privacy.md §2.5) maps the (D,) estimate to a
+    propagates, no noise is drawn and nothing is released); the sum goes through OpenDP's
+    Gaussian mechanism (``noise.GaussianMechanism``, built and checked before the hook, fresh
+    OpenSSL randomness); ``postprocess`` (free: docs/privacy.md §2.5) maps the (D,) estimate to a
     (D,) tensor.
     """
     clip_norm = check_clip_norm(clip_norm)
@@ -265,14 +252,16 @@ def release_noisy_aggregate(
     event = release_event(noise_multiplier=z, sampling_rate=q)
     dimension = int(v.shape[1])
 
+    # Built before the ledger hook: nothing after the record may fail for a checkable reason.
+    gaussian = GaussianMechanism(dimension=dimension, scale=z * clip_norm)
+
     bounded = _bound(v, c, clip_norm, mode)
     total = bounded.sum(dim=0).cpu()  # float64 sum (docs/privacy.md §6)
 
     if before_noise is not None:
         before_noise(event)
 
-    noise = torch.randn(dimension, generator=os_entropy_generator(), dtype=torch.float64)
-    estimate = c.cpu() + (total + noise * (z * clip_norm)) / (q * n)
+    estimate = c.cpu() + gaussian(total) / (q * n)
 
     if postprocess is not None:
         processed = postprocess(estimate)

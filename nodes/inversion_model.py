@@ -421,7 +421,13 @@ def probe_public_inputs(model, clip, family, prompts, initial, *, height: int, w
 
 
 def seeds_from_entropy(count: int) -> list[int]:
-    """Per-image training seeds from OS entropy (never from the workflow seed, docs/privacy.md §6)."""
+    """Per-image training seeds from OS entropy (never from the workflow seed, docs/privacy.md §6).
+
+    They seed per-image TRAINING randomness only (template, timestep, denoising noise), which
+    privacy does not rest on: the norm bound C holds whatever they draw, so 63 bits through a
+    torch generator (which keeps 32) are fine here. The noise and sampling that privacy
+    rests on come from ``dp.noise`` and never from torch's RNG.
+    """
     import secrets
 
     return [secrets.randbits(63) for _ in range(count)]

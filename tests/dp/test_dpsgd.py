@@ -21,6 +21,12 @@ from comfyui_dp_adapt.dp.dpsgd import (
     train_shared_embedding_dpsgd,
 )
 from comfyui_dp_adapt.dp.errors import InvalidParameterError
+from comfyui_dp_adapt.dp.noise import GaussianMechanism
+from comfyui_dp_adapt.tests.dp.test_noise import (
+    agree_in_low_64_bits,
+    forbid_torch_randomness,
+    pin_python_entropy,
+)
 from comfyui_dp_adapt.tests.support.toy_model import D, K, toy_model, toy_prompts
 
 
@@ -158,7 +164,7 @@ def test_an_excluded_or_unsampled_row_contributes_exactly_what_a_removed_row_doe
 def test_noise_of_one_step_has_std_z_c_over_q_n_hat():
     """All rows excluded (one with a huge gradient): the update is pure noise."""
     z, clip_norm, q, n_hat = 1.3, 0.7, 0.25, 40
-    per_example = torch.randn(3, 2000, generator=torch.Generator().manual_seed(2)) * 1e6
+    per_example = torch.randn(3, 1000, generator=torch.Generator().manual_seed(2)) * 1e6
     keep = torch.zeros(3, dtype=torch.bool)
     draws = torch.stack(
         [
@@ -170,10 +176,10 @@ def test_noise_of_one_step_has_std_z_c_over_q_n_hat():
                 sampling_rate=q,
                 declared_dataset_size=n_hat,
             )
-            for _ in range(50)
+            for _ in range(20)
         ]
     )
-    assert draws.dtype == torch.float64 and draws.shape == (50, 2000)
+    assert draws.dtype == torch.float64 and draws.shape == (20, 1000)
     expected = z * clip_norm / (q * n_hat)
     samples = draws.numel()
     # Standard errors: std / sqrt(N) for the mean, ~ std / sqrt(2 N) for the std (6 sigma).
@@ -280,13 +286,52 @@ def test_randomness_comes_from_os_entropy_not_the_workflow_seed():
     assert not torch.equal(a, b)
 
 
+def test_noisy_steps_differ_with_all_python_entropy_and_seeds_pinned(monkeypatch):
+    pin_python_entropy(monkeypatch)
+    rows, keep = torch.ones(2, 16), torch.ones(2, dtype=torch.bool)
+    kwargs = dict(clip_norm=1.0, noise_multiplier=1.0, sampling_rate=0.5, declared_dataset_size=4)
+    first = noisy_gradient_sum(rows, keep, **kwargs)
+    pin_python_entropy(monkeypatch)
+    assert not torch.equal(noisy_gradient_sum(rows, keep, **kwargs), first)
+
+
+def test_runs_with_python_entropy_agreeing_in_its_low_64_bits_differ(monkeypatch):
+    """Also the per-image training seeds agree: only >64-bit noise and sampling tell them apart."""
+    agree_in_low_64_bits(monkeypatch)
+    latents = latents_for(4)
+    a, _ = train(latents)
+    b, _ = train(latents)
+    assert not torch.equal(a, b)
+
+
+def test_noise_and_sampling_never_use_torch_random_draws(monkeypatch):
+    forbid_torch_randomness(monkeypatch)
+    out = noisy_gradient_sum(
+        torch.ones(3, 8),
+        torch.tensor([True, False, True]),
+        clip_norm=1.0,
+        noise_multiplier=1.0,
+        sampling_rate=0.5,
+        declared_dataset_size=4,
+    )
+    assert out.shape == (8,) and bool(torch.isfinite(out).all())
+    assert 0 < int(dpsgd.bernoulli(200, 0.5).sum()) < 200
+
+
+class _FixedNoise(GaussianMechanism):
+    """A test double: the same noise at every step, so that two runs compare bitwise."""
+
+    __slots__ = ()
+
+    def __call__(self, total):
+        return total + torch.linspace(-1e-3, 1e-3, self.dimension, dtype=torch.float64)
+
+
 def _deterministic(monkeypatch):
-    """Fix every OS-entropy draw, so that two runs can be compared bitwise."""
+    """Fix every draw (per-image seeds, noise; q = 1 draws no sample), for bitwise comparison."""
     counter = itertools.count(1000)
     monkeypatch.setattr(dpsgd.secrets, "randbits", lambda bits: next(counter))
-    monkeypatch.setattr(
-        dpsgd, "os_entropy_generator", lambda device="cpu": torch.Generator().manual_seed(99)
-    )
+    monkeypatch.setattr(dpsgd, "GaussianMechanism", _FixedNoise)
 
 
 def test_an_excluded_image_never_influences_the_embedding(monkeypatch):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -19,11 +20,16 @@ from comfyui_dp_adapt.dp.mechanism import (
     AggregateRelease,
     BoundMode,
     bound_contributions,
-    os_entropy_generator,
     poisson_sample,
     release_noisy_aggregate,
     renormalize_unit,
     rescale_to_norm,
+)
+from comfyui_dp_adapt.dp.noise import GaussianMechanism
+from comfyui_dp_adapt.tests.dp.test_noise import (
+    agree_in_low_64_bits,
+    forbid_torch_randomness,
+    pin_python_entropy,
 )
 
 Z_TAIL = 5.33  # P(|N(0,1)| > 5.33) ~ 1e-7
@@ -127,9 +133,9 @@ def _pure_noise(z, c, q, n, d, releases):
 
 def test_noise_std_matches_z_times_c():
     """N = R * D draws; (N - 1) s^2 / sigma^2 ~ chi-square(N - 1), so s^2 / sigma^2 has mean 1
-    and sd sqrt(2 / (N - 1)); at N = 200 000 the normal approximation is accurate to well
+    and sd sqrt(2 / (N - 1)); at N = 20 000 the normal approximation is accurate to well
     below the 1e-7 tail used here (Wilson-Hilferty)."""
-    noise = _pure_noise(z=1.7, c=0.3, q=0.25, n=40, d=20_000, releases=10).flatten()
+    noise = _pure_noise(z=1.7, c=0.3, q=0.25, n=40, d=2_000, releases=10).flatten()
     count = noise.numel()
     variance_ratio = noise.var().item()  # unit variance expected
     assert abs(variance_ratio - 1) < Z_TAIL * math.sqrt(2 / (count - 1))
@@ -139,7 +145,7 @@ def test_noise_std_matches_z_times_c():
 
 def test_noise_is_isotropic():
     """Equal variance in every block of coordinates and no correlation between coordinates."""
-    noise = _pure_noise(z=0.9, c=2.0, q=1.0, n=3, d=4_000, releases=50)  # 200 000 draws
+    noise = _pure_noise(z=0.9, c=2.0, q=1.0, n=3, d=1_000, releases=30)  # 30 000 draws
     blocks = noise.reshape(noise.shape[0], 4, -1).transpose(0, 1).reshape(4, -1)
     per_block = blocks.shape[1]
     for block in blocks:
@@ -200,18 +206,55 @@ def test_identical_releases_with_identical_workflow_seeds_differ():
     assert not torch.equal(outputs[0], outputs[1])
 
 
-def test_the_generator_ignores_and_leaves_alone_torch_global_rng():
-    vectors = torch.ones(3, 4)
+def test_releases_leave_torch_and_numpy_global_rngs_alone():
     torch.manual_seed(7)
-    state = torch.get_rng_state()
-    first = torch.randn(16, generator=os_entropy_generator(), dtype=torch.float64)
-    torch.manual_seed(7)
-    second = torch.randn(16, generator=os_entropy_generator(), dtype=torch.float64)
-    assert not torch.equal(first, second)
-    torch.manual_seed(7)
-    release(vectors, torch.zeros(4))
+    np.random.seed(7)
+    torch_state, numpy_state = torch.get_rng_state(), np.random.get_state()
+    release(torch.ones(3, 4), torch.zeros(4), sampling_rate=0.5)
     poisson_sample(100, sampling_rate=0.5)
-    assert torch.equal(torch.get_rng_state(), state), "the global RNG was not consumed"
+    assert torch.equal(torch.get_rng_state(), torch_state), "the global RNG was not consumed"
+    assert all(
+        np.array_equal(a, b) for a, b in zip(np.random.get_state(), numpy_state, strict=True)
+    )
+
+
+def test_a_workflow_seed_set_before_a_release_does_not_reproduce_its_noise():
+    centre = torch.zeros(16, dtype=torch.float64)
+    torch.manual_seed(99)
+    first = release(torch.zeros(0, 16), centre).estimate
+    torch.manual_seed(99)
+    assert not torch.equal(release(torch.zeros(0, 16), centre).estimate, first)
+    torch.manual_seed(99)
+    assert not torch.equal(torch.randn(16, dtype=torch.float64), first)
+
+
+def test_releases_differ_with_all_python_entropy_and_seeds_pinned(monkeypatch):
+    """The noise comes from OpenSSL (OpenDP), not from anything Python or torch can seed."""
+    pin_python_entropy(monkeypatch)
+    vectors = random_vectors(5, 32, max_norm=1.0)
+    first = release(vectors, torch.zeros(32), dataset_size=5).estimate
+    pin_python_entropy(monkeypatch)
+    assert not torch.equal(release(vectors, torch.zeros(32), dataset_size=5).estimate, first)
+
+
+def test_releases_with_python_entropy_agreeing_in_its_low_64_bits_differ(monkeypatch):
+    """A seed of at most 64 bits would make these equal (a torch generator keeps 32)."""
+    agree_in_low_64_bits(monkeypatch)
+    vectors = random_vectors(5, 32, max_norm=1.0)
+    kwargs = dict(sampling_rate=0.5, dataset_size=5)
+    first = release(vectors, torch.zeros(32), **kwargs).estimate
+    assert not torch.equal(release(vectors, torch.zeros(32), **kwargs).estimate, first)
+    samples = {tuple(poisson_sample(256, sampling_rate=0.5).indices) for _ in range(3)}
+    assert len(samples) == 3
+
+
+def test_a_release_and_its_sample_never_use_torch_random_draws(monkeypatch):
+    """A torch generator keeps 32 bits of its seed on every device (CPU, CUDA, MPS)."""
+    forbid_torch_randomness(monkeypatch)
+    kept = poisson_sample(50, sampling_rate=0.5)
+    result = release(torch.ones(3, 4), torch.zeros(4), sampling_rate=0.5)
+    assert 0 < len(kept.indices) < 50
+    assert bool(torch.isfinite(result.estimate).all())
 
 
 def test_poisson_sampling_is_fresh_and_ignores_the_global_seed():
@@ -264,15 +307,26 @@ def test_a_release_never_holds_the_sample_or_its_size():
 # --- the ledger hook ----------------------------------------------------------------------
 
 
+class _SpyGaussian(GaussianMechanism):
+    """The real mechanism, recording each draw in ``drawn``."""
+
+    __slots__ = ()
+    drawn: list = []
+
+    def __call__(self, total):
+        type(self).drawn.append("noise")
+        return super().__call__(total)
+
+
+def _spy_on_noise(monkeypatch) -> list:
+    drawn = []
+    monkeypatch.setattr(_SpyGaussian, "drawn", drawn)
+    monkeypatch.setattr(mechanism, "GaussianMechanism", _SpyGaussian)
+    return drawn
+
+
 def test_before_noise_runs_once_with_the_event_before_the_noise(monkeypatch):
-    order = []
-    real_generator = mechanism.os_entropy_generator
-
-    def spy_generator(*args, **kwargs):
-        order.append("noise")
-        return real_generator(*args, **kwargs)
-
-    monkeypatch.setattr(mechanism, "os_entropy_generator", spy_generator)
+    order = _spy_on_noise(monkeypatch)
     release(
         torch.ones(2, 4),
         torch.zeros(4),
@@ -284,8 +338,7 @@ def test_before_noise_runs_once_with_the_event_before_the_noise(monkeypatch):
 
 
 def test_a_failing_hook_stops_the_release_before_any_noise(monkeypatch):
-    drawn = []
-    monkeypatch.setattr(mechanism, "os_entropy_generator", lambda *a, **k: drawn.append(1))
+    drawn = _spy_on_noise(monkeypatch)
 
     class Refused(Exception):
         pass
@@ -354,8 +407,14 @@ def test_a_non_finite_row_contributes_zero_silently(bad_row, caplog):
 
 def test_a_release_with_non_finite_rows_happens_and_equals_one_without_them(monkeypatch):
     """Whether a release happens must not depend on one image: the NaN row is a zero row."""
-    fixed = torch.Generator().manual_seed(3)
-    monkeypatch.setattr(mechanism, "os_entropy_generator", lambda *a, **k: fixed.manual_seed(3))
+
+    class FixedNoise(GaussianMechanism):  # a test double: the same noise at every call
+        __slots__ = ()
+
+        def __call__(self, total):
+            return total + torch.linspace(-1, 1, self.dimension, dtype=torch.float64)
+
+    monkeypatch.setattr(mechanism, "GaussianMechanism", FixedNoise)
     good = torch.randn(4, 6, generator=torch.Generator().manual_seed(1))
     bad = torch.cat([good, torch.full((1, 6), float("nan"))])
     kwargs = dict(
@@ -413,8 +472,7 @@ def test_more_rows_than_the_declared_size_is_not_an_error():
 def test_bad_inputs_are_refused_before_anything_happens(
     monkeypatch, vectors, centre, kwargs, message
 ):
-    drawn = []
-    monkeypatch.setattr(mechanism, "os_entropy_generator", lambda *a, **k: drawn.append(1))
+    drawn = _spy_on_noise(monkeypatch)
     recorded = []
     with pytest.raises(InvalidParameterError, match=message):
         release(vectors, centre, before_noise=recorded.append, **kwargs)
