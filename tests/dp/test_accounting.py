@@ -881,3 +881,97 @@ def test_dpsgd_calibration_past_its_time_limit_is_refused_and_not_cached(cold_ca
     assert str(error.value).startswith("could not calibrate within 0 s for epsilon=1.0")
     assert "steps=50" in str(error.value)
     assert not accounting._cache
+
+
+# --- safety margin and the ledger's fully adaptive filters ---------------------------------
+
+
+def _gaussian_delta_40_digits(z: float, epsilon: float):
+    """The analytic Gaussian mechanism's delta at epsilon (Balle & Wang 2018, Thm 8),
+    Phi(1/(2z) - epsilon z) - e^epsilon Phi(-1/(2z) - epsilon z), at 40 significant digits."""
+    mpmath = pytest.importorskip("mpmath")
+    with mpmath.workdps(40):
+        z, epsilon = mpmath.mpf(z), mpmath.mpf(epsilon)
+        a, b = 1 / (2 * z), epsilon * z
+        return mpmath.ncdf(a - b) - mpmath.exp(epsilon) * mpmath.ncdf(-a - b)
+
+
+@pytest.mark.parametrize("epsilon", [0.5, 1.0, 5.0, 10.0])
+def test_calibration_never_exceeds_delta_at_forty_digits(epsilon):
+    # (5, 1e-3, 1) and (10, 1e-3, 1) exceeded delta by a relative ~1e-14 before the margin.
+    delta = 1e-3
+    cal = calibrate_noise_multiplier(epsilon=epsilon, delta=delta, sampling_rate=1.0)
+    exact = _gaussian_delta_40_digits(cal.noise_multiplier, epsilon)
+    assert exact <= delta
+    # The margin costs next to nothing: the exact delta is within 1e-6 of the target.
+    assert exact >= delta * (1 - 1e-6) or cal.epsilon_achieved < epsilon * (1 - 1e-6)
+
+
+def test_the_gaussian_filter_admits_exactly_the_analytic_gaussian_limit():
+    epsilon, delta = 2.0, 1e-5
+    z = dpa.get_sigma_gaussian(epsilon, delta)
+    assert accounting.gdp_admits(1 / (z * (1 + 1e-7)) ** 2, epsilon=epsilon, delta=delta)
+    assert not accounting.gdp_admits(1 / (z * (1 - 1e-7)) ** 2, epsilon=epsilon, delta=delta)
+    assert accounting.gdp_mu_limit(epsilon=epsilon, delta=delta) == pytest.approx(1 / z, rel=1e-8)
+    # A release calibrated to the whole total is admitted (calibration keeps the full margin).
+    cal = calibrate_noise_multiplier(epsilon=epsilon, delta=delta, sampling_rate=1.0)
+    precision = accounting.gaussian_precision(cal.event)
+    assert accounting.gdp_admits(precision, epsilon=epsilon, delta=delta)
+
+
+def test_gaussian_precision_is_the_sum_of_inverse_squared_multipliers_and_none_when_sampled():
+    g = dpa.GaussianDpEvent(2.0)
+    composed = dpa.ComposedDpEvent([g, dpa.SelfComposedDpEvent(dpa.GaussianDpEvent(4.0), 3)])
+    assert accounting.gaussian_precision(g) == pytest.approx(0.25)
+    assert accounting.gaussian_precision(composed) == pytest.approx(0.25 + 3 / 16)
+    full = accounting.dpsgd_event(noise_multiplier=2.0, sampling_rate=1.0, steps=5)
+    assert accounting.gaussian_precision(full) == pytest.approx(5 / 4)
+    assert accounting.gaussian_precision(dpa.PoissonSampledDpEvent(1.0, g)) == pytest.approx(0.25)
+    assert accounting.gaussian_precision(dpa.NoOpDpEvent()) == 0.0
+    for sampled in (
+        release_event(noise_multiplier=2.0, sampling_rate=0.5),
+        accounting.dpsgd_event(noise_multiplier=2.0, sampling_rate=0.5, steps=5),
+        dpa.ComposedDpEvent([g, release_event(noise_multiplier=2.0, sampling_rate=0.5)]),
+    ):
+        assert accounting.gaussian_precision(sampled) is None
+
+
+def test_rdp_budget_is_the_rdp_value_dp_accounting_converts_to_the_total():
+    epsilon, delta = 3.0, 1e-6
+    # At order 2 no RDP value converts to (3, 1e-6): the budget there is negative.
+    assert accounting.rdp_budget(2, epsilon=epsilon, delta=delta) < 0
+    for order in (8, 63, 1024):
+        budget = accounting.rdp_budget(order, epsilon=epsilon, delta=delta)
+        converted, _ = rdp.rdp_privacy_accountant.compute_epsilon(
+            [float(order)], [budget], accounting.safe_delta(delta)
+        )
+        assert converted == pytest.approx(epsilon, rel=1e-12)
+    assert all(float(a).is_integer() and a >= 2 for a in accounting.RDP_FILTER_ORDERS)
+
+
+def test_event_rdp_matches_the_closed_forms():
+    z = 3.0
+    orders = (2, 5, 32)
+    gaussian = accounting.event_rdp(dpa.GaussianDpEvent(z), orders)
+    assert gaussian == pytest.approx([a / (2 * z * z) for a in orders], rel=1e-12)
+    sampled = release_event(noise_multiplier=1.5, sampling_rate=0.1)
+    reference = rdp.rdp_privacy_accountant._compute_rdp_poisson_subsampled_gaussian(
+        0.1, 1.5, [float(a) for a in orders]
+    )
+    assert accounting.event_rdp(sampled, orders) == pytest.approx(list(reference), rel=1e-12)
+    composed = accounting.event_rdp(dpa.SelfComposedDpEvent(sampled, 7), orders)
+    assert composed == pytest.approx([7 * r for r in reference], rel=1e-12)
+
+
+def test_the_filter_order_minimises_the_first_release_share_of_the_budget():
+    event = release_event(noise_multiplier=1.2, sampling_rate=0.05)
+    epsilon, delta = 4.0, 1e-5
+    order = accounting.filter_order(event, epsilon=epsilon, delta=delta)
+    values = accounting.event_rdp(event, accounting.RDP_FILTER_ORDERS)
+    shares = {
+        a: v / accounting.rdp_budget(a, epsilon=epsilon, delta=delta)
+        for a, v in zip(accounting.RDP_FILTER_ORDERS, values, strict=True)
+        if accounting.rdp_budget(a, epsilon=epsilon, delta=delta) > 0
+    }
+    assert shares[order] == min(shares.values())
+    assert order in accounting.RDP_FILTER_ORDERS

@@ -5,6 +5,7 @@ survives crashes, concurrent writers and tampering (left byte for byte as found)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -25,7 +26,6 @@ from dp_accounting import rdp
 from comfyui_dp_adapt.dp import ledger as ledger_module
 from comfyui_dp_adapt.dp.accounting import (
     RDP_FILTER_ORDERS,
-    calibrate_noise_multiplier,
     compose_epsilon,
     epsilon_for,
     event_from_dict,
@@ -386,6 +386,230 @@ def test_the_total_is_pinned_raising_is_refused_lowering_tightens_for_good(tmp_p
     assert ledger.total("art") == TotalBudget(2.5, DELTA)
     with pytest.raises(InvalidParameterError, match="pinned"):
         commit(ledger, ["a"], total=TotalBudget(3.0, DELTA))
+
+
+# --- fully adaptive filters (docs/privacy.md §7) --------------------------------------------
+
+
+def _commits_until_refused(ledger, event, total, *, limit=50, collection="art", keys=("a",)):
+    """How many releases of ``event`` the collection admits before refusing one."""
+    for count in range(limit):
+        try:
+            commit(ledger, list(keys), collection=collection, total=total, event=event)
+        except BudgetExceededError as error:
+            return count, str(error)
+    raise AssertionError(f"no refusal within {limit} releases")
+
+
+@pytest.mark.parametrize("side", [1 + 1e-6, 1 - 1e-6])
+def test_a_gaussian_history_is_admitted_up_to_the_exact_gdp_limit_and_no_further(tmp_path, side):
+    # k Gaussians with multiplier z compose to one with z / sqrt(k) (mu-GDP, mu^2 = k / z^2):
+    # the largest z whose k-fold composition meets the total exactly is sqrt(k) z*, with z*
+    # the analytic Gaussian noise for the total (Balle & Wang 2018).
+    k, total = 4, TotalBudget(2.0, DELTA)
+    z = k**0.5 * dpa.get_sigma_gaussian(total.epsilon, total.delta) * side
+    event = dpa.GaussianDpEvent(z)
+    ledger = Ledger(tmp_path / "ledger.json")
+    admitted, message = _commits_until_refused(ledger, event, total)
+    assert admitted == (k if side > 1 else k - 1)
+    assert "Gaussian-DP filter (Smith & Thakurta 2022" in message
+    assert f"mu = {((admitted + 1) / z**2) ** 0.5:.6g}" in message
+    # The image's own filter is the same rule: a fresh collection cannot add one more.
+    _, mask = commit(ledger, ["a", "b"], collection="other", total=total, event=event)
+    assert mask == (False, True)
+
+
+def test_a_gaussian_collection_refuses_a_subsampled_release_and_a_gaussian_image_is_excluded(
+    tmp_path,
+):
+    ledger = Ledger(tmp_path / "ledger.json")
+    total = TotalBudget(50.0, DELTA)
+    commit(ledger, ["a"], collection="gauss", total=total, event=EVENT)
+    before = ledger.path.read_bytes()
+    with pytest.raises(BudgetExceededError) as error:
+        commit(ledger, ["a"], collection="gauss", total=total, event=SAMPLED)
+    message = str(error.value)
+    assert "cannot take this release" in message and "Poisson-subsampled (q < 1)" in message
+    assert "each picture keeps its own history" in message and "only take part in q = 1" in message
+    assert ledger.path.read_bytes() == before
+    assert not ledger.check(collection="gauss", event=SAMPLED, total=total).ok
+    # A fresh collection name goes ahead, but "a" (a Gaussian history) sits it out silently.
+    done, mask = commit(ledger, ["a", "b"], collection="sampled", total=total, event=SAMPLED)
+    assert mask == (False, True) and done.check.ok
+    # The other way round is allowed: "b" (first released with q < 1, a Renyi filter)
+    # takes part in a Gaussian release.
+    _, mask = commit(ledger, ["a", "b"], collection="gauss", total=total, event=EVENT)
+    assert mask == (True, True)
+
+
+def test_a_dpsgd_run_with_q_one_is_gaussian_and_with_q_below_one_is_not(tmp_path):
+    from comfyui_dp_adapt.dp.accounting import dpsgd_event
+
+    ledger = Ledger(tmp_path / "ledger.json")
+    total = TotalBudget(50.0, DELTA)
+    commit(ledger, ["a"], collection="g", total=total, event=EVENT)
+    full = dpsgd_event(noise_multiplier=20.0, sampling_rate=1.0, steps=3)
+    sampled = dpsgd_event(noise_multiplier=2.0, sampling_rate=0.5, steps=3)
+    assert commit(ledger, ["a"], collection="g", total=total, event=full)[1] == (True,)
+    with pytest.raises(BudgetExceededError, match="q < 1"):
+        commit(ledger, ["a"], collection="g", total=total, event=sampled)
+
+
+def _first_then_refused_pair():
+    """A subsampled first release F and a total that the PLD composition of [F, F] meets but
+    the Renyi filter pinned by F does not: found by computation."""
+    for q, z in ((0.2, 1.0), (0.1, 0.8), (0.5, 1.5)):
+        first = release_event(noise_multiplier=z, sampling_rate=q)
+        total = TotalBudget(compose_epsilon([first, first], delta=DELTA) * (1 + 1e-6), DELTA)
+        order = filter_order(first, epsilon=total.epsilon, delta=total.delta)
+        (value,) = event_rdp(first, (order,))
+        if 2 * value > rdp_budget(order, epsilon=total.epsilon, delta=total.delta):
+            return first, total, order
+    raise AssertionError("no pair found")
+
+
+def test_a_renyi_history_takes_its_first_release_at_the_full_pld_budget(tmp_path):
+    # One non-adaptive event: its own PLD epsilon decides, even where RDP would refuse it.
+    first = release_event(noise_multiplier=1.0, sampling_rate=0.2)
+    total = TotalBudget(epsilon_for(first, delta=safe_delta(DELTA)), DELTA)
+    assert rdp.RdpAccountant().compose(first).get_epsilon(DELTA) > total.epsilon
+    ledger = Ledger(tmp_path / "ledger.json")
+    done, mask = commit(ledger, ["a"], total=total, event=first)
+    assert mask == (True,) and done.check.decision.first
+    # Its RDP alone exceeds the filter's budget, so every later release is refused, however
+    # little it spends.
+    tiny = release_event(noise_multiplier=1000.0, sampling_rate=0.01)
+    with pytest.raises(BudgetExceededError, match="Renyi filter at order"):
+        commit(ledger, ["a"], total=total, event=tiny)
+    _, mask = commit(ledger, ["a", "b"], collection="other", total=total, event=tiny)
+    assert mask == (False, True)
+
+
+def test_the_renyi_filter_refuses_a_second_release_that_pld_composition_would_allow(tmp_path):
+    first, total, order = _first_then_refused_pair()
+    ledger = Ledger(tmp_path / "ledger.json")
+    commit(ledger, ["a"], total=total, event=first)
+    check = ledger.check(collection="art", event=first, total=total)
+    assert check.total_after <= total.epsilon, "the non-adaptive PLD estimate would allow it"
+    assert not check.ok
+    assert check.decision.filter.order == order
+    with pytest.raises(BudgetExceededError) as error:
+        commit(ledger, ["a"], total=total, event=first)
+    assert f"Renyi filter at order alpha = {order}" in str(error.value)
+    # The image's filter agrees: a fresh collection's release excludes "a".
+    _, mask = commit(ledger, ["a", "b"], collection="other", total=total, event=first)
+    assert mask == (False, True)
+
+
+def test_the_renyi_order_stays_pinned_when_the_total_is_tightened(tmp_path):
+    ledger = Ledger(tmp_path / "ledger.json")
+    loose = TotalBudget(5.0, DELTA)
+    pinned = filter_order(SAMPLED, epsilon=loose.epsilon, delta=DELTA)
+    tighter = [
+        TotalBudget(e, DELTA)
+        for e in (3.0, 2.0, 1.5, 1.0)
+        if filter_order(SAMPLED, epsilon=e, delta=DELTA) != pinned
+    ]
+    assert tighter, "a smaller total would pick another order for the same first event"
+    tight = tighter[0]
+    commit(ledger, ["a"], total=loose, event=SAMPLED)
+    done, mask = commit(ledger, ["a"], total=tight, event=SAMPLED)
+    assert mask == (True,)
+    assert done.check.decision.filter.order == pinned
+    assert done.check.decision.budget == rdp_budget(pinned, epsilon=tight.epsilon, delta=DELTA)
+    data = json.loads(ledger.path.read_text())
+    assert data["collections"]["art"]["total"] == tight.as_dict()
+    assert data["collections"]["art"]["filter"] == {"kind": "rdp", "order": pinned}
+    assert data["images"]["a"]["filter"] == {"kind": "rdp", "order": pinned}
+
+
+def test_every_history_stays_within_its_filter(tmp_path):
+    """Random collections, totals, kinds and folders: for every collection and image the
+    recomputed filter value (mu^2 or RDP at alpha*, from the stored events) is within the
+    budget of its total, or the history is a single release within its total (PLD)."""
+    rng = random.Random(11)
+    ledger = Ledger(tmp_path / "ledger.json")
+    people = [f"p{i}" for i in range(6)]
+    events = [EVENT, SAMPLED, SAMPLED, release_event(noise_multiplier=6.0, sampling_rate=1.0)]
+    totals = {
+        "x": TotalBudget(2.0, DELTA),
+        "y": TotalBudget(3.0, DELTA),
+        "z": TotalBudget(1.2, DELTA),
+    }
+    for _ in range(18):
+        name = rng.choice(sorted(totals))
+        keys = rng.sample(people, rng.randint(0, len(people)))
+        with contextlib.suppress(BudgetExceededError):
+            commit(ledger, keys, collection=name, total=totals[name], event=rng.choice(events))
+    data = json.loads(ledger.path.read_text())
+    stored = {rid: event_from_dict(r["event"]) for rid, r in data["releases"].items()}
+    histories = [*data["collections"].values(), *data["images"].values()]
+    kinds = {entry["filter"]["kind"] for entry in histories if len(entry["releases"]) > 1}
+    assert kinds == {"gaussian", "rdp"}, "both filters composed several releases"
+    for entry in histories:
+        total, history = TotalBudget(**entry["total"]), [stored[r] for r in entry["releases"]]
+        if len(history) == 1:
+            assert epsilon_for(history[0], delta=safe_delta(total.delta)) <= total.epsilon
+        elif entry["filter"]["kind"] == "gaussian":
+            z = sum(e.noise_multiplier**-2 for e in history) ** -0.5
+            assert dpa.get_epsilon_gaussian(z, total.delta) <= total.epsilon
+        else:
+            order = entry["filter"]["order"]
+            value = sum(event_rdp(e, (order,))[0] for e in history)
+            assert value <= rdp_budget(order, epsilon=total.epsilon, delta=total.delta)
+
+
+def test_a_version_2_ledger_is_read_with_filters_derived_from_first_releases(tmp_path):
+    rids = [f"{i:032x}" for i in range(1, 4)]
+    release = lambda collection, event, key: {  # noqa: E731
+        "collection": collection,
+        "event": event_to_dict(event),
+        "epsilon": epsilon_for(event, delta=DELTA),
+        "label": "",
+        "request_key": key,
+        "result": {},
+    }
+    total = {"epsilon": 5.0, "delta": DELTA}
+    # Version 2 decided by PLD: "mixed" holds a Gaussian, then a subsampled release.
+    v2 = {
+        "format": "comfyui-dp-adapt-ledger",
+        "version": 2,
+        "collections": {
+            "mixed": {"total": total, "releases": rids[:2]},
+            "sampled": {"total": total, "releases": rids[2:]},
+        },
+        "releases": {
+            rids[0]: release("mixed", EVENT, "k0"),
+            rids[1]: release("mixed", SAMPLED, "k1"),
+            rids[2]: release("sampled", SAMPLED, "k2"),
+        },
+        "images": {
+            "g": {"total": total, "releases": rids[:2]},
+            "s": {"total": total, "releases": rids[2:]},
+        },
+    }
+    path = tmp_path / "ledger.json"
+    path.write_text(json.dumps(v2))
+    ledger = Ledger(path)
+    assert ledger.spent("mixed", delta=DELTA) == compose_epsilon([EVENT, SAMPLED], delta=DELTA)
+    assert ledger.total("sampled") == TotalBudget(5.0, DELTA)
+    assert path.read_text() == json.dumps(v2), "reading leaves the file as it is"
+    # The Gaussian history that already holds a subsampled release admits nothing more.
+    with pytest.raises(BudgetExceededError, match="before ledger version 3"):
+        commit(ledger, ["g"], collection="mixed", total=TotalBudget(5.0, DELTA), event=EVENT)
+    # The subsampled history is a Renyi filter at the order its first release pins.
+    _, mask = commit(
+        ledger, ["g", "s"], collection="sampled", total=TotalBudget(5.0, DELTA), event=EVENT
+    )
+    assert mask == (False, True)
+    data = json.loads(path.read_text())
+    order = filter_order(SAMPLED, epsilon=5.0, delta=DELTA)
+    assert data["version"] == 3
+    assert data["collections"]["mixed"]["filter"] == {"kind": "gaussian"}
+    assert data["collections"]["sampled"]["filter"] == {"kind": "rdp", "order": order}
+    assert data["images"]["g"]["filter"] == {"kind": "gaussian"}
+    assert data["images"]["s"]["filter"] == {"kind": "rdp", "order": order}
+    assert data["images"]["s"]["releases"][:1] == rids[2:]
 
 
 # --- idempotence --------------------------------------------------------------------------
