@@ -18,8 +18,9 @@ class PrivacyBudget:
 
     Every release made with this budget is calibrated to ``(epsilon, delta)`` and recorded in
     the installation's ledger (``ledger.json`` in ``ledger_directory``) under the collection
-    ``ledger_name``, which refuses a release once the PLD composition of the collection's
-    releases would exceed ``total``; each image is charged too, so images shared with other
+    ``ledger_name``, which refuses a release once the collection's fully adaptive filter
+    (Gaussian DP or a Renyi filter, pinned at its first release) would exceed ``total``;
+    each image is charged too, so images shared with other
     collections share their spending (``dp/ledger.py``).
 
     ``declared_dataset_size`` is n_hat, the size the user declares publicly: the released

@@ -160,6 +160,7 @@ _WINDOWS_RESERVED = {"con", "prn", "aux", "nul"} | {
 }
 _KEY = re.compile(r"[\x21-\x7e]{1,256}")  # printable ASCII, no spaces
 _RELEASE_ID = re.compile(r"[0-9a-f]{32}")
+_UPGRADES_LOGGED: set[Path] = set()  # version-2 ledgers already announced in the log
 _TOP_LEVEL = {"format", "version", "collections", "releases", "images"}
 _RELEASE_FIELDS = {"collection", "event", "epsilon", "label", "request_key", "result"}
 
@@ -851,7 +852,8 @@ class Ledger:
             owner = "an image"
             self._history_filter(entry, owner, events, upgrade, derived)
             self._release_list(entry["releases"], owner, releases)
-        if upgrade:
+        if upgrade and self.path not in _UPGRADES_LOGGED:
+            _UPGRADES_LOGGED.add(self.path)
             logger.info(
                 "budget ledger %s: version 2 read; each history's filter was derived from its "
                 "first release (earlier decisions were PLD decisions); written as version %d "
@@ -859,6 +861,7 @@ class Ledger:
                 self.path,
                 VERSION,
             )
+        if upgrade:
             data["version"] = VERSION
         return _Snapshot(data, events, by_request)
 

@@ -130,7 +130,7 @@ def largest_next_epsilon(
     """The largest per-release epsilon (at ``delta``, Poisson rate ``sampling_rate``) whose
     calibrated Gaussian release the ledger would still accept for ``collection``; 0.0 if
     none down to SMALLEST_PLANNED_EPSILON fits. Bisection in log-epsilon on the ledger's own
-    check (PLD composition at the total's delta, ``Ledger.check``), so it is the figure the
+    check (its fully adaptive filter, ``Ledger.check``), so it is the figure the
     next release meets. At most the total epsilon: a single release larger than the total is
     refused by the budget itself."""
     delta = check_delta(delta)

@@ -197,8 +197,9 @@ def release_report(
         after = plan.before.total_after
         lines.append(
             f"ledger '{budget.ledger_name}': epsilon spent {plan.before.spent:.4g} before, "
-            f"{after:.4g} after this release, of {total.epsilon:g} (at delta {total.delta:g}); "
-            f"remaining {max(0.0, total.epsilon - after):.4g}"
+            f"{after:.4g} after this release, of {total.epsilon:g} (at delta {total.delta:g}; "
+            "PLD composition, the non-adaptive estimate: the ledger decides by its "
+            f"fully adaptive filter); remaining {max(0.0, total.epsilon - after):.4g}"
         )
         if after >= NEARLY_SPENT * total.epsilon:
             lines.append("WARNING: this collection's budget is nearly spent.")
@@ -317,10 +318,16 @@ def decode_estimate(result: Mapping[str, object]) -> torch.Tensor:
 
 
 def _refusal(budget: PrivacyBudget, check: BudgetCheck) -> str:
+    advice = (
+        ""
+        if check.decision is not None and check.decision.mixed
+        else " Lower epsilon, or start a new collection (images it shares with this one keep "
+        "their own spending)."
+    )
     return (
-        f"privacy budget exhausted for ledger '{budget.ledger_name}': spent epsilon "
-        f"{check.spent:.4g}, this release costs {check.requested:.4g}, together "
-        f"{check.total_after:.4g} > total budget {budget.total.epsilon:g} (delta "
-        f"{budget.total.delta:g}). Nothing was trained or released. Lower epsilon, or start "
-        "a new collection (images it shares with this one keep their own spending)."
+        f"privacy budget refused for ledger '{budget.ledger_name}': {check.reason()}. "
+        f"Non-adaptive estimate (PLD composition): spent epsilon {check.spent:.4g}, this "
+        f"release {check.requested:.4g}, together {check.total_after:.4g}, of total budget "
+        f"{budget.total.epsilon:g} (delta {budget.total.delta:g}). Nothing was trained or "
+        f"released.{advice}"
     )

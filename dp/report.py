@@ -40,7 +40,8 @@ def balance_line(balance: LedgerBalance) -> str:
         line = (
             f"ledger '{balance.collection}': {balance.releases} release(s), epsilon spent "
             f"{balance.spent:.4g} of {balance.total.epsilon:g} (PLD composition at delta "
-            f"{balance.total.delta:g}), remaining {balance.remaining:.4g}"
+            f"{balance.total.delta:g}, the non-adaptive estimate), remaining "
+            f"{balance.remaining:.4g}"
         )
     if balance.next_release_epsilon is not None:
         line += f"; the next release can use epsilon <= {balance.next_release_epsilon:.3g}"
