@@ -20,8 +20,8 @@ how many images were sampled) is returned or logged.
 Constant work (docs/privacy.md §1, §3.2): every step computes the gradients of ALL images,
 sampled or not, in passes of exactly ``images_per_batch`` rows padded with public rows (zero
 latents, the public padding seed) up to ``padded_chunk_count(n, public_rows)`` passes. So
-the number of passes, the progress totals and the run time depend neither on the sample nor
-(up to ``public_rows``) on n.
+the number of passes and the run time depend neither on the sample nor (up to
+``public_rows``) on n, and the progress values and totals on ``public_rows`` only.
 
 Per-example gradients: E is replicated into a leaf V of shape (b, k, d), row i feeding
 only image i's prompt; one backward of the SUM of the per-row losses gives
@@ -49,6 +49,7 @@ from .inversion import (
     _draw_per_image,
     check_training_hyperparameters,
     padded_chunk_count,
+    public_chunk_count,
 )
 from .mechanism import BoundMode, _as_float64, _bound
 from .noise import GaussianMechanism, bernoulli
@@ -270,8 +271,10 @@ def train_shared_embedding_dpsgd(
         declared_dataset_size: the public n_hat the noisy sum is divided by.
         text_forward, denoise_loss: the model (see ``dp.inversion``); rows must not couple.
         public_rows: the public amount of work, in images (the declared dataset size).
-        on_step: called as ``on_step(done, total)`` after every pass, ``total`` = T x passes
-            per step (public); it may raise to cancel, and then nothing is returned.
+        on_step: called as ``on_step(done, total)`` after every pass, ``total`` = T x
+            ``public_chunk_count(public_rows)`` and ``done`` held at the step's end for the
+            passes past ``public_rows`` (both public); it may raise to cancel, and then
+            nothing is returned.
     """
     if not isinstance(config, DpSgdConfig):
         raise InvalidParameterError(f"config must be a DpSgdConfig, got {type(config).__name__}.")
@@ -306,10 +309,11 @@ def train_shared_embedding_dpsgd(
     embedding = initial.detach().to(device=device, dtype=torch.float32).clone()
     embedding.requires_grad_(True)
     optimizer = torch.optim.Adam([embedding], lr=config.learning_rate, weight_decay=0.0)
-    total = config.steps * chunks
-    done = 0
+    # Progress counts the passes of the public n_hat only; past them it holds (docs/privacy.md §1).
+    shown = public_chunk_count(public_rows, images_per_batch=b)
+    total = config.steps * shown
 
-    for _ in range(config.steps):
+    for step in range(config.steps):
         # Poisson sample over the n images, fresh OS entropy per step (docs/privacy.md §2.1).
         keep = torch.from_numpy(bernoulli(n, q)) & inputs.included
         summed = torch.zeros(embedding.numel(), dtype=torch.float64)
@@ -334,9 +338,8 @@ def train_shared_embedding_dpsgd(
                 denoise_loss=denoise_loss,
             )
             _clipped_sum(grads.reshape(b, -1), chunk_keep, clip_norm, out=summed)
-            done += 1
             if on_step is not None:
-                on_step(done, total)
+                on_step(step * shown + min(chunk_index + 1, shown), total)
         noisy = _noisy_step(summed, gaussian, q, n_hat)
         optimizer.zero_grad(set_to_none=True)
         embedding.grad = noisy.to(dtype=torch.float32).reshape(embedding.shape).to(device)

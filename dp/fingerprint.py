@@ -2,9 +2,10 @@
 
 A plain SHA-256 of a private file lets anyone holding a candidate image test whether it is
 one of the private ones. The keys the loader outputs are therefore an HMAC-SHA256 (RFC 2104)
-of each image's raw content hash under a random key that never leaves this installation
-(stored next to the ledgers). They still identify the same image consistently for the
-ledger (whatever its file name, its folder or the loading resolution), but reveal nothing
+of each picture's pixel digest (``dp.images.pixel_digest``: the SHA-256 of its decoded,
+oriented pixels) under a random key that never leaves this installation (stored next to the
+ledgers). They identify the same picture consistently for the ledger (whatever its file
+name, format, compression, metadata, folder or the loading resolution), but reveal nothing
 testable to someone without the key, and nothing shared between two installations.
 """
 
@@ -61,7 +62,7 @@ def _create_key(path: Path) -> None:
 
 
 def keyed_fingerprint(content_fingerprint: str, key: bytes) -> str:
-    """``hmac-sha256:<hex>`` of a content fingerprint (e.g. ``"sha256:<hex>"`` of one image
-    file's bytes) under the installation key."""
+    """``hmac-sha256:<hex>`` of a content fingerprint (the loader passes each picture's
+    ``"sha256:<hex>"`` pixel digest, ``dp.images.pixel_digest``) under the installation key."""
     digest = hmac.new(key, content_fingerprint.encode(), hashlib.sha256).hexdigest()
     return PREFIX + digest

@@ -1,4 +1,4 @@
-"""Loading a folder of private images into one IMAGE batch (docs/privacy.md §1).
+"""Reading a folder of private images, one picture at a time (docs/privacy.md §1).
 
 Under add/remove adjacency everything about the folder is private: the images, their file
 names, which file is which, and even HOW MANY there are. This module therefore:
@@ -6,20 +6,26 @@ names, which file is which, and even HOW MANY there are. This module therefore:
 - never writes anything to disk (no caches, thumbnails or temporary files);
 - reports no progress and logs nothing that depends on the folder's contents: no file
   names, no count of images or of skipped files;
-- names the broken file in an ``ImageFolderError`` message. That message goes to the user
-  who queued the prompt (ComfyUI shows it, and prints it to its own console) before any
+- has no limit on the number of images and no behaviour that depends on it: the folder is
+  streamed, one file in memory at a time, and pixels are decoded again, in batches of a
+  size the caller chooses, when a DP node needs them (``PrivateImages.batches``);
+- names the broken file in an ``ImageFolderError`` message, with the rule it broke and
+  nothing measured from it (no size, no pixel value). That message goes to the user who
+  queued the prompt (ComfyUI shows it, and prints it to its own console) before any
   release, and without the name the curator cannot find the file to fix it. Nothing here
   puts a name into an output, a log line, file metadata or the ledger;
 - shows any path in a message shortened to about 200 characters (``shown_path``), so a
   pasted 5,000-character path cannot flood the user's screen or the server's log.
 
-Each image's content digest (``"sha256:<hex>"`` of its raw file bytes) is returned row for
-row with the pixels: the budget ledger charges every release to every image in it (keyed,
-see ``dp/fingerprint.py``), so it protects people rather than folders. The digest excludes
-the file name and the loading parameters, so renaming a file or changing the resolution
-does not make a "new" image with a fresh budget. These digests are exact functions of the
-private images and carry NO differential-privacy protection: they never leave the process
-unkeyed.
+The unit of privacy is one picture as decoded pixels (docs/privacy.md §1). Each kept
+picture's pixel digest (``"sha256:<hex>"`` of ``canonical_pixels``: the oriented,
+mode-converted pixels, before any crop or resize) is returned with its path: the budget
+ledger charges every release to every picture in it (keyed, see ``dp/fingerprint.py``), so
+it protects people rather than folders. The digest depends on the pixels alone, so a
+lossless re-save, other metadata, another lossless format or a new file name is the same
+picture; exact duplicates in one folder are kept once (the first in name order). These
+digests are exact functions of the private images and carry NO differential-privacy
+protection: they never leave the process unkeyed.
 
 Decoding treats every file as untrusted input: the pixel count is checked from the header
 before any decoding (decompression bombs), every image is fully decoded (truncated files
@@ -34,7 +40,9 @@ import hashlib
 import io
 import logging
 import os
+import re
 import stat
+import struct
 import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -60,9 +68,10 @@ MAX_RESOLUTION = 2048
 # Stable Diffusion's VAE downsamples by 8, so the side must be a multiple of 8.
 RESOLUTION_MULTIPLE = 8
 DEFAULT_MAX_IMAGE_PIXELS = 8192 * 8192
-DEFAULT_MAX_IMAGES = 1000
-# Longest path a message shows whole; longer ones keep their start and end.
 DIGEST_PREFIX = "sha256:"
+# Kinds of canonical pixels (``canonical_pixels``), hashed ahead of the pixel bytes.
+_RGB_KIND = b"rgb-uint8"
+_GREY_KIND = b"grey-float32le"
 
 _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
 _UINT16_MAX = 65535.0
@@ -76,30 +85,88 @@ class _UnsupportedImage(Exception):
     """A decoded image whose pixel values this loader will not guess a meaning for."""
 
 
-@dataclass(frozen=True, eq=False, repr=False)
-class PrivateImages:
-    """A loaded private dataset. Everything in it is private, including its length.
+@dataclass(frozen=True)
+class ImageBatch:
+    """Rows ``start`` to ``start + len(pixels)`` of a private set, decoded.
 
     Attributes:
-        images: float32 tensor (n, R, R, 3) in [0, 1], ComfyUI's IMAGE layout, in sorted
-            file-name order.
-        content_digests: n strings ``"sha256:<hex>"``, the SHA-256 of the raw bytes of the
-            file of each row (``content_digests[i]`` belongs to ``images[i]``). Unkeyed:
-            key them (``dp/fingerprint.py``) before they leave the process.
+        start: the first row's index.
+        pixels: float32 (b, R, R, 3) in [0, 1], ComfyUI's IMAGE layout.
     """
 
-    images: torch.Tensor = field(repr=False)
-    content_digests: tuple[str, ...] = field(repr=False)
+    start: int
+    pixels: torch.Tensor = field(repr=False)
+
+    @property
+    def stop(self) -> int:
+        return self.start + int(self.pixels.shape[0])
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class PrivateImages:
+    """A read private folder: per kept picture its file and pixel digest, NOT its pixels.
+
+    Everything in it is private, including its length. Memory is a few hundred bytes per
+    picture; pixels come from ``batches``, which decodes the files again on demand.
+
+    Attributes:
+        resolution: side R of the square each picture is cropped and resized to.
+        paths: the kept files, in sorted file-name order (exact pixel duplicates dropped).
+        pixel_digests: ``"sha256:<hex>"`` of each file's ``canonical_pixels``, row for row.
+            Unkeyed: key them (``dp/fingerprint.py``) before they leave the process.
+        max_image_pixels: the pixel limit the files were read under.
+    """
+
+    resolution: int
+    paths: tuple[Path, ...] = field(repr=False)
+    pixel_digests: tuple[str, ...] = field(repr=False)
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
 
     @property
     def count(self) -> int:
-        """n, the number of images. Private (add/remove adjacency): never publish it."""
-        return int(self.images.shape[0])
+        """n, the number of pictures. Private (add/remove adjacency): never publish it."""
+        return len(self.paths)
 
-    @property
-    def fingerprint(self) -> str:
-        """The whole folder's content fingerprint, as ``folder_fingerprint`` gives it."""
-        return _combine(bytes.fromhex(d[len(DIGEST_PREFIX) :]) for d in self.content_digests)
+    def batches(
+        self, size: int, *, check_cancelled: Callable[[], None] | None = None
+    ) -> Iterator[ImageBatch]:
+        """The pictures in order, ``size`` rows at a time (the last batch may be shorter).
+
+        Each file is read and decoded again, cropped to its centre square and resized to R
+        with Lanczos filtering; its pixel digest is checked against the one taken when the
+        folder was read, so the pixels used are the pixels the ledger was charged for. At
+        most ``size`` pictures are in memory at once: (size, R, R, 3) float32.
+
+        Raises:
+            ImageFolderError: a file was changed, removed or damaged since it was read
+                (the message names that file and asks to queue the prompt again).
+        """
+        _check_positive("size", size)
+        for start in range(0, self.count, size):
+            rows = range(start, min(start + size, self.count))
+            pixels = torch.empty((len(rows), self.resolution, self.resolution, 3))
+            with _quiet_decoding():
+                for offset, row in enumerate(rows):
+                    if check_cancelled is not None:
+                        check_cancelled()
+                    pixels[offset] = torch.from_numpy(self._decode_row(row))
+            yield ImageBatch(start=start, pixels=pixels)
+
+    def _decode_row(self, row: int) -> np.ndarray:
+        path = self.paths[row]
+        changed = ImageFolderError(
+            f"image file {_shown_file(path)} changed since DP Load Private Images read it "
+            "(edited, replaced, removed or damaged); queue the prompt again."
+        )
+        try:
+            data = path.read_bytes()
+            image = canonical_pixels(data, path=path, max_image_pixels=self.max_image_pixels)
+        except (OSError, ImageFolderError):
+            raise changed from None
+        with image:
+            if pixel_digest(image) != self.pixel_digests[row]:
+                raise changed
+            return _to_square(image, resolution=self.resolution)
 
     def __repr__(self) -> str:
         return "PrivateImages(<private>)"
@@ -112,17 +179,19 @@ def load_image_folder(
     *,
     resolution: int,
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-    max_images: int = DEFAULT_MAX_IMAGES,
     check_cancelled: Callable[[], None] | None = None,
 ) -> PrivateImages:
-    """Load every image file of ``folder`` (not sub-folders) as an (n, R, R, 3) batch.
+    """Read every image file of ``folder`` (not sub-folders) once, keeping no pixels.
 
     Files are taken by extension (png, jpg/jpeg, webp, bmp, tif/tiff, gif: first frame),
     in sorted name order; hidden files, other extensions and entries that cannot be
-    examined (dangling or looping symbolic links) are skipped. Each image gets its EXIF
-    orientation applied, is converted to RGB (transparency composited on white, 16-bit
-    greyscale scaled from its full 16-bit range), centre-cropped to a square and resized
-    to ``resolution`` with Lanczos filtering (antialiased when shrinking).
+    examined (dangling or looping symbolic links) are skipped. Each file is read, fully
+    decoded and checked (``canonical_pixels``), its pixel digest taken, and its pixels
+    dropped: memory does not grow with the number of files beyond their paths and digests,
+    and no count is limited. A file whose pixels equal an earlier file's (same digest) is
+    one picture, kept once. ``PrivateImages.batches`` later decodes the pixels again:
+    EXIF orientation applied, RGB (transparency composited on white) or 16-bit/float
+    greyscale, centre-cropped to a square and resized to ``resolution`` (Lanczos).
 
     Args:
         folder: the folder to read.
@@ -130,28 +199,19 @@ def load_image_folder(
         max_image_pixels: refuse any image with more pixels than this, read from the header
             before decoding. Pillow's own limit (``PIL.Image.MAX_IMAGE_PIXELS``) still
             applies on top of it.
-        max_images: refuse a folder with more images than this (the batch is kept in memory:
-            n * R * R * 12 bytes).
         check_cancelled: called before each file is read; it may raise to cancel. No
             progress is reported: how far the loop has got reveals how many files there are.
 
     Raises:
         InvalidParameterError: a parameter is out of range.
         ImageFolderError: the folder path is unusable (missing, not a folder, a symbolic-link
-            loop, too long, with a NUL character, not listable), the folder holds no image or
-            too many, or one of its images is unreadable, truncated, too large or of an
-            unsupported kind.
+            loop, too long, with a NUL character, not listable), the folder holds no image,
+            or one of its images is unreadable, truncated, too large or of an unsupported
+            kind.
     """
     _check_resolution(resolution)
     _check_positive("max_image_pixels", max_image_pixels)
-    _check_positive("max_images", max_images)
     files = _list_image_files(Path(folder))
-    if len(files) > max_images:
-        # The exact number stays out of the message: it is private.
-        raise ImageFolderError(
-            f"the image folder {shown_path(folder)} holds more than max_images={max_images} "
-            "image files. Use a smaller folder or raise the limit."
-        )
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         # Another package switched this Pillow-wide flag on; it is not ours to switch off
         # (that would race with its users), so truncated files can go undetected.
@@ -160,34 +220,64 @@ def load_image_folder(
             "private images cannot be detected."
         )
 
-    images = torch.empty((len(files), resolution, resolution, 3), dtype=torch.float32)
+    paths: list[Path] = []
     digests: list[str] = []
+    seen: set[str] = set()
     with _quiet_decoding():
-        for index, path in enumerate(files):
+        for path in files:
             if check_cancelled is not None:
                 check_cancelled()
             data = _read_file(path)
-            digests.append(DIGEST_PREFIX + hashlib.sha256(data).hexdigest())
-            pixels = _decode(
-                data, path=path, resolution=resolution, max_image_pixels=max_image_pixels
-            )
-            images[index] = torch.from_numpy(pixels)
-            del data, pixels
+            with canonical_pixels(data, path=path, max_image_pixels=max_image_pixels) as image:
+                digest = pixel_digest(image)
+            del data
+            if digest in seen:
+                continue  # the same picture again: one contribution (docs/privacy.md §1)
+            seen.add(digest)
+            paths.append(path)
+            digests.append(digest)
 
     # Public values only: the count of images or of skipped files is private, and so are
     # statistics of the images themselves (sizes, how many were upscaled).
-    logger.info("Loaded the private image folder at %dx%d.", resolution, resolution)
-    return PrivateImages(images=images, content_digests=tuple(digests))
+    logger.info("Read the private image folder for %dx%d.", resolution, resolution)
+    return PrivateImages(
+        resolution=resolution,
+        paths=tuple(paths),
+        pixel_digests=tuple(digests),
+        max_image_pixels=max_image_pixels,
+    )
+
+
+def pixel_digest(image: Image.Image) -> str:
+    """``"sha256:<hex>"`` of a canonical serialisation of ``canonical_pixels``' result.
+
+    Hashed: the kind (8-bit RGB or float32 greyscale), width and height (two little-endian
+    32-bit integers), then the raw pixel bytes, row by row (RGB interleaved; float32
+    little-endian). Two files give the same digest exactly when they decode to the same
+    oriented pixels, whatever their format, compression, metadata or name.
+    """
+    if image.mode == "F":
+        kind, raw = _GREY_KIND, np.asarray(image, dtype="<f4").tobytes()
+    elif image.mode == "RGB":
+        kind, raw = _RGB_KIND, image.tobytes()
+    else:
+        raise InvalidParameterError(
+            f"pixel_digest takes canonical pixels (mode RGB or F), got mode {image.mode!r}."
+        )
+    digest = hashlib.sha256(kind + b"\0" + struct.pack("<II", *image.size))
+    digest.update(raw)
+    return DIGEST_PREFIX + digest.hexdigest()
 
 
 def folder_fingerprint(folder: Path) -> str:
-    """The fingerprint of this folder's current image contents (``PrivateImages.fingerprint``).
+    """A fingerprint of this folder's current image FILES, for ComfyUI's IS_CHANGED only.
 
     ``"sha256:"`` + hex SHA-256 of the concatenated, sorted SHA-256 digests of the raw
     bytes of each image file (selected as ``load_image_folder`` selects them). Independent
-    of file names, file order and loading parameters; changes with any byte of any image,
-    and with an image added or removed. Hashes the files without decoding them (cheap
-    enough for ComfyUI's IS_CHANGED). Unkeyed, so a membership oracle: never publish it.
+    of file names, file order and loading parameters; changes with any byte of any image
+    file, and with a file added or removed. Hashes the files without decoding them (cheap
+    enough for IS_CHANGED, which only has to notice that something changed; the ledger keys
+    pictures by their pixels instead). Unkeyed, so a membership oracle: never publish it.
 
     Raises:
         ImageFolderError: the folder path is unusable, or it holds no image file, or one
@@ -384,8 +474,19 @@ def _read_file(path: Path) -> bytes:
         raise _unreadable_file(path, error) from None
 
 
-def _decode(data: bytes, *, path: Path, resolution: int, max_image_pixels: int) -> np.ndarray:
-    """Decode one file to a float32 (R, R, 3) array in [0, 1]."""
+def canonical_pixels(data: bytes, *, path: Path, max_image_pixels: int) -> Image.Image:
+    """Decode one file's bytes to the picture the privacy unit is defined on.
+
+    Fully decoded (truncation is detected), EXIF orientation applied, then either 8-bit RGB
+    with any transparency composited on white (mode "RGB"), or, for 16-bit and 32-bit
+    single-channel files, float greyscale in [0, 1] (mode "F"). No crop, no resize, at full
+    size: what ``pixel_digest`` hashes and ``_to_square`` resizes. (No reduced-scale JPEG
+    "draft" decoding either: the digest must not depend on the loading resolution.)
+
+    Raises:
+        ImageFolderError: naming the file and the rule it broke; nothing measured from its
+            pixels (no size, no value) is in the message.
+    """
 
     def refuse(reason: str) -> ImageFolderError:
         return ImageFolderError(f"cannot load image file {_shown_file(path)}: {reason}")
@@ -398,35 +499,48 @@ def _decode(data: bytes, *, path: Path, resolution: int, max_image_pixels: int) 
         with image:
             width, height = image.size
             if width * height > max_image_pixels:
+                # The limit is public; the image's own size is not (docs/privacy.md §1).
                 raise refuse(
-                    f"{width}x{height} = {width * height} pixels is more than "
-                    f"max_image_pixels={max_image_pixels}."
+                    f"its header gives more pixels than max_image_pixels={max_image_pixels}. "
+                    "Downscale it or raise the limit."
                 )
-            # JPEG only: decode at the smallest 1/2^k scale that still covers R x R. The
-            # whole stream is still decoded, so truncation is still detected.
-            image.draft(None, (resolution, resolution))
             image.load()
             ImageOps.exif_transpose(image, in_place=True)
-            pixels = _to_square_rgb(image, resolution=resolution)
+            if image.mode in {"I", "F"} or image.mode.startswith("I;16"):
+                return _high_depth_grey(image)
+            return _flatten_to_rgb(image)
     except (ImageFolderError, MemoryError):
         raise
     except _UnsupportedImage as error:
         raise refuse(str(error)) from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise refuse(f"it is too large to decode safely ({error}).") from error
-    except Image.UnidentifiedImageError as error:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        # Pillow's own text gives the image's pixel count: measured, so left out.
+        raise refuse(
+            "it is too large to decode safely (over Pillow's decompression-bomb limit, "
+            "PIL.Image.MAX_IMAGE_PIXELS)."
+        ) from None
+    except Image.UnidentifiedImageError:
         raise refuse(
             f"it is not a {', '.join(ALLOWED_FORMATS)} image Pillow can read (corrupt, or "
             "another format with an image extension)."
-        ) from error
+        ) from None
     except Exception as error:
         # Decoders of untrusted files raise many kinds of errors (OSError, SyntaxError,
         # ValueError, zlib.error, struct.error...); all mean "this file cannot be used".
         raise refuse(
-            f"{shown_path(str(error) or type(error).__name__)}. The file is damaged or of an unsupported "
-            "kind: re-export it or remove it from the folder."
-        ) from error
-    return pixels
+            f"{_decoder_reason(error)}. The file is damaged or of an unsupported kind: "
+            "re-export it or remove it from the folder."
+        ) from None
+
+
+def _decoder_reason(error: Exception) -> str:
+    """A decoder's error text without what it measured from the file: details in brackets
+    ("image file is truncated (3 bytes not processed)") are dropped, and a text that still
+    holds a number (a size, an offset, a value) gives way to the error's type."""
+    text = re.sub(r"\s*[(\[][^)\]]*[)\]]", "", str(error)).strip()
+    if not text or re.search(r"\d", text):
+        return f"the decoder failed ({type(error).__name__})"
+    return shown_path(text)
 
 
 def _centre_box(width: int, height: int) -> tuple[float, float, float, float]:
@@ -436,18 +550,17 @@ def _centre_box(width: int, height: int) -> tuple[float, float, float, float]:
     return (left, top, left + side, top + side)
 
 
-def _to_square_rgb(image: Image.Image, *, resolution: int) -> np.ndarray:
+def _to_square(image: Image.Image, *, resolution: int) -> np.ndarray:
+    """``canonical_pixels``' result centre-cropped and resized: float32 (R, R, 3) in [0, 1]."""
     box = _centre_box(*image.size)
     size = (resolution, resolution)
-    if image.mode in {"I", "F"} or image.mode.startswith("I;16"):
-        grey = _high_depth_grey(image)
+    if image.mode == "F":
         # Resampled in float so the 16-bit precision survives; Lanczos may ring slightly
         # past the ends of the range.
-        resized = np.asarray(grey.resize(size, Image.Resampling.LANCZOS, box=box))
+        resized = np.asarray(image.resize(size, Image.Resampling.LANCZOS, box=box))
         resized = np.clip(resized, 0.0, 1.0)
         return np.repeat(resized[:, :, None], 3, axis=2).astype(np.float32, copy=False)
-    rgb = _flatten_to_rgb(image)
-    resized = rgb.resize(size, Image.Resampling.LANCZOS, box=box)
+    resized = image.resize(size, Image.Resampling.LANCZOS, box=box)
     return np.asarray(resized, dtype=np.float32) / 255.0
 
 
@@ -456,10 +569,10 @@ def _high_depth_grey(image: Image.Image) -> Image.Image:
     values = np.asarray(image)
     if image.mode == "F":
         if not (np.isfinite(values).all() and values.min() >= 0.0 and values.max() <= 1.0):
+            # Which values, and how far out, are measured from the image: not shown.
             raise _UnsupportedImage(
-                "a floating-point image must hold values in "
-                f"[0, 1], this one spans [{values.min()}, {values.max()}]. Convert it to 8 or "
-                "16 bits."
+                "a floating-point image must hold finite values in [0, 1], and this one does "
+                "not. Convert it to 8 or 16 bits."
             )
         scaled = values.astype(np.float32)
     else:
@@ -467,9 +580,8 @@ def _high_depth_grey(image: Image.Image) -> Image.Image:
         # range has no agreed meaning, so values outside 16 bits are refused.
         if values.min() < 0 or values.max() > _UINT16_MAX:
             raise _UnsupportedImage(
-                "its 32-bit integer values span "
-                f"[{values.min()}, {values.max()}], outside the 16-bit range this loader "
-                "understands. Convert it to 8 or 16 bits."
+                "its 32-bit integer values are not all in the 16-bit range [0, 65535] this "
+                "loader understands. Convert it to 8 or 16 bits."
             )
         scaled = values.astype(np.float32) / _UINT16_MAX
     return Image.fromarray(np.ascontiguousarray(scaled))

@@ -106,11 +106,12 @@ def train_per_image_embeddings(
     Work is constant (docs/privacy.md §3.2): every forward/backward pass has exactly
     ``images_per_batch`` rows, the last chunk padded with public padding rows (zero latents,
     a fixed seed), and whole padding chunks are added until at least ``public_rows`` rows
-    were processed. So the number of passes, the progress total and (up to timing noise)
-    the run time depend on ``max(m, public_rows)`` only, and an image's result depends on
-    its own latents and seed alone: removing another image leaves it bitwise identical on
-    CPU (the tensors of every pass have the same shapes, so the kernels round the same way;
-    a test checks it).
+    were processed. So the number of passes and (up to timing noise) the run time depend on
+    ``max(m, public_rows)`` only, and the progress values and total on ``public_rows``
+    only (``public_chunk_count``; past it the value is held at the total). An image's
+    result depends on its own latents and seed alone: removing another image leaves it
+    bitwise identical on CPU (the tensors of every pass have the same shapes, so the
+    kernels round the same way; a test checks it).
 
     Args:
         latents: (m, C, H, W) cached latents of the m images to invert, in the model's space.
@@ -121,7 +122,9 @@ def train_per_image_embeddings(
         text_forward, denoise_loss: the model, see ``TextForward`` and ``DenoiseLoss``.
         public_rows: the public amount of work, in images (the declared dataset size).
         on_step: called as ``on_step(done, total)`` after every optimiser step of a chunk,
-            with a public ``total``; it may raise to cancel (nothing is returned then).
+            with ``total`` = ``public_chunk_count`` x steps and ``done`` held at ``total``
+            once the steps past ``public_rows`` begin (both public); it may raise to cancel
+            (nothing is returned then).
     """
     m = latents.shape[0]
     if latents.dim() != 4:
@@ -140,14 +143,14 @@ def train_per_image_embeddings(
     ids = prompts.ids.to(device)
     mask = prompts.mask.to(device)
     results = torch.empty((m, k, initial.shape[1]), dtype=torch.float32)
-    total = chunks * config.steps
+    total = public_chunk_count(public_rows, images_per_batch=b) * config.steps
     done = 0
 
     def tick() -> None:
         nonlocal done
         done += 1
         if on_step is not None:
-            on_step(done, total)
+            on_step(min(done, total), total)
 
     for chunk_index in range(chunks):
         start = chunk_index * b
@@ -168,8 +171,41 @@ PADDING_SEED = 0
 
 
 def padded_chunk_count(rows: int, *, public_rows: int, images_per_batch: int) -> int:
-    """Passes of ``images_per_batch`` rows needed for max(rows, public_rows) rows (>= 1)."""
+    """Passes of ``images_per_batch`` rows needed for max(rows, public_rows) rows (>= 1).
+
+    The WORK done: it grows with the private ``rows`` past ``public_rows``, so it must never
+    be shown (progress uses ``public_chunk_count``)."""
     return max(1, math.ceil(max(rows, public_rows) / images_per_batch))
+
+
+def public_chunk_count(public_rows: int, *, images_per_batch: int) -> int:
+    """Passes of ``images_per_batch`` rows for ``public_rows`` rows (>= 1): the unit of every
+    progress total (docs/privacy.md §1: progress values and totals are functions of public
+    settings only, also when a folder holds more images than the declared n_hat)."""
+    return max(1, math.ceil(public_rows / images_per_batch))
+
+
+class PublicProgress:
+    """A progress reporter whose values and total depend on public settings only.
+
+    ``advance_to(value)`` reports ``min(value, total)`` to ``report(value, total)`` only
+    when that is beyond what was last reported, so work past the public total (a folder
+    larger than the declared n_hat) shows the bar held at its total: no value past it, no
+    new total, and no extra report whose number would count the extra work.
+    """
+
+    def __init__(self, total: int, report: Callable[[int, int], None]):
+        if isinstance(total, bool) or not isinstance(total, int) or total < 1:
+            raise InvalidParameterError(f"total must be a positive integer, got total={total!r}.")
+        self.total = total
+        self._report = report
+        self._shown = 0
+
+    def advance_to(self, value: int) -> None:
+        value = min(int(value), self.total)
+        if value > self._shown:
+            self._shown = value
+            self._report(value, self.total)
 
 
 def _train_chunk(latents, initial, ids, mask, config, generators, text_forward, denoise_loss, tick):

@@ -94,7 +94,7 @@ class DPAggregateCLIPEmbeddingsNode:
             settings={
                 "method": METHOD,
                 "clip_vision": comfy_compat.module_fingerprint(clip_vision.model),
-                "resolution": list(private.images.shape[1:3]),
+                "resolution": [private.resolution, private.resolution],
             },
             poll=comfy_compat.raise_if_cancelled,
         )
@@ -113,7 +113,7 @@ class DPAggregateCLIPEmbeddingsNode:
             outcome = reused_estimate(plan, dimension=width)
         else:
             vectors = _embed_every_image(
-                clip_vision, private.images, images_per_batch, width, plan.declared_dataset_size
+                clip_vision, private, images_per_batch, width, plan.declared_dataset_size
             )
             outcome = execute_release(
                 plan,
@@ -172,30 +172,39 @@ def _validate(clip_vision, private_images, images_per_batch):
     return private
 
 
-def _embed_every_image(clip_vision, images, per_batch: int, width: int, public_rows: int):
-    """L2-normalised CLIP image embeddings (n, D) float64 on CPU of ALL images.
+def _embed_every_image(clip_vision, private, per_batch: int, width: int, public_rows: int):
+    """L2-normalised CLIP image embeddings (n, D) float64 on CPU of ALL pictures.
 
-    Each row depends on its own image alone (ComfyUI's CLIP vision has no cross-batch state),
-    which the sensitivity of M1 relies on. Constant work: batches of exactly ``per_batch``
-    rows, padded up to at least ``public_rows`` (the declared n_hat) images, so the progress
-    total and the run time do not depend on the private count or on the Poisson sample. A
+    Each row depends on its own picture alone (ComfyUI's CLIP vision has no cross-batch
+    state), which the sensitivity of M1 relies on. The pictures are decoded ``per_batch`` at
+    a time (``PrivateImageSet.batches``), so memory does not grow with n beyond the (n, D)
+    result. Constant work: batches of exactly ``per_batch`` rows, padded up to at least
+    ``public_rows`` (the declared n_hat) pictures, so the run time does not depend on the
+    Poisson sample nor, up to n_hat, on the private count; the progress values and total
+    depend on n_hat alone (held at the total past it, ``dp.inversion.PublicProgress``). A
     row that is not finite is left as is: M1 turns it into a zero contribution, silently.
     """
-    from ..dp.inversion import padded_chunk_count
+    from ..dp.inversion import PublicProgress, padded_chunk_count, public_chunk_count
 
-    n = int(images.shape[0])
-    chunks = padded_chunk_count(n, public_rows=public_rows, images_per_batch=per_batch)
-    progress = comfy_compat.progress_bar(chunks)
+    chunks = padded_chunk_count(private.count, public_rows=public_rows, images_per_batch=per_batch)
+    shown = public_chunk_count(public_rows, images_per_batch=per_batch)
+    progress = PublicProgress(shown, comfy_compat.progress_bar(shown).update_absolute)
+    side = private.resolution
+    decoded = private.batches(per_batch, check_cancelled=comfy_compat.raise_if_cancelled)
     rows = []
     for chunk in range(chunks):
         comfy_compat.raise_if_cancelled()
-        real = images[chunk * per_batch : (chunk + 1) * per_batch]
-        padded = torch.zeros((per_batch, *images.shape[1:]), dtype=images.dtype)
-        padded[: real.shape[0]] = real
+        batch = next(decoded, None)
+        padded = torch.zeros((per_batch, side, side, 3), dtype=torch.float32)
+        real = 0
+        if batch is not None:
+            real = batch.pixels.shape[0]
+            padded[:real] = batch.pixels
+        del batch
         embeds = comfy_compat.clip_vision_encode(clip_vision, padded)
-        embeds = embeds.detach().to("cpu", torch.float64)[: real.shape[0]]
+        embeds = embeds.detach().to("cpu", torch.float64)[:real]
         rows.append(torch.nn.functional.normalize(embeds, dim=1))
-        progress.update_absolute(chunk + 1, chunks)
+        progress.advance_to(chunk + 1)
     vectors = torch.cat(rows)
     if vectors.shape[1] != width:
         from ..dp.errors import InvalidParameterError

@@ -83,9 +83,7 @@ def release_dpsgd(
         images_per_batch=config.images_per_batch,
     )
     n_hat = plan.declared_dataset_size
-    latents, on_step = im.encode_for_training(
-        model, vae, private.images, public_rows=n_hat, config=sgd
-    )
+    latents, on_step = im.encode_for_training(model, vae, private, public_rows=n_hat, config=sgd)
 
     def train(included: tuple[bool, ...]) -> torch.Tensor:
         with (

@@ -433,38 +433,53 @@ def seeds_from_entropy(count: int) -> list[int]:
     return [secrets.randbits(63) for _ in range(count)]
 
 
-def encode_for_training(model, vae, images, *, public_rows: int, config):
-    """Latents (n, C, h, w) of EVERY image and the ``on_step`` callback of its training.
+def encode_for_training(model, vae, private, *, public_rows: int, config):
+    """Latents (n, C, h, w) of EVERY picture of ``private`` and the ``on_step`` callback of
+    its training.
 
-    Constant work (docs/privacy.md §3.2, §4): the images are encoded one per VAE call (ComfyUI's
-    VAE.encode may split a batch by free memory, and a split that varies would let other
-    images change how this one is rounded), padded with a blank image to
+    The pictures are decoded ``images_per_batch`` at a time (``PrivateImageSet.batches``)
+    and encoded as they come, so decoded pixels never take more than one chunk's memory.
+    The latents of all n pictures are kept (every training step needs them): n x C x R/8 x
+    R/8 floats, 1/48 of the decoded pixels at C = 4, the one memory cost that grows with n.
+
+    Constant work (docs/privacy.md §3.2, §4): the pictures are encoded one per VAE call
+    (ComfyUI's VAE.encode may split a batch by free memory, and a split that varies would
+    let other pictures change how this one is rounded), padded with a blank image to
     ``padded_chunk_count(n, public_rows, images_per_batch)`` chunks. One progress bar of the
-    public total ``chunks * (steps + 1)`` covers the encoding and the training that follows
-    (``config.steps`` passes per chunk); ``on_step(done, total)`` advances it and honours
-    Cancel.
+    public total ``public_chunk_count(public_rows) * (steps + 1)`` covers the encoding and
+    the training that follows (``config.steps`` passes per chunk); past the declared n_hat
+    it holds at its marks (``dp.inversion.PublicProgress``). ``on_step(done, total)``
+    advances it and honours Cancel, as does the encoding loop.
     """
-    from ..dp.inversion import padded_chunk_count
+    from ..dp.inversion import PublicProgress, padded_chunk_count, public_chunk_count
 
-    n = images.shape[0]
+    n = private.count
     per_chunk = config.images_per_batch
     chunks = padded_chunk_count(n, public_rows=public_rows, images_per_batch=per_chunk)
-    total = chunks * (config.steps + 1)
-    progress = comfy_compat.progress_bar(total)
-    padding = torch.zeros((1, *images.shape[1:]), dtype=images.dtype)
+    shown = public_chunk_count(public_rows, images_per_batch=per_chunk)
+    bar = comfy_compat.progress_bar(shown * (config.steps + 1))
+    progress = PublicProgress(shown * (config.steps + 1), bar.update_absolute)
+    resolution = private.resolution
+    padding = torch.zeros((1, resolution, resolution, 3), dtype=torch.float32)
+    decoded = private.batches(per_chunk, check_cancelled=comfy_compat.raise_if_cancelled)
     latents = []
     for chunk in range(chunks):
         comfy_compat.raise_if_cancelled()
-        for row in range(chunk * per_chunk, (chunk + 1) * per_chunk):
+        batch = next(decoded, None)
+        pixels = batch.pixels if batch is not None else padding[:0]
+        for row in range(per_chunk):
+            comfy_compat.raise_if_cancelled()
+            real = row < pixels.shape[0]
             encoded = comfy_compat.encode_latents(
-                model, vae, images[row : row + 1] if row < n else padding
+                model, vae, pixels[row : row + 1] if real else padding
             )
-            if row < n:
+            if real:
                 latents.append(encoded)
-        progress.update_absolute(chunk + 1, total)
+        del batch, pixels
+        progress.advance_to(min(chunk + 1, shown))
 
     def on_step(done: int, _total: int) -> None:
         comfy_compat.raise_if_cancelled()
-        progress.update_absolute(chunks + done, total)
+        progress.advance_to(shown + done)
 
     return torch.cat(latents), on_step

@@ -6,10 +6,13 @@ so this node shows no preview, writes no temporary file, returns no "ui" images,
 count output, logs nothing that depends on the folder's contents, shows a progress bar of
 fixed total, and gives ComfyUI an IS_CHANGED value that is useless for testing membership.
 
-Its one output carries the pixels together with each image's keyed hash (an HMAC, RFC 2104,
-of the file's raw-bytes SHA-256 under a key kept in ComfyUI's user folder), so the budget
-ledger can charge every release to every image in it. The socket type is the pack's own, so
-only DP nodes accept it: a core Preview or Save node cannot be wired to the pixels.
+The node reads the folder once, one file at a time, and keeps no pixels: its one output
+carries each kept picture's file and pixel digest together with its keyed hash (an HMAC,
+RFC 2104, of the SHA-256 of the picture's decoded pixels under a key kept in ComfyUI's user
+folder), so the budget ledger can charge every release to every picture in it, and DP nodes
+decode the pixels again in batches when they need them. There is no limit on the number of
+images. The socket type is the pack's own, so only DP nodes accept it: a core Preview or
+Save node cannot be wired to the pixels.
 """
 
 from __future__ import annotations
@@ -93,17 +96,19 @@ class DPLoadPrivateImagesNode:
     RETURN_TYPES = (SOCKET_TYPE,)
     RETURN_NAMES = ("private_images",)
     OUTPUT_TOOLTIPS = (
-        "The private images with one keyed hash per image (the budget ledger charges each "
-        "release to each image). Connects only to DP nodes: core Preview and Save nodes cannot "
+        "The private images (read, not yet decoded) with one keyed hash per picture of their "
+        "decoded pixels (the budget ledger charges each release to each picture). Connects only to DP nodes: core Preview and Save nodes cannot "
         "take this socket, which keeps the pixels private. How many images there are is "
         "private too and is shown nowhere.",
     )
     FUNCTION = "load"
     DESCRIPTION = (
         "Loads a folder of private images (png, jpg, webp, bmp, tiff, gif) for a DP node: "
-        "each image is centre-cropped to a square and resized. Its output connects only to DP "
-        "nodes. No previews, no temporary files, no count: file names and the number of "
-        "images are never logged or output. Re-runs when the folder's files change."
+        "each image is centre-cropped to a square and resized when a DP node uses it. A "
+        "re-saved copy with the same pixels (other format, metadata or name) is the same "
+        "picture, and exact duplicates count once. Its output connects only to DP nodes. No "
+        "previews, no temporary files, no count: file names and the number of images are "
+        "never logged or output. Re-runs when the folder's files change."
     )
 
     @classmethod
@@ -155,9 +160,9 @@ class DPLoadPrivateImagesNode:
         loaded = load_image_folder(
             path, resolution=resolution, check_cancelled=comfy_compat.raise_if_cancelled
         )
-        image_keys = tuple(keyed_fingerprint(d, key) for d in loaded.content_digests)
+        image_keys = tuple(keyed_fingerprint(d, key) for d in loaded.pixel_digests)
         progress.update_absolute(1, 1)
-        return (PrivateImageSet(images=loaded.images, image_keys=image_keys),)
+        return (PrivateImageSet(source=loaded, image_keys=image_keys),)
 
 
 def _installation_key() -> bytes:

@@ -235,10 +235,8 @@ class DPTextualInversionTrainNode:
         target_norms = im.mean_token_norms(clip, family)
         width = initial.shape[1]
         dimension = num_vectors * width
-        height_px, width_px = (int(v) for v in private.images.shape[1:3])  # the set resolution
-        im.probe_public_inputs(
-            model, clip, family, prompts, initial, height=height_px, width=width_px
-        )
+        side = private.resolution  # the loader's public setting
+        im.probe_public_inputs(model, clip, family, prompts, initial, height=side, width=side)
 
         settings = {
             "method": method,
@@ -254,7 +252,7 @@ class DPTextualInversionTrainNode:
             "images_per_batch": images_per_batch,
             "clip_norm": clip_norm,
             "bound_mode": mode.value,
-            "resolution": list(private.images.shape[1:3]),
+            "resolution": [private.resolution, private.resolution],
             # Only when chosen, so that earlier records of the same release still match.
             **({"precision": precision} if precision != PRECISIONS[0] else {}),
         }
@@ -355,7 +353,7 @@ def _train_every_image(
     from . import inversion_model as im
 
     latents, on_step = im.encode_for_training(
-        model, vae, private.images, public_rows=plan.declared_dataset_size, config=config
+        model, vae, private, public_rows=plan.declared_dataset_size, config=config
     )
     with (
         torch.inference_mode(False),
@@ -371,7 +369,7 @@ def _train_every_image(
             initial=initial,
             prompts=prompts,
             config=config,
-            seeds=im.seeds_from_entropy(private.images.shape[0]),
+            seeds=im.seeds_from_entropy(private.count),
             text_forward=im.make_text_forward(clip, family),
             denoise_loss=denoise_loss,
             public_rows=plan.declared_dataset_size,

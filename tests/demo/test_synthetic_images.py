@@ -47,7 +47,7 @@ def test_set_loads_as_a_private_image_folder(tmp_path):
     write_synthetic_style_set(tmp_path, count=4, size=96)
     loaded = load_image_folder(tmp_path, resolution=64)
     assert loaded.count == 4
-    assert loaded.images.shape == (4, 64, 64, 3)
+    assert [tuple(b.pixels.shape) for b in loaded.batches(4)] == [(4, 64, 64, 3)]
 
 
 def test_command_line_writes_the_requested_count(tmp_path, capsys):

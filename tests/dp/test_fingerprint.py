@@ -60,3 +60,67 @@ def test_concurrent_first_use_gives_one_whole_key(tmp_path):
             keys = set(pool.map(lambda _, p=path: load_or_create_key(p), range(16)))
         assert keys == {path.read_bytes()}
         assert list(path.parent.iterdir()) == [path], "no temporary file is left behind"
+
+
+# --- keys of pictures: the keyed pixel digest (docs/privacy.md §1, §7) ----------------------
+
+
+def _picture_key(path, key: bytes) -> str:
+    """The ledger key the loader gives the picture in ``path``."""
+    from comfyui_dp_adapt.dp.images import load_image_folder
+
+    (digest,) = load_image_folder(path.parent, resolution=64).pixel_digests
+    return keyed_fingerprint(digest, key)
+
+
+def _save(folder, name, pixels, **options):
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(folder / name, **options)
+    return folder / name
+
+
+def test_a_resaved_picture_keeps_its_key_and_one_changed_pixel_does_not(tmp_path):
+    """The audit's finding: a picture re-saved with other PNG compression, a text chunk, a
+    new name, or as lossless WebP / TIFF / BMP got a fresh key (and a fresh budget)."""
+    import numpy as np
+    from PIL import PngImagePlugin
+
+    key = load_or_create_key(tmp_path / "fingerprint.key")
+    pixels = np.random.default_rng(1).integers(0, 256, (48, 80, 3), dtype=np.uint8)
+    text = PngImagePlugin.PngInfo()
+    text.add_text("Software", "an editor")
+    copies = [
+        _save(tmp_path / "original", "photo.png", pixels, compress_level=6),
+        _save(tmp_path / "level0", "photo.png", pixels, compress_level=0),
+        _save(tmp_path / "text", "photo.png", pixels, pnginfo=text),
+        _save(tmp_path / "renamed", "IMG_0001 final.png", pixels),
+        _save(tmp_path / "webp", "photo.webp", pixels, lossless=True),
+        _save(tmp_path / "tiff", "photo.tif", pixels),
+        _save(tmp_path / "bmp", "photo.bmp", pixels),
+    ]
+    # Every copy's bytes differ, but for the renamed one (same bytes, another name).
+    assert len({path.read_bytes() for path in copies}) == len(copies) - 1
+    keys = {_picture_key(path, key) for path in copies}
+    assert len(keys) == 1
+    (only,) = keys
+    assert only.startswith("hmac-sha256:")
+    changed = pixels.copy()
+    changed[10, 20, 2] ^= 4
+    assert _picture_key(_save(tmp_path / "changed", "photo.png", changed), key) != only
+    other_install = load_or_create_key(tmp_path / "other.key")
+    assert _picture_key(copies[0], other_install) != only
+
+
+def test_an_exif_orientation_chunk_and_the_rotated_pixels_give_one_key(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    key = load_or_create_key(tmp_path / "fingerprint.key")
+    stored = np.random.default_rng(2).integers(0, 256, (48, 80, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 8  # displayed rotated 90 degrees counter-clockwise
+    tagged = _save(tmp_path / "tagged", "a.png", stored, exif=exif.tobytes())
+    rotated = _save(tmp_path / "rotated", "a.png", np.rot90(stored).copy())
+    assert _picture_key(tagged, key) == _picture_key(rotated, key)

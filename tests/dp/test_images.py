@@ -107,6 +107,12 @@ WRITERS = {
 }
 
 
+def _pixels(folder: Path, **kwargs) -> torch.Tensor:
+    """Every picture of ``folder`` as the DP nodes get them: loaded, then decoded in batches."""
+    loaded = load_image_folder(folder, resolution=kwargs.pop("resolution", R), **kwargs)
+    return torch.cat([batch.pixels for batch in loaded.batches(2)])
+
+
 def _assert_image_batch(images: torch.Tensor, n: int) -> None:
     assert images.shape == (n, R, R, 3)
     assert images.dtype == torch.float32
@@ -121,9 +127,10 @@ def test_every_mode_loads_as_comfyui_image_batch(tmp_path, kind):
         assert source.mode == mode, "the file really is in the mode under test"
         assert ("transparency" in source.info) == (kind == "P+transparency")
     result = load_image_folder(tmp_path, resolution=R)
-    _assert_image_batch(result.images, 1)
+    images = _pixels(tmp_path)
+    _assert_image_batch(images, 1)
     assert result.count == 1
-    assert result.images.std() > 0.05, "the content survives, not a flat fill"
+    assert images.std() > 0.05, "the content survives, not a flat fill"
 
 
 @pytest.mark.parametrize("writer", [_rgba, _palette])
@@ -134,13 +141,13 @@ def test_transparent_pixels_are_composited_on_white(tmp_path, writer):
         image.save(tmp_path / "clear.png", transparency=0)
     else:
         Image.new("RGBA", (80, 80), (0, 0, 0, 0)).save(tmp_path / "clear.png")
-    images = load_image_folder(tmp_path, resolution=R).images
+    images = _pixels(tmp_path)
     torch.testing.assert_close(images, torch.ones_like(images))
 
 
 def test_sixteen_bit_range_maps_to_unit_interval_without_saturating(tmp_path):
     _grey16(tmp_path)
-    images = load_image_folder(tmp_path, resolution=R).images
+    images = _pixels(tmp_path)
     assert images.min() < 0.15 and images.max() > 0.85, "the ramp spans the cropped range"
     assert (images >= 1.0).float().mean() < 0.05, "values above 255 must not clip to white"
     assert 0.4 < images.mean() < 0.6
@@ -150,14 +157,14 @@ def test_sixteen_bit_range_maps_to_unit_interval_without_saturating(tmp_path):
 def test_dark_sixteen_bit_image_stays_dark(tmp_path):
     values = np.full((64, 64), 200, dtype=np.uint16)
     Image.fromarray(values).save(tmp_path / "dark.png")
-    images = load_image_folder(tmp_path, resolution=R).images
+    images = _pixels(tmp_path)
     torch.testing.assert_close(images, torch.full_like(images, 200 / 65535), atol=1e-4, rtol=0)
 
 
 def test_float_image_in_unit_range_loads_and_outside_is_refused(tmp_path):
     ramp = np.tile(np.linspace(0, 1, 80, dtype=np.float32), (80, 1))
     Image.fromarray(ramp).save(tmp_path / "float.tiff")
-    images = load_image_folder(tmp_path, resolution=R).images
+    images = _pixels(tmp_path)
     assert images.min() < 0.05 and images.max() > 0.95
     Image.fromarray(ramp * 300).save(tmp_path / "float.tiff")
     with pytest.raises(ImageFolderError, match=r"float\.tiff.*\[0, 1\]"):
@@ -179,7 +186,7 @@ def test_non_square_images_are_centre_cropped(tmp_path, size, extension):
         else:
             pixels[start:stop, :] = colour
     Image.fromarray(pixels).save(tmp_path / f"banded.{extension}", quality=95)
-    images = load_image_folder(tmp_path, resolution=R).images
+    images = _pixels(tmp_path)
     expected = torch.tensor(GREEN, dtype=torch.float32) / 255
     tolerance = 2 / 255 if extension == "png" else 6 / 255  # JPEG's own error
     torch.testing.assert_close(images[0], expected.expand(R, R, 3), atol=tolerance, rtol=0)
@@ -193,7 +200,7 @@ def test_exif_orientation_is_applied(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6
     Image.fromarray(pixels).save(tmp_path / "rotated.jpg", exif=exif.tobytes(), quality=95)
-    image = load_image_folder(tmp_path, resolution=R).images[0]
+    image = _pixels(tmp_path)[0]
     top, bottom = image[: R // 4].mean(dim=(0, 1)), image[-R // 4 :].mean(dim=(0, 1))
     assert top[0] > top[2] + 0.5, "displayed top is the stored left (red) half"
     assert bottom[2] > bottom[0] + 0.5, "displayed bottom is the stored right (blue) half"
@@ -203,10 +210,10 @@ def test_images_come_in_sorted_name_order_deterministically(tmp_path):
     levels = {"b.png": 60, "a.png": 200, "c.png": 120}
     for name, level in levels.items():
         Image.new("L", (70, 70), level).save(tmp_path / name)
-    first = load_image_folder(tmp_path, resolution=R)
-    means = [float(image.mean()) * 255 for image in first.images]
+    first = _pixels(tmp_path)
+    means = [float(image.mean()) * 255 for image in first]
     assert means == pytest.approx([levels[name] for name in sorted(levels)], abs=1)
-    torch.testing.assert_close(load_image_folder(tmp_path, resolution=R).images, first.images)
+    torch.testing.assert_close(_pixels(tmp_path), first)
 
 
 def test_hidden_and_non_image_entries_are_skipped(tmp_path):
@@ -223,19 +230,19 @@ def test_hidden_and_non_image_entries_are_skipped(tmp_path):
         pass  # no symbolic links here; the rest of the test still holds
     result = load_image_folder(tmp_path, resolution=R)
     assert result.count == 2
-    assert result.images.shape[0] == 2
+    assert _pixels(tmp_path).shape[0] == 2
 
 
 def test_gif_loads_its_first_frame(tmp_path):
     frames = [Image.new("RGB", (80, 80), RED), Image.new("RGB", (80, 80), BLUE)]
     frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
-    image = load_image_folder(tmp_path, resolution=R).images[0]
+    image = _pixels(tmp_path)[0]
     assert image[..., 0].mean() > image[..., 2].mean() + 0.5
 
 
 def test_small_images_are_upscaled_to_the_resolution(tmp_path):
     _rgb(tmp_path, "small.png", size=(20, 30))
-    _assert_image_batch(load_image_folder(tmp_path, resolution=R).images, 1)
+    _assert_image_batch(_pixels(tmp_path), 1)
 
 
 # --- refusals ---------------------------------------------------------------------------
@@ -291,24 +298,130 @@ def test_pixel_count_above_limit_is_refused_before_decoding(tmp_path, monkeypatc
         raise AssertionError("decoded an image over the pixel limit")
 
     monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
-    with pytest.raises(ImageFolderError, match=r"big\.png.*8000 pixels.*max_image_pixels=7999"):
+    with pytest.raises(ImageFolderError, match=r"big\.png.*max_image_pixels=7999") as caught:
         load_image_folder(tmp_path, resolution=R, max_image_pixels=7999)
+    _assert_nothing_measured(str(caught.value), "100", "80", "8000")
 
 
 @pytest.mark.parametrize("pillow_limit", [5000, 3000])  # warning range, then error range
 def test_pillow_decompression_bomb_check_is_reported(tmp_path, monkeypatch, pillow_limit):
     _rgb(tmp_path, "bomb.png", size=(100, 80))
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", pillow_limit)
-    with pytest.raises(ImageFolderError, match=r"bomb\.png.*too large to decode safely"):
+    with pytest.raises(ImageFolderError, match=r"bomb\.png.*too large to decode safely") as caught:
         load_image_folder(tmp_path, resolution=R)
+    _assert_nothing_measured(str(caught.value), "100", "80", "8000")
 
 
-def test_more_images_than_allowed_are_refused(tmp_path):
-    for i in range(3):
+def _assert_nothing_measured(message: str, *measured: str) -> None:
+    """No number measured from the private file (its size, pixel count, values) is shown."""
+    import re
+
+    numbers = set(re.findall(r"\d+(?:\.\d+)?", message))
+    assert not numbers & set(measured), message
+
+
+def test_float_and_wide_integer_refusals_show_no_pixel_values(tmp_path):
+    ramp = np.tile(np.linspace(0, 1, 80, dtype=np.float32), (80, 1))
+    Image.fromarray(ramp * 300 - 17).save(tmp_path / "float.tiff")
+    with pytest.raises(ImageFolderError, match=r"float\.tiff.*\[0, 1\]") as caught:
+        load_image_folder(tmp_path, resolution=R)
+    message = str(caught.value)
+    _assert_nothing_measured(message, "-17", "17", "283", "300", "80")
+    assert "-17.0" not in message and "283.0" not in message
+    (tmp_path / "float.tiff").unlink()
+    wide = np.tile(np.arange(70_000, 70_080, dtype=np.int32), (80, 1))
+    Image.fromarray(wide, mode="I").save(tmp_path / "wide.tiff")
+    with pytest.raises(ImageFolderError, match=r"wide\.tiff.*16-bit range") as caught:
+        load_image_folder(tmp_path, resolution=R)
+    _assert_nothing_measured(str(caught.value), "70000", "70079", "80")
+
+
+def test_decoder_errors_lose_the_numbers_they_measured(tmp_path):
+    buffer = io.BytesIO()
+    Image.fromarray(_noise(256, 256)).save(buffer, format="PNG")
+    data = buffer.getvalue()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageFolderError, match=r"cut\.png.*image file is truncated") as caught:
+        load_image_folder(tmp_path, resolution=R)
+    assert "bytes not processed" not in str(caught.value)
+    reason = str(caught.value).split(f"{tmp_path}: ", 1)[1]
+    assert not any(c.isdigit() for c in reason), reason
+
+
+def test_a_thousand_and_one_images_load_without_any_count_limit(tmp_path):
+    """No refusal depends on the number of images (docs/privacy.md §1): there is no cap."""
+    import inspect
+
+    for i in range(1001):
+        Image.fromarray(_noise(8, 8, seed=i)).save(tmp_path / f"{i:04d}.png")
+    loaded = load_image_folder(tmp_path, resolution=R)
+    assert loaded.count == 1001
+    assert "max_images" not in inspect.signature(load_image_folder).parameters
+    batches = list(loaded.batches(400))
+    assert [b.pixels.shape[0] for b in batches] == [400, 400, 201]
+    assert [(b.start, b.stop) for b in batches] == [(0, 400), (400, 800), (800, 1001)]
+
+
+def test_the_loaded_folder_holds_no_pixels_and_batches_hold_at_most_their_size(tmp_path):
+    """Memory is bounded by the batch size, not by n: the read folder keeps paths and
+    digests only, and each batch is a fresh (size, R, R, 3) tensor."""
+    import dataclasses
+
+    for i in range(7):
         _rgb(tmp_path, f"{i}.png", seed=i)
-    with pytest.raises(ImageFolderError, match=r"more than max_images=2") as caught:
-        load_image_folder(tmp_path, resolution=R, max_images=2)
-    assert "3 image" not in str(caught.value), "the exact count is private"
+    loaded = load_image_folder(tmp_path, resolution=R)
+    for item in dataclasses.fields(loaded):
+        value = getattr(loaded, item.name)
+        assert not isinstance(value, (torch.Tensor, np.ndarray)), item.name
+        if isinstance(value, tuple):
+            assert all(isinstance(v, (str, Path)) for v in value), item.name
+    sizes = []
+    for batch in loaded.batches(3):
+        assert batch.pixels.shape[1:] == (R, R, 3)
+        sizes.append(batch.pixels.shape[0])
+    assert max(sizes) <= 3 and sum(sizes) == 7
+
+
+_PEAK_PROBE = """
+import sys, types
+from pathlib import Path
+package = types.ModuleType("comfyui_dp_adapt")
+package.__path__ = [sys.argv[1]]
+sys.modules["comfyui_dp_adapt"] = package
+from comfyui_dp_adapt.dp.images import load_image_folder
+loaded = load_image_folder(Path(sys.argv[2]), resolution=256)
+for batch in loaded.batches(8):
+    pass
+status = Path("/proc/self/status").read_text()
+print(next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM")))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux's VmHWM")
+def test_peak_memory_of_loading_and_decoding_does_not_grow_with_the_number_of_images(tmp_path):
+    """Read pass and decoding in batches of 8, in a fresh process each (VmHWM, the peak
+    resident set): 160 pictures at 256 px peak no higher than 16 do, within 40 MiB. Holding
+    every decoded picture would take 0.75 MiB each, over 100 MiB more for 160."""
+    import subprocess
+    import sys
+
+    def peak_kib(count: int) -> int:
+        folder = tmp_path / str(count)
+        folder.mkdir()
+        for i in range(count):
+            Image.fromarray(_noise(64, 64, seed=i)).save(folder / f"{i:04d}.png")
+        pack = Path(__file__).resolve().parents[2]
+        out = subprocess.run(
+            [sys.executable, "-c", _PEAK_PROBE, str(pack), str(folder)],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=300,
+        )
+        return int(out.stdout.strip().splitlines()[-1])
+
+    small, large = peak_kib(16), peak_kib(160)
+    assert large - small < 40 * 1024, f"peak grew by {(large - small) / 1024:.0f} MiB"
 
 
 @pytest.mark.parametrize("resolution", [0, 56, 100, 2056, 512.0, True, "512"])
@@ -318,14 +431,15 @@ def test_bad_resolution_is_refused(tmp_path, resolution):
         load_image_folder(tmp_path, resolution=resolution)
 
 
-@pytest.mark.parametrize("argument", ["max_image_pixels", "max_images"])
-def test_bad_limits_are_refused(tmp_path, argument):
+def test_bad_limits_are_refused(tmp_path):
     _rgb(tmp_path, "a.png")
-    with pytest.raises(InvalidParameterError, match=f"{argument}=0"):
-        load_image_folder(tmp_path, resolution=R, **{argument: 0})
+    with pytest.raises(InvalidParameterError, match="max_image_pixels=0"):
+        load_image_folder(tmp_path, resolution=R, max_image_pixels=0)
+    with pytest.raises(InvalidParameterError, match="size=0"):
+        next(load_image_folder(tmp_path, resolution=R).batches(0))
 
 
-# --- fingerprint --------------------------------------------------------------------------
+# --- folder fingerprint (ComfyUI's IS_CHANGED) ------------------------------------------------
 
 
 def _bmp_set(folder: Path, count: int = 3) -> list[Path]:
@@ -333,44 +447,33 @@ def _bmp_set(folder: Path, count: int = 3) -> list[Path]:
     return [_rgb(folder, f"{i}.bmp", seed=i) for i in range(count)]
 
 
-def test_fingerprint_ignores_names_and_order(tmp_path):
+def test_folder_fingerprint_ignores_names_and_order(tmp_path):
     originals = _bmp_set(tmp_path / "a")
     (tmp_path / "b").mkdir()
     for i, path in enumerate(reversed(originals)):
         shutil.copyfile(path, tmp_path / "b" / f"renamed_{i}.bmp")
-    first = load_image_folder(tmp_path / "a", resolution=R)
-    second = load_image_folder(tmp_path / "b", resolution=R)
-    assert first.fingerprint == second.fingerprint
-    assert first.fingerprint.startswith("sha256:") and len(first.fingerprint) == 7 + 64
-    assert not torch.equal(first.images, second.images), "same files, other order"
+    first, second = folder_fingerprint(tmp_path / "a"), folder_fingerprint(tmp_path / "b")
+    assert first == second
+    assert first.startswith("sha256:") and len(first) == 7 + 64
+    assert not torch.equal(_pixels(tmp_path / "a"), _pixels(tmp_path / "b")), "other order"
 
 
-def test_fingerprint_changes_with_one_byte_of_one_file(tmp_path):
+def test_folder_fingerprint_changes_with_one_byte_of_one_file(tmp_path):
     paths = _bmp_set(tmp_path)
-    before = load_image_folder(tmp_path, resolution=R).fingerprint
+    before = folder_fingerprint(tmp_path)
     data = bytearray(paths[1].read_bytes())
     data[-1] ^= 1  # a pixel byte: the file stays a valid image
     paths[1].write_bytes(bytes(data))
-    assert load_image_folder(tmp_path, resolution=R).fingerprint != before
-
-
-def test_fingerprint_counts_duplicates(tmp_path):
-    paths = _bmp_set(tmp_path, count=2)
-    before = folder_fingerprint(tmp_path)
-    shutil.copyfile(paths[0], tmp_path / "copy.bmp")
     assert folder_fingerprint(tmp_path) != before
 
 
-def test_fingerprint_does_not_depend_on_resolution(tmp_path):
-    _bmp_set(tmp_path)
-    fingerprints = {load_image_folder(tmp_path, resolution=r).fingerprint for r in (64, 128)}
-    assert len(fingerprints) == 1
-
-
-def test_folder_fingerprint_matches_the_loaded_fingerprint(tmp_path):
-    _bmp_set(tmp_path)
+def test_folder_fingerprint_counts_duplicates_and_skips_other_files(tmp_path):
+    paths = _bmp_set(tmp_path, count=2)
+    before = folder_fingerprint(tmp_path)
     (tmp_path / "skipped.txt").write_text("x")
-    assert folder_fingerprint(tmp_path) == load_image_folder(tmp_path, resolution=R).fingerprint
+    assert folder_fingerprint(tmp_path) == before
+    shutil.copyfile(paths[0], tmp_path / "copy.bmp")
+    assert folder_fingerprint(tmp_path) != before
 
 
 # --- privacy hygiene ----------------------------------------------------------------------
@@ -504,19 +607,124 @@ def test_pillow_stays_quiet_about_private_files_and_other_threads_are_untouched(
     assert not [w for w in recwarn if "odd file" in str(w.message)], "warnings are silenced"
 
 
-# --- per-image content digests ---------------------------------------------------------
+# --- per-picture pixel digests (the ledger's unit: one picture as decoded pixels) -----------
 
 
-def test_each_row_carries_the_sha256_of_its_own_file(tmp_path):
+def _digests(folder: Path, resolution: int = R) -> tuple[str, ...]:
+    return load_image_folder(folder, resolution=resolution).pixel_digests
+
+
+def test_each_row_carries_the_digest_of_its_own_pixels(tmp_path):
     levels = {"b.png": 60, "a.png": 200, "c.png": 120}
     for name, level in levels.items():
         Image.new("L", (70, 70), level).save(tmp_path / name)
     loaded = load_image_folder(tmp_path, resolution=R)
-    assert len(loaded.content_digests) == loaded.images.shape[0] == 3
+    pixels = _pixels(tmp_path)
+    assert len(loaded.pixel_digests) == pixels.shape[0] == 3
     for row, name in enumerate(sorted(levels)):
-        expected = "sha256:" + hashlib.sha256((tmp_path / name).read_bytes()).hexdigest()
-        assert loaded.content_digests[row] == expected
-        assert float(loaded.images[row].mean()) * 255 == pytest.approx(levels[name], abs=1)
+        (alone := tmp_path / f"alone_{row}").mkdir()
+        shutil.copyfile(tmp_path / name, alone / name)
+        assert loaded.pixel_digests[row] == _digests(alone)[0]
+        assert loaded.pixel_digests[row].startswith("sha256:")
+        assert float(pixels[row].mean()) * 255 == pytest.approx(levels[name], abs=1)
+
+
+def test_pixel_digest_is_the_hash_of_kind_size_and_pixel_bytes(tmp_path):
+    import struct
+
+    from comfyui_dp_adapt.dp.images import pixel_digest
+
+    pixels = _noise(96, 72)
+    Image.fromarray(pixels).save(tmp_path / "a.png")
+    rgb = hashlib.sha256(b"rgb-uint8\0" + struct.pack("<II", 96, 72) + pixels.tobytes())
+    assert _digests(tmp_path) == ("sha256:" + rgb.hexdigest(),)
+    grey = np.tile(np.linspace(0, 1, 96, dtype=np.float32), (72, 1))
+    expected = hashlib.sha256(b"grey-float32le\0" + struct.pack("<II", 96, 72))
+    expected.update(grey.astype("<f4").tobytes())
+    assert pixel_digest(Image.fromarray(grey)) == "sha256:" + expected.hexdigest()
+
+
+def _same_pixels_written_otherwise(folder: Path, pixels: np.ndarray) -> dict[str, Path]:
+    """The same pixels in files whose bytes all differ: other PNG compression, a text chunk,
+    other lossless formats, another name, 8-bit greyscale stored as RGB."""
+    folder.mkdir()
+    image = Image.fromarray(pixels)
+    from PIL import PngImagePlugin
+
+    text = PngImagePlugin.PngInfo()
+    text.add_text("Comment", "re-saved by an editor")
+    written = {
+        "png level 9": ("original.png", {"compress_level": 9}),
+        "png level 1": ("level1.png", {"compress_level": 1}),
+        "png with text chunk": ("text.png", {"pnginfo": text}),
+        "renamed": ("Holiday 2019 (copy).png", {}),
+        "lossless webp": ("copy.webp", {"lossless": True, "quality": 100}),
+        "tiff": ("copy.tiff", {}),
+        "bmp": ("copy.bmp", {}),
+    }
+    paths = {}
+    for kind, (name, options) in written.items():
+        image.save(folder / name, **options)
+        paths[kind] = folder / name
+    return paths
+
+
+def test_lossless_resaves_metadata_and_renames_are_the_same_picture(tmp_path):
+    pixels = _noise(96, 72, seed=5)
+    paths = _same_pixels_written_otherwise(tmp_path / "copies", pixels)
+    contents = {path.read_bytes() for path in paths.values()}
+    assert len(contents) == len(paths), "every copy's bytes differ"
+    digests = {}
+    for kind, path in paths.items():
+        (alone := tmp_path / kind.replace(" ", "_")).mkdir()
+        shutil.copyfile(path, alone / path.name)
+        (digests[kind],) = _digests(alone)
+    assert len(set(digests.values())) == 1, digests
+
+
+def test_exif_rotation_tag_and_already_rotated_pixels_are_the_same_picture(tmp_path):
+    stored = _noise(96, 72, seed=7)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # displayed rotated 90 degrees clockwise
+    (tmp_path / "tagged").mkdir()
+    Image.fromarray(stored).save(tmp_path / "tagged" / "a.png", exif=exif.tobytes())
+    (tmp_path / "rotated").mkdir()
+    Image.fromarray(np.rot90(stored, k=-1).copy()).save(tmp_path / "rotated" / "a.png")
+    (tmp_path / "untagged").mkdir()
+    Image.fromarray(stored).save(tmp_path / "untagged" / "a.png")
+    tagged, rotated = _digests(tmp_path / "tagged"), _digests(tmp_path / "rotated")
+    assert tagged == rotated
+    assert _digests(tmp_path / "untagged") != tagged, "orientation is part of the picture"
+
+
+def test_greyscale_saved_as_rgb_is_the_same_picture(tmp_path):
+    grey = _noise(96, 72)[:, :, 0]
+    (tmp_path / "l").mkdir()
+    (tmp_path / "rgb").mkdir()
+    Image.fromarray(grey).save(tmp_path / "l" / "a.png")
+    Image.fromarray(np.dstack([grey] * 3)).save(tmp_path / "rgb" / "a.png")
+    assert _digests(tmp_path / "l") == _digests(tmp_path / "rgb")
+
+
+def test_one_changed_pixel_is_another_picture(tmp_path):
+    pixels = _noise(96, 72, seed=3)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    Image.fromarray(pixels).save(tmp_path / "a" / "x.png")
+    pixels[40, 50, 1] ^= 1
+    Image.fromarray(pixels).save(tmp_path / "b" / "x.png")
+    assert _digests(tmp_path / "a") != _digests(tmp_path / "b")
+
+
+def test_exact_duplicates_in_one_folder_are_one_picture_kept_in_name_order(tmp_path):
+    _rgb(tmp_path, "b.png", seed=1)
+    _rgb(tmp_path, "c.png", seed=2)
+    Image.open(tmp_path / "b.png").save(tmp_path / "a_copy.bmp")  # same pixels, first by name
+    shutil.copyfile(tmp_path / "c.png", tmp_path / "d.png")
+    loaded = load_image_folder(tmp_path, resolution=R)
+    assert loaded.count == 2
+    assert [p.name for p in loaded.paths] == ["a_copy.bmp", "c.png"]
+    assert len(set(loaded.pixel_digests)) == 2
 
 
 def test_digests_do_not_depend_on_names_or_resolution(tmp_path):
@@ -524,10 +732,46 @@ def test_digests_do_not_depend_on_names_or_resolution(tmp_path):
     (tmp_path / "b").mkdir()
     for i, path in enumerate(originals):
         shutil.copyfile(path, tmp_path / "b" / f"z_{9 - i}.bmp")
-    first = load_image_folder(tmp_path / "a", resolution=64).content_digests
-    second = load_image_folder(tmp_path / "b", resolution=128).content_digests
+    first = _digests(tmp_path / "a", resolution=64)
+    second = _digests(tmp_path / "b", resolution=128)
     assert sorted(first) == sorted(second)
     assert len(set(first)) == 3
+
+
+def test_a_jpeg_digest_does_not_depend_on_the_resolution(tmp_path):
+    """Decoded at full size for every resolution (no reduced-scale JPEG drafts)."""
+    Image.fromarray(_noise(640, 480)).save(tmp_path / "a.jpg", quality=90)
+    assert _digests(tmp_path, resolution=64) == _digests(tmp_path, resolution=512)
+
+
+# --- decoding on demand -------------------------------------------------------------------
+
+
+def test_a_file_changed_after_loading_is_refused_by_name_at_decoding(tmp_path):
+    paths = [_rgb(tmp_path, f"{name}.png", seed=i) for i, name in enumerate("abc")]
+    loaded = load_image_folder(tmp_path, resolution=R)
+    pixels = _noise(96, 72, seed=1)
+    Image.fromarray(pixels).save(paths[1], compress_level=0)  # same pixels, new bytes
+    assert len(list(loaded.batches(2))) == 2, "a lossless re-save changes nothing"
+    pixels[0, 0, 0] ^= 1
+    Image.fromarray(pixels).save(paths[1])
+    with pytest.raises(ImageFolderError, match=r"'b\.png'.*changed since.*queue the prompt"):
+        list(loaded.batches(2))
+    paths[1].unlink()
+    with pytest.raises(ImageFolderError, match=r"'b\.png'.*changed since"):
+        list(loaded.batches(2))
+    paths[1].write_bytes(b"not an image any more")
+    with pytest.raises(ImageFolderError, match=r"'b\.png'.*changed since"):
+        list(loaded.batches(2))
+
+
+def test_decoding_checks_cancel_before_every_file(tmp_path):
+    for i in range(5):
+        _rgb(tmp_path, f"{i}.png", seed=i)
+    loaded = load_image_folder(tmp_path, resolution=R)
+    calls = []
+    assert len(list(loaded.batches(2, check_cancelled=lambda: calls.append(1)))) == 3
+    assert len(calls) == 5
 
 
 # --- hostile folder paths ------------------------------------------------------------------
@@ -628,7 +872,7 @@ def test_looping_link_inside_the_folder_is_skipped_like_a_dangling_one(tmp_path)
         (tmp_path / "y.png").symlink_to(tmp_path / "x.png")
     except OSError:
         pytest.skip("symbolic links are not available here")
-    assert load_image_folder(tmp_path, resolution=R).images.shape[0] == 1
+    assert _pixels(tmp_path).shape[0] == 1
 
 
 def test_shown_path_keeps_short_paths_and_shortens_long_ones():

@@ -96,6 +96,48 @@ def test_work_and_progress_depend_on_the_public_size_only():
     assert seen[5][0] == [3] * 6, "ceil(8 / 3) = 3 chunks of 3 rows, 2 steps each"
 
 
+def test_progress_past_the_public_size_is_held_at_its_total():
+    """A folder larger than n_hat = 4 (docs/privacy.md §1): the work covers every image,
+    but what a progress bar fed through PublicProgress shows is the same for 5, 6 and 9
+    images as for 3 and 4: values 1..total of a total from n_hat alone."""
+    from comfyui_dp_adapt.dp.inversion import PublicProgress
+
+    shown, rows = {}, {}
+    for m in (3, 4, 5, 6, 9):
+        reports, raw = [], []
+        progress = PublicProgress(4, lambda v, t, reports=reports: reports.append((v, t)))
+
+        def on_step(done, total, raw=raw, progress=progress):
+            raw.append((done, total))
+            progress.advance_to(done)
+
+        out, calls = train(
+            latents_for(m),
+            list(range(m)),
+            InversionConfig(steps=2, learning_rate=0.05, images_per_batch=2),
+            public_rows=4,
+            on_step=on_step,
+        )
+        assert out.shape[0] == m
+        assert all(total == 4 and done <= total for done, total in raw)
+        shown[m], rows[m] = reports, sum(calls["rows"])
+    assert shown[3] == shown[4] == shown[5] == shown[6] == shown[9]
+    assert shown[9] == [(v, 4) for v in range(1, 5)]
+    assert rows[9] == 2 * 2 * 5, "9 images: 5 padded chunks of 2 rows, 2 steps each"
+
+
+def test_public_progress_never_passes_or_repeats_its_total():
+    from comfyui_dp_adapt.dp.inversion import PublicProgress
+
+    reports = []
+    progress = PublicProgress(3, lambda v, t: reports.append((v, t)))
+    for value in (1, 1, 2, 5, 3, 9):
+        progress.advance_to(value)
+    assert reports == [(1, 3), (2, 3), (3, 3)]
+    with pytest.raises(InvalidParameterError, match="total=0"):
+        PublicProgress(0, print)
+
+
 def test_batching_changes_speed_not_results_beyond_float_rounding():
     latents = latents_for(4)
     one, _ = train(
@@ -114,6 +156,7 @@ def test_each_image_gets_exactly_the_configured_number_of_steps():
         latents_for(5),
         [1, 2, 3, 4, 5],
         InversionConfig(steps=3, learning_rate=0.05, images_per_batch=2),
+        public_rows=5,
         on_step=lambda done, total: steps.append((done, total)),
     )
     assert calls["rows"] == [2] * 9, "the last chunk is padded to the full batch size"

@@ -43,12 +43,13 @@ def make_budget(env, *, epsilon=1.0, total=8.0, declared=N_IMAGES):
     )
 
 
-def private_set(images):
-    """The images with fresh keys, so that no two calls share an image's budget."""
-    from comfyui_dp_adapt.dp.private_set import PrivateImageSet
+def private_set(images, keys=None):
+    """The images (written as PNG files and loaded) with fresh keys, so that no two calls
+    share an image's budget."""
+    from comfyui_dp_adapt.tests.support.private_sets import private_image_set
 
-    keys = tuple(f"hmac-sha256:clip-{uuid.uuid4().hex}" for _ in range(len(images)))
-    return PrivateImageSet(images=images, image_keys=keys)
+    keys = keys or tuple(f"hmac-sha256:clip-{uuid.uuid4().hex}" for _ in range(len(images)))
+    return private_image_set(images, keys)
 
 
 def aggregate(env, budget, **overrides):
@@ -187,6 +188,34 @@ def test_work_and_progress_do_not_depend_on_the_sample_or_the_true_count(env, en
     assert seen[5][0] == [4, 4], "8 declared images in batches of 4, whatever the sample"
 
 
+def _progress_of_runs(env, counts, *, declared):
+    """(values and totals the progress bar showed) per folder size, each a fresh release."""
+    from comfyui_dp_adapt.tests.support.progress import recorded_progress
+
+    images = torch.rand(max(counts), 64, 64, 3, generator=torch.Generator().manual_seed(9))
+    seen = {}
+    for count in counts:
+        with recorded_progress() as seen[count]:
+            aggregate(
+                env,
+                make_budget(env, declared=declared),
+                private_images=private_set(images[:count]),
+                images_per_batch=2,
+            )
+    return seen
+
+
+def test_progress_of_a_folder_larger_than_n_hat_does_not_show_its_size(env, encoded):
+    """Progress values and totals are functions of n_hat alone (docs/privacy.md §1): with
+    n_hat = 4, folders of 5, 6 and 9 images show the same bar (held at its total while the
+    extra images are embedded), and so do 3 and 4. The work itself covers every image."""
+    seen = _progress_of_runs(env, (5, 6, 9), declared=4)
+    assert seen[5] == seen[6] == seen[9] == [(1, 2), (2, 2)]
+    assert sum(encoded) == 2 * (3 + 3 + 5), "every image embedded, in padded pairs"
+    below = _progress_of_runs(env, (3, 4), declared=4)
+    assert below[3] == below[4] == seen[5]
+
+
 def test_identical_runs_release_different_targets(env):
     """Two releases (two collections) of the same images with the same workflow seed."""
     images = private_set(env["images"])
@@ -290,14 +319,11 @@ def test_a_nan_image_does_not_change_whether_the_release_happens(env, monkeypatc
 def test_overlapping_folders_share_their_images_budget(env):
     """Two collections (ledger names) with shared images: the shared images' spending
     carries over, so no image ever exceeds its own total (docs/privacy.md §7)."""
-    from comfyui_dp_adapt.dp.private_set import PrivateImageSet
-
     shared = private_set(env["images"][:5])
     first = make_budget(env, epsilon=1.0, total=1.0)
     aggregate(env, first, private_images=shared)
-    added = PrivateImageSet(
-        images=env["images"],
-        image_keys=(*shared.image_keys, f"hmac-sha256:clip-new-{uuid.uuid4().hex}"),
+    added = private_set(
+        env["images"], (*shared.image_keys, f"hmac-sha256:clip-new-{uuid.uuid4().hex}")
     )
     second = make_budget(env, epsilon=1.0, total=1.0)  # another ledger name, fresh collection
     aggregate(env, second, private_images=added)

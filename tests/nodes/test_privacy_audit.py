@@ -67,9 +67,9 @@ def empirical_epsilon_lower_bound(with_canary: list[float], without: list[float]
 def audit(comfy, tmp_path_factory):
     from comfyui_dp_adapt.dp.budget import PrivacyBudget
     from comfyui_dp_adapt.dp.ledger import TotalBudget
-    from comfyui_dp_adapt.dp.private_set import PrivateImageSet
     from comfyui_dp_adapt.nodes import comfy_compat, tiny_models
     from comfyui_dp_adapt.nodes.clip_aggregate import DPAggregateCLIPEmbeddingsNode
+    from comfyui_dp_adapt.tests.support.private_sets import private_image_set
 
     root = tmp_path_factory.mktemp("audit")
     clip_vision = tiny_models.build_tiny_clip_vision()
@@ -95,9 +95,9 @@ def audit(comfy, tmp_path_factory):
             declared_dataset_size=8,
         )
         with torch.inference_mode():
-            target = node.aggregate(
-                clip_vision, PrivateImageSet(images=images, image_keys=keys), budget, 1.0, 8
-            )["result"][0]
+            target = node.aggregate(clip_vision, private_image_set(images, keys), budget, 1.0, 8)[
+                "result"
+            ][0]
         return float(target.embedding @ direction)
 
     return score

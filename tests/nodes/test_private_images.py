@@ -43,6 +43,20 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _pixel_digest(path: Path) -> str:
+    """``"sha256:<hex>"`` of the picture's canonical pixels (RGB here): kind, size, bytes."""
+    import struct
+
+    with Image.open(path) as image:
+        rgb = image.convert("RGB")
+    header = b"rgb-uint8\0" + struct.pack("<II", *rgb.size)
+    return "sha256:" + hashlib.sha256(header + rgb.tobytes()).hexdigest()
+
+
+def _decoded(private: PrivateImageSet) -> torch.Tensor:
+    return torch.cat([batch.pixels for batch in private.batches(2)])
+
+
 @pytest.fixture
 def node(comfy):
     from comfyui_dp_adapt.nodes.private_images import DPLoadPrivateImagesNode
@@ -100,14 +114,15 @@ def _assert_comfy_image(images: torch.Tensor, n: int) -> None:
 def test_reads_a_folder_relative_to_the_input_directory(node, input_subfolder, user_dir):
     paths = _write_images(input_subfolder, 3)
     loaded = _load(node, input_subfolder.name)
-    _assert_comfy_image(loaded.images, 3)
+    _assert_comfy_image(_decoded(loaded), 3)
     key = _installation_key(user_dir)
-    expected = [keyed_fingerprint("sha256:" + _sha256(p), key) for p in sorted(paths)]
+    expected = [keyed_fingerprint(_pixel_digest(p), key) for p in sorted(paths)]
     assert list(loaded.image_keys) == expected, "one key per image, row for row"
     assert len(set(loaded.image_keys)) == 3
     for image_key, path in zip(loaded.image_keys, sorted(paths), strict=True):
         assert image_key.startswith("hmac-sha256:")
         assert _sha256(path) not in image_key, "the plain SHA-256 is never output"
+        assert _pixel_digest(path).split(":")[1] not in image_key
     assert folder_fingerprint(input_subfolder).split(":", 1)[1] not in "".join(loaded.image_keys)
     assert _load(node, input_subfolder.name).image_keys == loaded.image_keys, "stable keys"
 
@@ -120,10 +135,10 @@ def test_keys_follow_rows_when_files_are_named_in_another_order(node, tmp_path, 
     loaded = _load(node, tmp_path / "private")
     key = _installation_key(user_dir)
     by_key = {
-        keyed_fingerprint("sha256:" + _sha256(tmp_path / "private" / name), key): level
+        keyed_fingerprint(_pixel_digest(tmp_path / "private" / name), key): level
         for name, level in levels.items()
     }
-    for image, image_key in zip(loaded.images, loaded.image_keys, strict=True):
+    for image, image_key in zip(_decoded(loaded), loaded.image_keys, strict=True):
         assert float(image.mean()) * 255 == pytest.approx(by_key[image_key], abs=1)
 
 
@@ -136,6 +151,73 @@ def test_keys_do_not_depend_on_file_name_or_resolution(node, tmp_path, user_dir)
     second = _load(node, tmp_path / "b", resolution=128).image_keys
     assert sorted(first) == sorted(second)
     assert first != second, "other names, other order: the rows move, the keys follow"
+
+
+def test_a_resaved_renamed_or_reformatted_picture_keeps_its_key(node, tmp_path, user_dir):
+    """The unit of privacy is the picture as decoded pixels (docs/privacy.md §1): the audit
+    saw one picture in 6 releases at composed epsilon 2.71 against its total of 2.0,
+    because each re-save of it got a fresh key."""
+    from PIL import PngImagePlugin
+
+    pixels = np.random.default_rng(4).integers(0, 256, (72, 96, 3), dtype=np.uint8)
+    text = PngImagePlugin.PngInfo()
+    text.add_text("Description", "exported again")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    copies = {
+        "original": ("a.png", pixels, {}),
+        "other compression": ("a.png", pixels, {"compress_level": 0}),
+        "text chunk": ("a.png", pixels, {"pnginfo": text}),
+        "renamed": ("renamed copy.png", pixels, {}),
+        "lossless webp": ("a.webp", pixels, {"lossless": True}),
+        "tiff": ("a.tiff", pixels, {}),
+        "bmp": ("a.bmp", pixels, {}),
+        # Stored unrotated with an orientation tag: displays as the rotated pixels.
+        "exif orientation": ("a.png", np.rot90(pixels, k=1).copy(), {"exif": exif.tobytes()}),
+    }
+    keys = {}
+    for kind, (name, stored, options) in copies.items():
+        folder = tmp_path / kind.replace(" ", "_")
+        folder.mkdir()
+        Image.fromarray(stored).save(folder / name, **options)
+        (keys[kind],) = _load(node, folder).image_keys
+    assert len(set(keys.values())) == 1, keys
+    pixels[0, 0, 0] ^= 1
+    (tmp_path / "changed").mkdir()
+    Image.fromarray(pixels).save(tmp_path / "changed" / "a.png")
+    assert _load(node, tmp_path / "changed").image_keys[0] != keys["original"]
+
+
+def test_two_identical_pictures_in_a_folder_give_one_row(node, tmp_path, user_dir):
+    paths = _write_images(tmp_path / "private", 3)
+    with Image.open(paths[1]) as image:
+        image.save(tmp_path / "private" / "zz_same_pixels.bmp")
+    shutil.copyfile(paths[2], tmp_path / "private" / "img_2 copy.png")
+    loaded = _load(node, tmp_path / "private")
+    assert len(loaded.image_keys) == len(set(loaded.image_keys)) == 3
+    _assert_comfy_image(_decoded(loaded), 3)
+    alone = _load(node, tmp_path / "private").image_keys
+    assert alone == loaded.image_keys
+
+
+def test_a_folder_of_1001_pictures_loads(node, tmp_path, user_dir):
+    """No count cap (docs/privacy.md §1): whether a release happens must not depend on n."""
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for i in range(1001):
+        pixels = np.random.default_rng(i).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i:04d}.png")
+    loaded = _load(node, folder)
+    assert len(loaded.image_keys) == 1001
+    assert loaded.resolution == R
+
+
+def test_a_picture_edited_after_loading_is_refused_by_name_when_decoded(node, tmp_path, user_dir):
+    paths = _write_images(tmp_path / "private", 3)
+    loaded = _load(node, tmp_path / "private")
+    Image.new("RGB", (96, 72), (1, 2, 3)).save(paths[1])
+    with pytest.raises(ImageFolderError, match=r"img_1\.png.*changed since DP Load Private"):
+        _decoded(loaded)
 
 
 def test_keys_differ_between_installations(node, tmp_path, monkeypatch, comfy):
@@ -153,8 +235,9 @@ def test_keys_differ_between_installations(node, tmp_path, monkeypatch, comfy):
 def test_reads_an_absolute_path(node, tmp_path, user_dir):
     _write_images(tmp_path / "private", 2)
     loaded = _load(node, tmp_path / "private")
-    _assert_comfy_image(loaded.images, 2)
+    _assert_comfy_image(_decoded(loaded), 2)
     assert repr(loaded) == "PrivateImageSet(<private>)"
+    assert repr(loaded.source) == "PrivateImages(<private>)"
 
 
 def test_node_declares_one_dp_only_output_and_tooltips(node, comfy):

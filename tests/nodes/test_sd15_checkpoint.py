@@ -54,9 +54,9 @@ def load_checkpoint(name):
 def release(model, clip, vae):
     from comfyui_dp_adapt.dp.budget import PrivacyBudget
     from comfyui_dp_adapt.dp.ledger import TotalBudget
-    from comfyui_dp_adapt.dp.private_set import PrivateImageSet
     from comfyui_dp_adapt.nodes import comfy_compat
     from comfyui_dp_adapt.nodes.textual_inversion import DPTextualInversionTrainNode
+    from comfyui_dp_adapt.tests.support.private_sets import private_image_set
 
     budget = PrivacyBudget(
         epsilon=1.0,
@@ -74,7 +74,7 @@ def release(model, clip, vae):
             model=model,
             clip=clip,
             vae=vae,
-            private_images=PrivateImageSet(images=images, image_keys=keys),
+            private_images=private_image_set(images, keys),
             budget=budget,
             embedding_name=name,
             num_vectors=1,

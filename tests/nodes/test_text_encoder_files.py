@@ -38,9 +38,9 @@ def test_transformers5_text_encoder_loads_or_is_refused_before_spending(saved_te
 
     from comfyui_dp_adapt.dp.budget import PrivacyBudget
     from comfyui_dp_adapt.dp.ledger import TotalBudget
-    from comfyui_dp_adapt.dp.private_set import PrivateImageSet
     from comfyui_dp_adapt.nodes import comfy_compat, tiny_models
     from comfyui_dp_adapt.nodes.textual_inversion import DPTextualInversionTrainNode
+    from comfyui_dp_adapt.tests.support.private_sets import private_image_set
 
     with safe_open(str(saved_text_encoder), framework="pt") as handle:
         keys = set(handle.keys())
@@ -71,7 +71,7 @@ def test_transformers5_text_encoder_loads_or_is_refused_before_spending(saved_te
                 model=model,
                 clip=clip,
                 vae=tiny_models.build_tiny_vae(),
-                private_images=PrivateImageSet(images=images, image_keys=keys),
+                private_images=private_image_set(images, keys),
                 budget=budget,
                 embedding_name=name,
                 num_vectors=1,

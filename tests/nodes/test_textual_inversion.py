@@ -44,11 +44,12 @@ def make_budget(env, *, name=None, epsilon=1.0, total=8.0, declared=N_IMAGES):
 
 
 def private_set(images, keys=None):
-    """The images with fresh keys, so that no two tests share an image's budget."""
-    from comfyui_dp_adapt.dp.private_set import PrivateImageSet
+    """The images (written as PNG files and loaded) with fresh keys, so that no two tests
+    share an image's budget."""
+    from comfyui_dp_adapt.tests.support.private_sets import private_image_set
 
     keys = keys or tuple(f"hmac-sha256:test-{uuid.uuid4().hex}" for _ in range(len(images)))
-    return PrivateImageSet(images=images, image_keys=tuple(keys))
+    return private_image_set(images, keys)
 
 
 def train(env, budget, name, **overrides):
@@ -347,29 +348,35 @@ def test_dpsgd_cancelled_mid_training_spends_nothing(env):
     assert ledger_records(budget) == 0
 
 
-def test_dpsgd_progress_does_not_depend_on_the_sample_or_the_count(env):
-    import comfy.utils
+def _progress_of_runs(env, method, counts, *, declared):
+    """(value, total) of every progress update the user saw, per folder size."""
+    from comfyui_dp_adapt.tests.support.progress import recorded_progress
 
+    images = torch.rand(max(counts), 64, 64, 3, generator=torch.Generator().manual_seed(9))
     seen = {}
-    for count in (3, 4):
-        progress = []
-        comfy.utils.set_progress_bar_global_hook(
-            lambda v, total, *a, progress=progress, **k: progress.append((v, total))
-        )
-        try:
+    for count in counts:
+        with recorded_progress() as seen[count]:
             train(
                 env,
-                make_budget(env, declared=6),
-                f"sgdwork_{uuid.uuid4().hex[:6]}",
-                private_images=private_set(env["images"][:count]),
-                method="DP-SGD",
+                make_budget(env, declared=declared),
+                f"work_{uuid.uuid4().hex[:6]}",
+                private_images=private_set(images[:count]),
+                method=method,
                 steps=2,
                 sampling_rate=0.5,
             )
-        finally:
-            comfy.utils.set_progress_bar_global_hook(None)
-        seen[count] = progress
-    assert seen[3] == seen[4]
+    return seen
+
+
+@pytest.mark.parametrize("method", ["DPAgg-TI", "DP-SGD"])
+def test_progress_does_not_depend_on_the_sample_or_the_count(env, method):
+    """Progress values and totals are functions of public settings only (docs/privacy.md
+    §1), also past n_hat: with n_hat = 4 (2 chunks of 2), folders of 5, 6 and 9 images show
+    the same bar, held at its total while the extra images are processed, as do 3 and 4."""
+    seen = _progress_of_runs(env, method, (3, 4, 5, 6, 9), declared=4)
+    assert seen[3] == seen[4] == seen[5] == seen[6] == seen[9]
+    total = 2 * (2 + 1)  # chunks of n_hat x (encoding + steps)
+    assert seen[9] == [(value, total) for value in range(1, total + 1)]
 
 
 def test_dpsgd_warns_when_steps_times_q_samples_almost_nothing(env):

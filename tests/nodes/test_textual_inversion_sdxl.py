@@ -33,7 +33,7 @@ def env(comfy):
 def release(env, method):
     from comfyui_dp_adapt.dp.budget import PrivacyBudget
     from comfyui_dp_adapt.dp.ledger import TotalBudget
-    from comfyui_dp_adapt.dp.private_set import PrivateImageSet
+    from comfyui_dp_adapt.tests.support.private_sets import private_image_set
 
     budget = PrivacyBudget(
         epsilon=2.0,
@@ -50,7 +50,7 @@ def release(env, method):
             model=env["model"],
             clip=env["clip"],
             vae=env["vae"],
-            private_images=PrivateImageSet(images=env["images"], image_keys=keys),
+            private_images=private_image_set(env["images"], keys),
             budget=budget,
             embedding_name=name,
             num_vectors=K,
