@@ -7,6 +7,7 @@ import importlib.util
 # import name -> name to ``pip install`` (requirements.txt pins the versions).
 RUNTIME_PACKAGES = {
     "dp_accounting": "dp-accounting",
+    "opendp": "opendp",
     "filelock": "filelock",
     "safetensors": "safetensors",
     "PIL": "Pillow",
