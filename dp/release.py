@@ -32,7 +32,7 @@ import torch
 from .accounting import Calibration, calibrate_noise_multiplier, noise_comparison
 from .budget import PrivacyBudget
 from .errors import BudgetExceededError, InvalidParameterError, LedgerCorruptError
-from .ledger import BudgetCheck, RecordedRelease
+from .ledger import BudgetCheck, RecordedRelease, TotalBudget
 from .mechanism import BoundMode, poisson_sample, release_noisy_aggregate
 from .report import NEARLY_SPENT
 from .validation import check_sampling_rate, delta_warning
@@ -145,6 +145,29 @@ def plan_release(
     )
 
 
+@dataclass(frozen=True)
+class ReleaseReport:
+    """A release's report, built before its record; the release id it names is only known
+    after the commit, so ``published_report`` completes it. Public values only.
+
+    ``details``: the lines under the headline (noise, settings, warnings); ``spent_after``:
+    the collection's PLD estimate after the release (for a reused release, when it was
+    published again), None when unknown; ``reused_id``: the recorded release the plan reuses.
+    """
+
+    collection: str
+    epsilon: float
+    delta: float
+    total: TotalBudget
+    spent_after: float | None
+    reused_id: str | None
+    details: tuple[str, ...]
+
+    def published(self, outcome: ReleaseOutcome) -> tuple[str, dict]:
+        """``published_report(self, outcome)``: the text and the node's ui output."""
+        return published_report(self, outcome)
+
+
 def release_report(
     plan: ReleasePlan,
     *,
@@ -154,12 +177,13 @@ def release_report(
     extra_lines: Sequence[str] = (),
     noise_lines: Sequence[str] | None = None,
     poll: Callable[[], None] | None = None,
-) -> str:
+) -> ReleaseReport:
     """The release's report, built BEFORE the record (docs/privacy.md §7). Public values only:
     the budget, z, C, q, the declared n_hat, D and the collection's ledger balance.
 
     ``noise_lines`` replace the expected-noise line of one M1 release (DP-SGD states its
-    per-step noise instead)."""
+    per-step noise instead). Its wording stays true when ComfyUI shows it again from its
+    cache: past tense, tied to the release id (``published_report``)."""
     budget = plan.budget
     cal = plan.calibration
     n_hat = plan.declared_dataset_size
@@ -177,34 +201,84 @@ def release_report(
             f"expected noise / signal bound: {comparison.relative_noise:.3g} "
             f"(paper's calibration: {comparison.paper_relative_noise:.3g})",
         )
+    total = budget.total
+    if plan.reused is not None:
+        # Reading the ledger here is before any record (a reuse records nothing).
+        spent_after = budget.ledger().spent(budget.ledger_name, delta=total.delta)
+    else:
+        spent_after = plan.before.total_after
     lines = [
-        f"guarantee: ({cal.epsilon_achieved:.4g}, {cal.delta:.3g})-DP for this release "
-        f"(target epsilon {cal.epsilon_target:g}), add/remove one image",
+        f"guarantee: ({cal.epsilon_achieved:.4g}, {cal.delta:.3g})-DP (target epsilon "
+        f"{cal.epsilon_target:g}), add/remove one image",
         f"noise multiplier z = {cal.noise_multiplier:.4g}; noise std on the sum = "
         f"{cal.noise_multiplier * clip_norm:.4g} (C = {clip_norm:g})",
         f"sampling rate q = {plan.sampling_rate:g}; declared dataset size n_hat = {n_hat} "
         f"(public, never read from the images); dimension D = {dimension}; bound mode: "
         f"{mode.value}",
         *noise_lines,
+        *extra_lines,
     ]
-    total = budget.total
-    if plan.reused is not None:
-        lines.append(
-            f"identical settings on identical images: the recorded release "
-            f"{plan.reused.release_id[:12]} is published again; nothing was spent"
+    if plan.reused is None and spent_after >= NEARLY_SPENT * total.epsilon:
+        lines.append("WARNING: this collection's budget was nearly spent after this release.")
+    lines += [f"WARNING: {w}" for w in plan.warnings]
+    return ReleaseReport(
+        collection=budget.ledger_name,
+        epsilon=cal.epsilon_achieved,
+        delta=cal.delta,
+        total=total,
+        spent_after=spent_after,
+        reused_id=plan.reused.release_id if plan.reused is not None else None,
+        details=tuple(lines),
+    )
+
+
+def published_report(report: ReleaseReport, outcome: ReleaseOutcome) -> tuple[str, dict]:
+    """The report's text and the node's ui output (``text`` and the structured ``dp_card``
+    the canvas draws) once the release id is known. Pure formatting: it cannot fail.
+
+    A release the commit itself found recorded (an identical request recorded between the
+    plan and the commit) is reported as reused, with no collection figure."""
+    rid = outcome.release_id[:12]
+    total = report.total
+    reused = outcome.reused
+    spent = report.spent_after if (not reused or report.reused_id is not None) else None
+    at = (
+        f"; collection '{report.collection}' stood at eps {spent:.4g} of {total.epsilon:g}"
+        if spent is not None
+        else ""
+    )
+    if reused:
+        headline = (
+            f"Published again: release {rid} (recorded earlier, (eps = {report.epsilon:.4g}, "
+            f"delta = {report.delta:.3g})); nothing spent"
+            + (f"{at} then (PLD estimate)" if at else "")
         )
+        ledger_line = f"release {rid} (recorded earlier) published again; nothing spent"
     else:
-        after = plan.before.total_after
-        lines.append(
-            f"ledger '{budget.ledger_name}': epsilon spent {plan.before.spent:.4g} before, "
-            f"{after:.4g} after this release, of {total.epsilon:g} (at delta {total.delta:g}; "
-            "PLD composition, the non-adaptive estimate: the ledger decides by its "
-            f"fully adaptive filter); remaining {max(0.0, total.epsilon - after):.4g}"
+        headline = (
+            f"Private: (eps = {report.epsilon:.4g}, delta = {report.delta:.3g}) for release "
+            f"{rid}{at} after it (PLD estimate)"
         )
-        if after >= NEARLY_SPENT * total.epsilon:
-            lines.append("WARNING: this collection's budget is nearly spent.")
-    lines += [*extra_lines, *(f"WARNING: {w}" for w in plan.warnings)]
-    return "\n".join(lines)
+        ledger_line = (
+            f"release {rid} spent eps {report.epsilon:.4g} (its own guarantee, at delta "
+            f"{report.delta:.3g}); the collection '{report.collection}' stood at eps "
+            f"{spent:.4g} of {total.epsilon:g} after it (at delta {total.delta:g}; PLD "
+            "composition, the non-adaptive estimate: the ledger decides by its fully adaptive "
+            "filter)"
+        )
+    text = "\n".join([headline, ledger_line, *report.details])
+    card = {
+        "headline": headline,
+        "epsilon": report.epsilon,
+        "delta": report.delta,
+        "spent": spent,
+        "total": total.epsilon,
+        "total_delta": total.delta,
+        "collection": report.collection,
+        "release": rid,
+        "reused": reused,
+    }
+    return text, {"text": [text], "dp_card": [card]}
 
 
 def execute_release(

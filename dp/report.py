@@ -6,7 +6,14 @@ from collections.abc import Callable
 
 from .accounting import noise_comparison
 from .budget import PrivacyBudget
-from .planner import LedgerBalance, ledger_balance
+from .ledger import GAUSSIAN_FILTER, RENYI_FILTER, TotalBudget
+from .planner import (
+    SMALLEST_PLANNED_EPSILON,
+    LedgerBalance,
+    NextRelease,
+    PlannedRelease,
+    ledger_balance,
+)
 from .validation import check_positive_int, check_sampling_rate, delta_warning
 
 NEARLY_SPENT = 0.8
@@ -29,25 +36,68 @@ def budget_report(budget: PrivacyBudget) -> str:
     return "\n".join(lines)
 
 
+FILTER_NAMES = {GAUSSIAN_FILTER: "Gaussian-DP filter", RENYI_FILTER: "Renyi filter"}
+
+
+def planned_release_words(planned: PlannedRelease) -> str:
+    """The planned release in words: its kind, q (and T) and per-release delta."""
+    if planned.steps is not None:
+        return (
+            f"DP-SGD with T = {planned.steps} steps at q = {planned.sampling_rate:g}, delta "
+            f"{planned.delta:g}"
+        )
+    return f"q = {planned.sampling_rate:g}, delta {planned.delta:g}"
+
+
+def next_release_line(allowed: NextRelease, total: TotalBudget) -> str:
+    """What the ledger allows the planned release, by the rule it decides with (its fully
+    adaptive filter, ``next_release``); never the total minus what was spent."""
+    plan = planned_release_words(allowed.planned)
+    if allowed.refused_kind:
+        return (
+            f"a release at {plan} cannot join this collection: its first release had q = 1, "
+            "so its releases compose by the Gaussian-DP filter, which admits q = 1 releases "
+            "only; use q = 1"
+        )
+    rule = FILTER_NAMES.get(allowed.filter_kind, "filter")
+    if allowed.epsilon == 0.0:
+        return (
+            f"no release at {plan} fits any more: the collection's {rule} refuses even "
+            f"epsilon {SMALLEST_PLANNED_EPSILON:g}"
+        )
+    whole = " (the whole total)" if allowed.epsilon == total.epsilon else ""
+    return f"the next release can use up to eps = {allowed.epsilon:g}{whole} at {plan} ({rule})"
+
+
 def balance_line(balance: LedgerBalance) -> str:
-    """One line: what the collection has spent and has left, with a warning when nearly spent."""
+    """What the collection has spent (the PLD estimate, not subtracted from anything) and, for
+    each planned release, what the ledger allows it; a warning when nearly spent."""
+    total = balance.total
     if balance.releases == 0:
-        line = (
+        lines = [
             f"ledger '{balance.collection}': no release recorded yet; total epsilon "
-            f"{balance.total.epsilon:g} at delta {balance.total.delta:g} available"
-        )
+            f"{total.epsilon:g} at delta {total.delta:g}"
+        ]
     else:
-        line = (
-            f"ledger '{balance.collection}': {balance.releases} release(s), epsilon spent "
-            f"{balance.spent:.4g} of {balance.total.epsilon:g} (PLD composition at delta "
-            f"{balance.total.delta:g}, the non-adaptive estimate), remaining "
-            f"{balance.remaining:.4g}"
+        lines = [
+            f"ledger '{balance.collection}': {balance.releases} release(s), epsilon "
+            f"{balance.spent:.4g} of {total.epsilon:g} spent (PLD composition at delta "
+            f"{total.delta:g}, the non-adaptive estimate)"
+        ]
+    lines += [next_release_line(allowed, total) for allowed in balance.next_releases]
+    if balance.releases == 0 and any(
+        a.filter_kind == GAUSSIAN_FILTER and a.planned.sampling_rate == 1
+        for a in balance.next_releases
+    ):
+        lines.append(
+            "note: a first release at q = 1 pins the Gaussian-DP filter; this collection's "
+            "later releases must then use q = 1 too"
         )
-    if balance.next_release_epsilon is not None:
-        line += f"; the next release can use epsilon <= {balance.next_release_epsilon:.3g}"
-    if balance.spent >= NEARLY_SPENT * balance.total.epsilon:
-        line += "\nWARNING: this collection's budget is nearly spent."
-    return line
+    if balance.spent >= NEARLY_SPENT * total.epsilon or any(
+        a.epsilon == 0.0 and not a.refused_kind for a in balance.next_releases
+    ):
+        lines.append("WARNING: this collection's budget is nearly spent.")
+    return "\n".join(lines)
 
 
 def planner_report(
@@ -76,8 +126,7 @@ def planner_report(
         budget.ledger(),
         budget.ledger_name,
         requested_total=budget.total,
-        delta=budget.delta,
-        sampling_rate=sampling_rate,
+        planned=(PlannedRelease(delta=budget.delta, sampling_rate=sampling_rate),),
         poll=poll,
     )
     lines = [
@@ -99,10 +148,11 @@ def planner_report(
     warning = delta_warning(budget.delta, dataset_size)
     if warning:
         warnings.append(warning)
-    if balance.next_release_epsilon is not None and budget.epsilon > balance.next_release_epsilon:
+    allowed = balance.next_releases[0]
+    if budget.epsilon > allowed.epsilon:
         warnings.append(
-            f"a release at epsilon {budget.epsilon:g} would be refused by the ledger: at most "
-            f"{balance.next_release_epsilon:.3g} is left for the next one."
+            f"a release at epsilon {budget.epsilon:g} and q = {sampling_rate:g} would be refused "
+            f"by the ledger: {next_release_line(allowed, balance.total)}."
         )
     lines += [f"WARNING: {w}" for w in warnings]
     return "\n".join(lines), balance

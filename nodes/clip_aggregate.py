@@ -148,7 +148,8 @@ class DPAggregateCLIPEmbeddingsNode:
         )
         output = comfy_compat.clip_vision_output(estimate.unsqueeze(0).clone())
         logger.info("DP Aggregate CLIP Embeddings release:\n%s", report)
-        return {"ui": {"text": [report]}, "result": (target, output, report)}
+        report, ui = report.published(outcome)  # names the release id
+        return {"ui": ui, "result": (target, output, report)}
 
 
 def _validate(clip_vision, private_images, images_per_batch):

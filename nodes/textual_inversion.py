@@ -340,8 +340,9 @@ class DPTextualInversionTrainNode:
                 metadata,
                 overwrite=overwrite or outcome.reused,
             )
+        report, ui = report.published(outcome)  # names the release id
         logger.info("DP Textual Inversion release:\n%s", report)
-        return {"ui": {"text": [report]}, "result": (f"embedding:{path.stem}", report)}
+        return {"ui": ui, "result": (f"embedding:{path.stem}", report)}
 
 
 def _train_every_image(

@@ -4,24 +4,31 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 
 import pytest
 
 from comfyui_dp_adapt.dp.accounting import calibrate_noise_multiplier
-from comfyui_dp_adapt.dp.ledger import Ledger, TotalBudget
+from comfyui_dp_adapt.dp.ledger import GAUSSIAN_FILTER, RENYI_FILTER, Ledger, TotalBudget
 from comfyui_dp_adapt.dp.planner import (
     DEFAULT_EPSILONS,
+    PlannedRelease,
     largest_next_epsilon,
     ledger_balance,
     noise_curve,
 )
+from comfyui_dp_adapt.dp.report import balance_line
 
 DELTA = 1e-5
 TOTAL = TotalBudget(epsilon=3.0, delta=DELTA)
 
 
-def record(ledger: Ledger, collection: str, epsilon: float, key: str) -> None:
-    event = calibrate_noise_multiplier(epsilon=epsilon, delta=DELTA, sampling_rate=1.0).event
+def record(
+    ledger: Ledger, collection: str, epsilon: float, key: str, *, sampling_rate: float = 1.0
+) -> None:
+    event = calibrate_noise_multiplier(
+        epsilon=epsilon, delta=DELTA, sampling_rate=sampling_rate
+    ).event
     ledger.commit(
         collection=collection,
         total=TOTAL,
@@ -59,28 +66,96 @@ def test_an_empty_collection_allows_its_whole_total(tmp_path):
         ledger, "fresh", total=TOTAL, delta=DELTA, sampling_rate=1.0
     ) == pytest.approx(TOTAL.epsilon)
     balance = ledger_balance(ledger, "fresh", requested_total=TOTAL)
-    assert (balance.releases, balance.spent, balance.remaining) == (0, 0.0, TOTAL.epsilon)
+    assert (balance.releases, balance.spent, balance.next_releases) == (0, 0.0, ())
 
 
-def test_the_largest_next_epsilon_is_what_the_ledger_accepts_and_a_little_more_is_refused(
-    tmp_path,
+def accepted(ledger: Ledger, planned: PlannedRelease, epsilon: float, total=TOTAL) -> bool:
+    """What the ledger decides on a release calibrated to ``epsilon`` (as the nodes do)."""
+    return ledger.check(collection="c", event=planned.calibrate(epsilon).event, total=total).ok
+
+
+def shown_epsilon(line: str) -> float:
+    """The X of "the next release can use up to eps = X" as the report prints it."""
+    match = re.search(r"can use up to eps = ([0-9.e+-]+)", line)
+    assert match, line
+    return float(match.group(1))
+
+
+GAUSSIAN_HISTORY = 1.0  # a first release at q = 1 pins the Gaussian-DP filter
+RENYI_HISTORY = 0.5  # a first release at q < 1 pins the Renyi filter
+
+
+@pytest.mark.parametrize(
+    ("first_q", "planned"),
+    [
+        (GAUSSIAN_HISTORY, PlannedRelease(delta=DELTA, sampling_rate=1.0)),
+        (RENYI_HISTORY, PlannedRelease(delta=DELTA, sampling_rate=1.0)),
+        (RENYI_HISTORY, PlannedRelease(delta=DELTA, sampling_rate=0.3)),
+        pytest.param(
+            RENYI_HISTORY,
+            PlannedRelease(delta=DELTA, sampling_rate=0.3, steps=20),
+            marks=pytest.mark.slow,
+        ),
+    ],
+    ids=["gaussian-q1", "renyi-q1", "renyi-q0.3", "renyi-dpsgd-q0.3"],
+)
+def test_the_shown_next_epsilon_is_accepted_and_one_percent_more_is_refused(
+    tmp_path, first_q, planned
 ):
     ledger = Ledger(tmp_path / "ledger.json")
+    record(ledger, "c", 1.5, "a", sampling_rate=first_q)
+    balance = ledger_balance(ledger, "c", requested_total=TOTAL, planned=(planned,))
+    (allowed,) = balance.next_releases
+    kind = GAUSSIAN_FILTER if first_q == 1 else RENYI_FILTER
+    assert allowed.filter_kind == kind and not allowed.refused_kind
+    line = balance_line(balance)
+    shown = shown_epsilon(line)
+    assert shown == allowed.epsilon and 0 < shown < TOTAL.epsilon
+    assert f"q = {planned.sampling_rate:g}" in line
+    assert accepted(ledger, planned, shown)
+    assert not accepted(ledger, planned, shown * 1.01)
+    assert "remaining" not in line
+
+
+@pytest.mark.slow
+def test_the_next_epsilon_depends_on_q_and_on_the_number_of_dpsgd_steps(tmp_path):
+    ledger = Ledger(tmp_path / "ledger.json")
+    record(ledger, "c", 1.5, "a", sampling_rate=RENYI_HISTORY)
+    plans = (
+        PlannedRelease(delta=DELTA, sampling_rate=1.0),
+        PlannedRelease(delta=DELTA, sampling_rate=0.3),
+        PlannedRelease(delta=DELTA, sampling_rate=0.3, steps=20),
+    )
+    one, subsampled, dpsgd = ledger_balance(
+        ledger, "c", requested_total=TOTAL, planned=plans
+    ).next_releases
+    assert len({one.epsilon, subsampled.epsilon, dpsgd.epsilon}) == 3
+
+
+def test_a_gaussian_history_refuses_a_subsampled_release_in_words(tmp_path):
+    ledger = Ledger(tmp_path / "ledger.json")
+    record(ledger, "c", 1.0, "a", sampling_rate=GAUSSIAN_HISTORY)
+    planned = PlannedRelease(delta=DELTA, sampling_rate=0.5)
+    balance = ledger_balance(ledger, "c", requested_total=TOTAL, planned=(planned,))
+    (allowed,) = balance.next_releases
+    assert allowed.refused_kind and allowed.epsilon == 0.0
+    line = balance_line(balance)
+    assert "cannot join this collection" in line and "q = 0.5" in line
+    assert "can use up to" not in line and "nearly spent" not in line
+    assert not accepted(ledger, planned, 0.05)
+
+
+def test_the_balance_line_states_the_pld_spend_without_subtracting_it(tmp_path):
+    ledger = Ledger(tmp_path / "ledger.json")
     record(ledger, "c", 2.0, "a")
-    allowed = largest_next_epsilon(ledger, "c", total=TOTAL, delta=DELTA, sampling_rate=1.0)
-    assert 0 < allowed < TOTAL.epsilon
-    # PLD composition is tighter than adding epsilons: more than 3 - 2 is left.
-    assert allowed > TOTAL.epsilon - 2.0
-
-    def accepted(epsilon):
-        event = calibrate_noise_multiplier(epsilon=epsilon, delta=DELTA, sampling_rate=1.0).event
-        return ledger.check(collection="c", event=event, total=TOTAL).ok
-
-    assert accepted(allowed)
-    assert not accepted(allowed * 1.05)
-    balance = ledger_balance(ledger, "c", requested_total=TOTAL, delta=DELTA, sampling_rate=1.0)
-    assert balance.releases == 1 and balance.next_release_epsilon == pytest.approx(allowed)
-    assert balance.spent == pytest.approx(ledger.spent("c", delta=DELTA))
+    planned = PlannedRelease(delta=DELTA, sampling_rate=1.0)
+    balance = ledger_balance(ledger, "c", requested_total=TOTAL, planned=(planned,))
+    line = balance_line(balance)
+    spent = ledger.spent("c", delta=DELTA)
+    assert f"epsilon {spent:.4g} of {TOTAL.epsilon:g} spent" in line
+    # Composition allows more than the subtraction the old line showed.
+    assert shown_epsilon(line) > TOTAL.epsilon - spent
+    assert "remaining" not in line
 
 
 def test_a_spent_collection_allows_nothing(tmp_path):

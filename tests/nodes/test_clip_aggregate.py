@@ -299,7 +299,38 @@ def test_an_identical_rerun_reuses_the_target_and_spends_nothing(env):
     second, _, report = aggregate(env, budget, private_images=images)
     assert torch.equal(first.embedding, second.embedding)
     assert first.parameters["release_id"] == second.parameters["release_id"]
-    assert ledger_records(budget) == 1 and "nothing was spent" in report
+    rid = first.parameters["release_id"][:12]
+    assert ledger_records(budget) == 1
+    assert f"release {rid} (recorded earlier) published again; nothing spent" in report
+    assert report.startswith(f"Published again: release {rid}")
+
+
+def test_the_report_and_card_stay_true_when_shown_again(env):
+    """ComfyUI re-shows a cached report on a re-queue: it names its release and is in the
+    past tense, and the card's figures are the report's (public values only)."""
+    budget = make_budget(env)
+    with torch.inference_mode():
+        out = env["node"].aggregate(
+            clip_vision=env["clip_vision"],
+            private_images=private_set(env["images"]),
+            budget=budget,
+            sampling_rate=1.0,
+            images_per_batch=4,
+        )
+    target, _, report = out["result"]
+    rid = target.parameters["release_id"][:12]
+    spent = budget.ledger().spent(budget.ledger_name, delta=budget.total.delta)
+    assert out["ui"]["text"] == [report]
+    assert report.startswith(f"Private: (eps = {target.epsilon:.4g}, delta = {target.delta:.3g})")
+    assert f"release {rid} spent eps {target.epsilon:.4g} (its own guarantee" in report
+    assert f"stood at eps {spent:.4g} of {budget.total.epsilon:g} after it" in report
+    for stale in ("before,", "after this release", "remaining", "this run"):
+        assert stale not in report
+    (card,) = out["ui"]["dp_card"]
+    assert card["release"] == rid and card["reused"] is False
+    assert card["headline"] == report.splitlines()[0]
+    assert card["spent"] == pytest.approx(spent)
+    assert (card["epsilon"], card["total"]) == (target.epsilon, budget.total.epsilon)
 
 
 def test_a_nan_image_does_not_change_whether_the_release_happens(env, monkeypatch):

@@ -32,6 +32,22 @@ def budget(nodes, **overrides):
         return nodes[0].make_budget(**kwargs)["result"][0]
 
 
+def record_one_release(the_budget) -> None:
+    """One release at epsilon 1, q = 1 (a Gaussian-DP filter history) in the budget's ledger."""
+    from comfyui_dp_adapt.dp.accounting import calibrate_noise_multiplier
+
+    event = calibrate_noise_multiplier(epsilon=1.0, delta=1e-5, sampling_rate=1.0).event
+    the_budget.ledger().commit(
+        collection=the_budget.ledger_name,
+        total=the_budget.total,
+        event=event,
+        image_keys=["hmac-sha256:x"],
+        request_key=f"request-{uuid.uuid4().hex}",
+        label="test",
+        release=lambda included: {"value": 1},
+    )
+
+
 def plan(nodes, the_budget, dimension=768, sampling_rate=1.0):
     with torch.inference_mode():
         return nodes[1].plan(the_budget, dimension, sampling_rate)
@@ -69,24 +85,13 @@ def test_the_plot_changes_with_the_settings_it_draws(nodes):
 
 
 def test_the_report_shows_the_ledger_balance_and_refuses_nothing(nodes):
-    from comfyui_dp_adapt.dp.accounting import calibrate_noise_multiplier
-
     name = f"spent-{uuid.uuid4().hex[:8]}"
     the_budget = budget(nodes, ledger_name=name, total_epsilon=1.1)
-    event = calibrate_noise_multiplier(epsilon=1.0, delta=1e-5, sampling_rate=1.0).event
-    the_budget.ledger().commit(
-        collection=name,
-        total=the_budget.total,
-        event=event,
-        image_keys=["hmac-sha256:x"],
-        request_key=f"request-{uuid.uuid4().hex}",
-        label="test",
-        release=lambda included: {"value": 1},
-    )
+    record_one_release(the_budget)
     _, report = plan(nodes, the_budget)["result"]
-    assert f"ledger '{name}': 1 release(s), epsilon spent" in report
+    assert f"ledger '{name}': 1 release(s), epsilon " in report and "remaining" not in report
     assert "nearly spent" in report
-    assert "would be refused by the ledger" in report
+    assert "would be refused by the ledger" in report and "can use up to eps = " in report
     assert the_budget.ledger().release_count(name) == 1, "planning records nothing"
 
 
@@ -139,3 +144,21 @@ def test_the_route_payload_is_the_collection_balance(nodes):
         balance_payload({"name": "../x", "total_epsilon": "4", "total_delta": "1e-5"})
     with pytest.raises(DpAdaptError, match="total_epsilon"):
         balance_payload({"name": name})
+    with pytest.raises(DpAdaptError, match="plans"):
+        balance_payload({"name": name, "total_epsilon": "4", "total_delta": "1e-5", "plans": "x"})
+
+
+def test_the_route_states_what_the_ledger_allows_each_planned_release(nodes):
+    from comfyui_dp_adapt.nodes.ledger_route import balance_payload
+
+    name = f"route-{uuid.uuid4().hex[:8]}"
+    the_budget = budget(nodes, ledger_name=name)
+    record_one_release(the_budget)
+    query = {"name": name, "total_epsilon": "4", "total_delta": "1e-5", "plans": "1,0.5"}
+    payload = balance_payload(query)
+    one, subsampled = payload["next"]
+    assert one["sampling_rate"] == 1.0 and 1.0 < one["epsilon"] < 4.0
+    assert subsampled["refused_kind"] and subsampled["epsilon"] == 0.0
+    assert f"can use up to eps = {one['epsilon']:g} at q = 1" in payload["line"]
+    assert "a release at q = 0.5, delta 1e-05 cannot join this collection" in payload["line"]
+    assert "remaining" not in payload["line"] and "remaining_epsilon" not in payload

@@ -233,7 +233,7 @@ def test_identical_rerun_reuses_the_release_and_spends_nothing(env):
     assert torch.equal(token_a["emb_params"], token_b["emb_params"])
     assert meta_a["dp_adapt.release_id"] == meta_b["dp_adapt.release_id"]
     assert ledger_records(budget) == 1
-    assert "nothing was spent" in again["result"][1]
+    assert "published again; nothing spent" in again["result"][1]
     assert first["result"][0] == again["result"][0]
 
 
@@ -252,7 +252,7 @@ def test_bf16_precision_releases_and_is_recorded_as_a_setting(env, method):
     assert metadata["dp_adapt.precision"] == "bf16"
     assert "bf16 autocast" in out["result"][1]
     again = train(env, budget, name, precision="model", **common)
-    assert "nothing was spent" not in again["result"][1]
+    assert "nothing spent" not in again["result"][1]
     assert ledger_records(budget) == 2
     _, metadata = read_embedding(env["embeddings"] / f"{name}.safetensors")
     assert metadata["dp_adapt.precision"] == "model"
