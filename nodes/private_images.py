@@ -19,7 +19,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 import secrets
+import shutil
+import tempfile
+import time
 from pathlib import Path
 
 from ..dp.fingerprint import KEY_BYTES, keyed_fingerprint, load_or_create_key
@@ -45,15 +49,68 @@ from . import comfy_compat
 _PROCESS_KEY: bytes = secrets.token_bytes(KEY_BYTES)
 
 
+# The demo's built-in stand-in for a private collection: typing DEMO_FOLDER loads the demo
+# world's held-out "dotted" pictures (demo/world.py), painted on first use into
+# DEMO_SUBFOLDER of ComfyUI's input directory, so the quick start needs no terminal. They
+# are public (the project paints them), the same set run_workflow.py uses.
+DEMO_FOLDER = "demo:dotted"
+DEMO_SUBFOLDER = "dp_adapt_demo_dotted"
+DEMO_IMAGE_COUNT = 100
+_DEMO_PARTIAL_PREFIX = f".{DEMO_SUBFOLDER}.partial-"
+_STALE_PARTIAL_SECONDS = 3600.0
+
+
+def demo_folder() -> Path:
+    """``DEMO_SUBFOLDER`` of ComfyUI's input directory, painted there if it is not yet.
+
+    Painted atomically: into a hidden sibling folder, then renamed into place, so a folder
+    half-painted by a crash is never loaded (it is ignored, and removed once it is stale).
+    """
+    base = comfy_compat.input_directory().resolve()
+    target = base / DEMO_SUBFOLDER
+    if target.is_dir():
+        return target
+    base.mkdir(parents=True, exist_ok=True)
+    _remove_stale_partials(base)
+    from ..demo.world import HELD_OUT_STYLE, write_style_set
+
+    partial = Path(tempfile.mkdtemp(prefix=_DEMO_PARTIAL_PREFIX, dir=base))
+    try:
+        write_style_set(partial, style=HELD_OUT_STYLE, count=DEMO_IMAGE_COUNT)
+        try:
+            os.rename(partial, target)
+        except OSError:
+            if not target.is_dir():  # not a concurrent painter that finished first
+                raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return target
+
+
+def _remove_stale_partials(base: Path) -> None:
+    """Remove demo folders left half-painted by a crash (older than an hour, so a painter
+    still at work in another process keeps its own)."""
+    now = time.time()
+    for leftover in base.glob(_DEMO_PARTIAL_PREFIX + "*"):
+        try:
+            if now - leftover.stat().st_mtime > _STALE_PARTIAL_SECONDS:
+                shutil.rmtree(leftover, ignore_errors=True)
+        except OSError:
+            continue
+
+
 def resolve_folder(folder: str) -> Path:
     """The folder a user typed: absolute as given, relative to ComfyUI's input directory.
 
     A relative path must stay inside the input directory once ``..`` and symbolic links are
     resolved, so a workflow cannot reach elsewhere by a path that looks local.
+    ``DEMO_FOLDER`` is the demo's painted collection (``demo_folder``).
     """
     text = folder.strip() if isinstance(folder, str) else ""
     if len(text) >= 2 and text[0] == text[-1] == '"':
         text = text[1:-1].strip()  # as pasted by Windows' "Copy as path"
+    if text == DEMO_FOLDER:
+        return demo_folder()
     if not text:
         raise ImageFolderError(
             "folder is empty: give a folder inside ComfyUI's input directory "
@@ -120,7 +177,11 @@ class DPLoadPrivateImagesNode:
                     {
                         "default": "dp_private_images",
                         "tooltip": "Folder of private images: a path inside ComfyUI's input "
-                        "directory, or an absolute path. Sub-folders and hidden files are ignored.",
+                        "directory, or an absolute path. Sub-folders and hidden files are ignored. "
+                        f"'{DEMO_FOLDER}' is the demo's built-in collection: {DEMO_IMAGE_COUNT} "
+                        "public pictures of the demo world's dotted style that stand in for a "
+                        "private collection, painted on first use into the input folder "
+                        f"{DEMO_SUBFOLDER}/ and then loaded like any private folder.",
                     },
                 ),
                 "resolution": (

@@ -478,3 +478,113 @@ def test_cancel_is_checked_between_files(node, tmp_path, user_dir, monkeypatch):
     with pytest.raises(Interrupted):
         _load(node, tmp_path / "private")
     assert len(checks) == 2
+
+
+# --- the demo's built-in collection ('demo:dotted') ----------------------------------------
+
+
+@pytest.fixture
+def demo_input(comfy, tmp_path, monkeypatch) -> Path:
+    """A fresh ComfyUI input directory, so each test sees the demo folder unpainted."""
+    from comfyui_dp_adapt.nodes import comfy_compat
+
+    directory = tmp_path / "input"
+    directory.mkdir()
+    monkeypatch.setattr(comfy_compat, "input_directory", lambda: directory)
+    return directory
+
+
+def _pixels_by_name(folder: Path) -> dict[str, np.ndarray]:
+    return {p.name: np.asarray(Image.open(p).convert("RGB")) for p in sorted(folder.iterdir())}
+
+
+def test_demo_choice_paints_the_demo_worlds_dotted_set(node, demo_input, tmp_path, user_dir):
+    from comfyui_dp_adapt.demo.world import write_style_set
+    from comfyui_dp_adapt.nodes.private_images import DEMO_FOLDER, DEMO_SUBFOLDER
+
+    _load(node, DEMO_FOLDER)
+    painted = demo_input / DEMO_SUBFOLDER
+    reference = tmp_path / "reference"
+    write_style_set(reference, count=100)  # what `python demo/world.py DIR` writes
+    expected = _pixels_by_name(reference)
+    got = _pixels_by_name(painted)
+    assert sorted(got) == sorted(expected), "the same files as demo/world.py's set"
+    for name, pixels in expected.items():
+        assert np.array_equal(got[name], pixels), f"{name} differs from demo/world.py's"
+    assert [p.name for p in demo_input.iterdir()] == [DEMO_SUBFOLDER], "no temp folder left"
+
+
+def test_demo_choice_paints_once(node, demo_input, user_dir, monkeypatch):
+    from comfyui_dp_adapt.demo import world
+    from comfyui_dp_adapt.nodes.private_images import DEMO_FOLDER, DEMO_SUBFOLDER
+
+    first = _load(node, DEMO_FOLDER)
+    painted = demo_input / DEMO_SUBFOLDER
+    stamps = {p.name: p.stat().st_mtime_ns for p in painted.iterdir()}
+
+    def no_repaint(*args, **kwargs):
+        raise AssertionError("the demo set was painted again")
+
+    monkeypatch.setattr(world, "write_style_set", no_repaint)
+    second = _load(node, DEMO_FOLDER)
+    assert second.image_keys == first.image_keys
+    assert {p.name: p.stat().st_mtime_ns for p in painted.iterdir()} == stamps
+
+
+def test_demo_choice_equals_loading_its_folder_by_path(node, demo_input, user_dir):
+    from comfyui_dp_adapt.nodes.private_images import DEMO_FOLDER, DEMO_SUBFOLDER
+
+    demo = _load(node, DEMO_FOLDER)
+    by_path = _load(node, demo_input / DEMO_SUBFOLDER)
+    assert demo.image_keys == by_path.image_keys
+    assert len(set(demo.image_keys)) == 100
+    assert torch.equal(_decoded(demo), _decoded(by_path))
+    is_changed = node.IS_CHANGED(folder=DEMO_FOLDER, resolution=R)
+    assert is_changed == node.IS_CHANGED(folder=str(demo_input / DEMO_SUBFOLDER), resolution=R)
+
+
+def test_demo_choice_ignores_a_half_painted_folder_left_by_a_crash(node, demo_input, user_dir):
+    from comfyui_dp_adapt.nodes.private_images import DEMO_FOLDER, DEMO_SUBFOLDER
+
+    stale = demo_input / f".{DEMO_SUBFOLDER}.partial-crashed"
+    recent = demo_input / f".{DEMO_SUBFOLDER}.partial-still-painting"
+    for leftover in (stale, recent):
+        _write_images(leftover, 2, prefix="world")
+    old = os.stat(stale).st_mtime - 2 * 3600
+    os.utime(stale, (old, old))
+
+    loaded = _load(node, DEMO_FOLDER)
+    assert len(set(loaded.image_keys)) == 100, "the full set, not the leftover's pictures"
+    assert loaded.image_keys == _load(node, demo_input / DEMO_SUBFOLDER).image_keys
+    assert not stale.exists(), "a stale half-painted folder is removed"
+    assert recent.is_dir(), "a painter at work in another process keeps its folder"
+
+
+def test_demo_choice_interrupted_while_painting_leaves_no_folder(
+    node, demo_input, user_dir, monkeypatch
+):
+    from comfyui_dp_adapt.demo import world
+    from comfyui_dp_adapt.nodes.private_images import DEMO_FOLDER, DEMO_SUBFOLDER
+
+    real = world.write_style_set
+
+    def crash_midway(folder, **kwargs):
+        real(folder, count=3)
+        raise KeyboardInterrupt("cancelled while painting")
+
+    monkeypatch.setattr(world, "write_style_set", crash_midway)
+    with pytest.raises(KeyboardInterrupt):
+        _load(node, DEMO_FOLDER)
+    assert list(demo_input.iterdir()) == [], "nothing half-painted where the loader looks"
+    monkeypatch.setattr(world, "write_style_set", real)
+    assert len(set(_load(node, DEMO_FOLDER).image_keys)) == 100
+    assert (demo_input / DEMO_SUBFOLDER).is_dir()
+
+
+def test_demo_choice_is_documented_in_the_tooltip(node):
+    from comfyui_dp_adapt.nodes.private_images import DEMO_FOLDER, DEMO_SUBFOLDER
+
+    folder_type, options = node.INPUT_TYPES()["required"]["folder"]
+    assert folder_type == "STRING", "a STRING widget, so existing workflows still validate"
+    assert DEMO_FOLDER in options["tooltip"] and DEMO_SUBFOLDER in options["tooltip"]
+    assert "stand in for a private collection" in options["tooltip"]
