@@ -18,8 +18,8 @@ Gaussians. The returned E is post-processing of the T releases. Nothing per step
 how many images were sampled) is returned or logged.
 
 Constant work (docs/privacy.md §1, §3.2): every step computes the gradients of ALL images,
-sampled or not, in passes of exactly ``images_per_batch`` rows padded with public rows (zero
-latents, the public padding seed) up to ``padded_chunk_count(n, public_rows)`` passes. So
+sampled or not, in passes of exactly ``chunk_rows(images_per_batch, public_rows)`` rows
+padded with public rows (zero latents, the public padding seed) up to ``padded_chunk_count(n, public_rows)`` passes. So
 the number of passes and the run time depend neither on the sample nor (up to
 ``public_rows``) on n, and the progress values and totals on ``public_rows`` only.
 
@@ -48,6 +48,7 @@ from .inversion import (
     TextForward,
     _draw_per_image,
     check_training_hyperparameters,
+    chunk_rows,
     padded_chunk_count,
     public_chunk_count,
 )
@@ -291,7 +292,7 @@ def train_shared_embedding_dpsgd(
     inputs = _Inputs(latents, initial, prompts, included, on_step)
 
     n = latents.shape[0]
-    b = config.images_per_batch
+    b = chunk_rows(config.images_per_batch, public_rows=public_rows)
     chunks = padded_chunk_count(n, public_rows=public_rows, images_per_batch=b)
     device = latents.device
     ids = prompts.ids.to(device)

@@ -97,6 +97,7 @@ class DPAggregateCLIPEmbeddingsNode:
                 "resolution": [private.resolution, private.resolution],
             },
             poll=comfy_compat.raise_if_cancelled,
+            key_check=private.key_check,
         )
         report = release_report(
             plan,
@@ -147,8 +148,8 @@ class DPAggregateCLIPEmbeddingsNode:
             },
         )
         output = comfy_compat.clip_vision_output(estimate.unsqueeze(0).clone())
-        logger.info("DP Aggregate CLIP Embeddings release:\n%s", report)
         report, ui = report.published(outcome)  # names the release id
+        logger.info("DP Aggregate CLIP Embeddings release:\n%s", report)
         return {"ui": ui, "result": (target, output, report)}
 
 
@@ -185,8 +186,9 @@ def _embed_every_image(clip_vision, private, per_batch: int, width: int, public_
     depend on n_hat alone (held at the total past it, ``dp.inversion.PublicProgress``). A
     row that is not finite is left as is: M1 turns it into a zero contribution, silently.
     """
-    from ..dp.inversion import PublicProgress, padded_chunk_count, public_chunk_count
+    from ..dp.inversion import PublicProgress, chunk_rows, padded_chunk_count, public_chunk_count
 
+    per_batch = chunk_rows(per_batch, public_rows=public_rows)
     chunks = padded_chunk_count(private.count, public_rows=public_rows, images_per_batch=per_batch)
     shown = public_chunk_count(public_rows, images_per_batch=per_batch)
     progress = PublicProgress(shown, comfy_compat.progress_bar(shown).update_absolute)

@@ -74,6 +74,7 @@ def release_dpsgd(
     """Train the shared token with DP-SGD inside the ledger commit and post-process it (the
     same rescale as DPAgg-TI); returns the release outcome (flattened token, float64)."""
     from ..dp.dpsgd import DpSgdConfig, train_shared_embedding_dpsgd
+    from ..dp.inversion import chunk_rows
     from ..dp.release import commit_release
     from . import inversion_model as im
 
@@ -91,7 +92,9 @@ def release_dpsgd(
             torch.enable_grad(),
             im.training_passes(
                 model,
-                checkpoint_blocks=im.wants_checkpointing(latents.shape, sgd.images_per_batch),
+                checkpoint_blocks=im.wants_checkpointing(
+                    latents.shape, chunk_rows(sgd.images_per_batch, public_rows=n_hat)
+                ),
                 precision=precision,
             ) as denoise_loss,
         ):

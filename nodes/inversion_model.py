@@ -451,10 +451,10 @@ def encode_for_training(model, vae, private, *, public_rows: int, config):
     it holds at its marks (``dp.inversion.PublicProgress``). ``on_step(done, total)``
     advances it and honours Cancel, as does the encoding loop.
     """
-    from ..dp.inversion import PublicProgress, padded_chunk_count, public_chunk_count
+    from ..dp.inversion import PublicProgress, chunk_rows, padded_chunk_count, public_chunk_count
 
     n = private.count
-    per_chunk = config.images_per_batch
+    per_chunk = chunk_rows(config.images_per_batch, public_rows=public_rows)
     chunks = padded_chunk_count(n, public_rows=public_rows, images_per_batch=per_chunk)
     shown = public_chunk_count(public_rows, images_per_batch=per_chunk)
     bar = comfy_compat.progress_bar(shown * (config.steps + 1))

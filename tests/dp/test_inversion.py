@@ -96,6 +96,32 @@ def test_work_and_progress_depend_on_the_public_size_only():
     assert seen[5][0] == [3] * 6, "ceil(8 / 3) = 3 chunks of 3 rows, 2 steps each"
 
 
+@pytest.mark.parametrize("per_batch", [4, 7, 256])
+def test_padded_work_is_bounded_by_the_public_size_whatever_the_batch_setting(per_batch):
+    """images_per_batch = 256 with n_hat = 4 once padded every pass to 256 rows; a pass now
+    has min(images_per_batch, n_hat) rows, so the rows processed are n_hat per step."""
+    n_hat, steps = 4, 3
+    for m in (2, 4):
+        _, calls = train(
+            latents_for(m),
+            list(range(m)),
+            InversionConfig(steps=steps, learning_rate=0.05, images_per_batch=per_batch),
+            public_rows=n_hat,
+        )
+        assert sum(calls["rows"]) == n_hat * steps
+        assert set(calls["rows"]) == {n_hat}
+
+
+def test_small_public_size_keeps_removing_an_image_bitwise_neutral():
+    """The pass size min(images_per_batch, n_hat) is public: the same for both folders."""
+    latents = latents_for(3)
+    seeds = [31, 32, 33]
+    config = InversionConfig(steps=3, learning_rate=0.05, images_per_batch=64)
+    full, _ = train(latents, seeds, config, public_rows=3)
+    fewer, _ = train(latents[[0, 2]], [31, 33], config, public_rows=3)
+    assert torch.equal(full[[0, 2]], fewer)
+
+
 def test_progress_past_the_public_size_is_held_at_its_total():
     """A folder larger than n_hat = 4 (docs/privacy.md §1): the work covers every image,
     but what a progress bar fed through PublicProgress shows is the same for 5, 6 and 9
