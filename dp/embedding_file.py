@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -23,6 +24,26 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 class EmbeddingExistsError(DpAdaptError):
     """An embedding with this name exists and overwriting was not asked for."""
+
+
+class EmbeddingNotWrittenError(DpAdaptError):
+    """A release was recorded but its file could not be written (re-queueing writes it)."""
+
+
+HEADER_ALLOWANCE = 64 * 1024
+"""Bytes allowed for a file's safetensors header: tensor names, shapes, offsets and the
+metadata of public parameters (a few KiB in practice)."""
+
+FREE_SPACE_MARGIN = 1024 * 1024
+"""Free space kept on top of a file's size, so the write does not fill the disk to its
+last byte (the fsync of the folder and the file system's own bookkeeping need some)."""
+
+
+def embedding_file_bytes(rows: int, width: int) -> int:
+    """Upper bound of the size of a token's file: ``rows`` x ``width`` float32 values (the
+    (k, d) token, whatever its split into encoder parts) plus ``HEADER_ALLOWANCE``. Public:
+    k and d are settings and the model's shape, nothing measured from the images."""
+    return 4 * int(rows) * int(width) + HEADER_ALLOWANCE
 
 
 def validate_embedding_name(name: str) -> str:
@@ -72,17 +93,40 @@ def prepare_directory(directory: Path) -> Path:
 
 
 def check_writable(
-    directory: Path, name: str, *, overwrite: bool, same_release: str | None = None
+    directory: Path,
+    name: str,
+    *,
+    overwrite: bool,
+    same_release: str | None = None,
+    size_bytes: int | None = None,
 ) -> Path:
     """Fail early (before any training or budget is spent) if the file cannot be written.
 
     ``same_release``: an existing file whose metadata names this release id is accepted
-    (re-publishing the same release writes nothing new).
+    (re-publishing the same release writes nothing new). A folder or anything else that is
+    not a plain file at the file's path is refused, overwrite or not (the final rename
+    cannot replace it). ``size_bytes``: the file's size (``embedding_file_bytes``); the
+    folder's file system must have that plus ``FREE_SPACE_MARGIN`` free.
     """
     path = embedding_path(directory, name)
     if not Path(directory).is_dir():
         what = "is not a folder" if Path(directory).exists() else "does not exist"
         raise InvalidParameterError(f"embeddings folder {shown_path(directory)} {what}.")
+    if (path.exists() or path.is_symlink()) and not path.is_file():
+        what = "a folder" if path.is_dir() else "not a regular file"
+        raise InvalidParameterError(
+            f"{path.name!r} in the embeddings folder {shown_path(directory)} is {what}, so the "
+            "embedding cannot be saved under that name (overwrite replaces files only); move "
+            "it away or choose another name."
+        )
+    if size_bytes is not None:
+        free = shutil.disk_usage(directory).free
+        if free < size_bytes + FREE_SPACE_MARGIN:
+            raise InvalidParameterError(
+                f"the embeddings folder {shown_path(directory)} has {free // 1024} KiB free; "
+                f"the embedding file needs {(size_bytes + FREE_SPACE_MARGIN + 1023) // 1024} KiB "
+                "(its size plus a margin). Free some space and queue the prompt again."
+            )
     if path.exists() and not overwrite and not is_release_file(path, same_release):
         raise EmbeddingExistsError(
             f"an embedding named {path.stem!r} already exists in {shown_path(directory)}; choose "

@@ -194,12 +194,13 @@ class DPTextualInversionTrainNode:
         require_runtime_packages()
         from ..dp.embedding_file import (
             check_writable,
+            embedding_file_bytes,
             embedding_path,
             is_release_file,
             prepare_directory,
             save_embedding,
         )
-        from ..dp.errors import InvalidParameterError
+        from ..dp.errors import DpAdaptError, InvalidParameterError
         from ..dp.inversion import InversionConfig
         from ..dp.mechanism import BoundMode, rescale_to_norm
         from ..dp.private_set import check_private_image_set
@@ -262,11 +263,16 @@ class DPTextualInversionTrainNode:
             sampling_rate=sampling_rate,
             settings=settings,
             poll=comfy_compat.raise_if_cancelled,
+            key_check=private.key_check,
             **({"calibrate": dpsgd.dpsgd_calibration(steps)} if sgd else {}),
         )
         reused_id = plan.reused.release_id if plan.reused is not None else None
         path = check_writable(
-            directory, embedding_name, overwrite=overwrite, same_release=reused_id
+            directory,
+            embedding_name,
+            overwrite=overwrite,
+            same_release=reused_id,
+            size_bytes=embedding_file_bytes(num_vectors, width),
         )
         report = release_report(
             plan,
@@ -333,13 +339,16 @@ class DPTextualInversionTrainNode:
             precision,
         )
         if not (outcome.reused and is_release_file(path, outcome.release_id)):
-            save_embedding(
-                directory,
-                embedding_name,
-                im.split_token(token, clip, family),
-                metadata,
-                overwrite=overwrite or outcome.reused,
-            )
+            try:
+                save_embedding(
+                    directory,
+                    embedding_name,
+                    im.split_token(token, clip, family),
+                    metadata,
+                    overwrite=overwrite or outcome.reused,
+                )
+            except (OSError, DpAdaptError) as error:
+                raise _not_written(error, path, plan, outcome) from error
         report, ui = report.published(outcome)  # names the release id
         logger.info("DP Textual Inversion release:\n%s", report)
         return {"ui": ui, "result": (f"embedding:{path.stem}", report)}
@@ -350,7 +359,7 @@ def _train_every_image(
 ):
     """One embedding per image, (n, k, d), for ALL images (sampling happens in the commit),
     with the constant, padded work of ``inversion_model.encode_for_training``."""
-    from ..dp.inversion import train_per_image_embeddings
+    from ..dp.inversion import chunk_rows, train_per_image_embeddings
     from . import inversion_model as im
 
     latents, on_step = im.encode_for_training(
@@ -361,7 +370,10 @@ def _train_every_image(
         torch.enable_grad(),
         im.training_passes(
             model,
-            checkpoint_blocks=im.wants_checkpointing(latents.shape, config.images_per_batch),
+            checkpoint_blocks=im.wants_checkpointing(
+                latents.shape,
+                chunk_rows(config.images_per_batch, public_rows=plan.declared_dataset_size),
+            ),
             precision=precision,
         ) as denoise_loss,
     ):
@@ -376,6 +388,32 @@ def _train_every_image(
             public_rows=plan.declared_dataset_size,
             on_step=on_step,
         )
+
+
+def _not_written(error: Exception, path, plan, outcome) -> Exception:
+    """The plain-words error of a write that failed after the release was recorded: what
+    is recorded, why nothing was written, and that queueing again costs nothing (the
+    ledger publishes an identical recorded release again, docs/privacy.md §7)."""
+    from ..dp.display import shown_path
+    from ..dp.embedding_file import EmbeddingNotWrittenError
+
+    if isinstance(error, OSError):
+        reason = error.strerror or type(error).__name__
+        if error.filename is not None:
+            reason = f"{reason}: {shown_path(error.filename)}"
+    else:
+        reason = str(error)
+    spent = (
+        "it spent nothing now (it was recorded earlier)"
+        if outcome.reused
+        else f"it spent epsilon = {plan.calibration.epsilon_achieved:.4g}"
+    )
+    return EmbeddingNotWrittenError(
+        f"The release {outcome.release_id} IS recorded in the budget's ledger ({spent}), but "
+        f"nothing was written to {path.name!r} because: {reason}. Fix that and queue the "
+        "same prompt again: the recorded release is published again and its file written, at "
+        "no further cost."
+    )
 
 
 def _file_metadata(

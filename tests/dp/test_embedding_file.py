@@ -87,3 +87,27 @@ def test_metadata_must_be_strings(tmp_path):
             tmp_path, "tok", {"emb_params": torch.ones(1, 4)}, {"epsilon": 1.0}, overwrite=False
         )
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_folder_at_the_files_path_is_refused_even_with_overwrite(tmp_path):
+    (tmp_path / "tok.safetensors").mkdir()
+    with pytest.raises(InvalidParameterError, match=r"'tok\.safetensors'.*is a folder"):
+        check_writable(tmp_path, "tok", overwrite=True)
+
+
+def test_free_space_below_the_files_size_plus_margin_is_refused(tmp_path, monkeypatch):
+    import collections
+
+    from comfyui_dp_adapt.dp import embedding_file
+
+    size = embedding_file.embedding_file_bytes(4, 768)
+    assert size >= 4 * 4 * 768
+    usage = collections.namedtuple("usage", "total used free")
+    need = size + embedding_file.FREE_SPACE_MARGIN
+    monkeypatch.setattr(embedding_file.shutil, "disk_usage", lambda _p: usage(0, 0, need - 1))
+    with pytest.raises(InvalidParameterError, match="KiB free"):
+        check_writable(tmp_path, "tok", overwrite=False, size_bytes=size)
+    monkeypatch.setattr(embedding_file.shutil, "disk_usage", lambda _p: usage(0, 0, need))
+    assert check_writable(tmp_path, "tok", overwrite=False, size_bytes=size).name == (
+        "tok.safetensors"
+    )

@@ -445,3 +445,63 @@ def test_a_model_with_non_finite_outputs_is_refused_before_anything_is_spent(env
         train(env, budget, name, model=model, clip=clip)
     assert ledger_records(budget) == 0
     assert not (env["embeddings"] / f"{name}.safetensors").exists()
+
+
+def test_a_folder_in_the_way_of_the_file_is_refused_by_name_before_spending(env):
+    """`embeddings/NAME.safetensors` as a folder: overwrite cannot replace it, so the run is
+    refused before the commit (it once spent the budget and then failed on the rename)."""
+    budget = make_budget(env)
+    name = f"folder_{uuid.uuid4().hex[:6]}"
+    (env["embeddings"] / f"{name}.safetensors").mkdir()
+    with pytest.raises(InvalidParameterError, match=rf"'{name}.safetensors'.*is a folder"):
+        train(env, budget, name, overwrite=True)
+    assert ledger_records(budget) == 0
+
+
+def test_too_little_free_space_is_refused_before_spending(env, monkeypatch):
+    import collections
+
+    from comfyui_dp_adapt.dp import embedding_file
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(embedding_file.shutil, "disk_usage", lambda _path: usage(10**9, 10**9, 0))
+    budget = make_budget(env)
+    with pytest.raises(InvalidParameterError, match="KiB free; the embedding file needs"):
+        train(env, budget, f"full_{uuid.uuid4().hex[:6]}")
+    assert ledger_records(budget) == 0
+
+
+def test_a_write_failing_after_the_commit_says_so_and_a_rerun_writes_it_free(env, monkeypatch):
+    """The disk fills between the check and the write: the message says the release IS
+    recorded (id, epsilon), nothing was written and why, and the same prompt queued again
+    writes the file through the ledger's idempotent reuse, spending nothing more."""
+    import errno
+
+    import safetensors.torch
+
+    from comfyui_dp_adapt.dp.embedding_file import EmbeddingNotWrittenError
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    budget = make_budget(env)
+    images = private_set(env["images"])
+    name = f"late_{uuid.uuid4().hex[:6]}"
+    path = env["embeddings"] / f"{name}.safetensors"
+    with monkeypatch.context() as patch:
+        patch.setattr(safetensors.torch, "save_file", disk_full)
+        with pytest.raises(EmbeddingNotWrittenError) as failed:
+            train(env, budget, name, private_images=images)
+    message = str(failed.value)
+    record = json.loads(budget.ledger_path.read_text())["collections"][budget.ledger_name]
+    (release_id,) = record["releases"]
+    assert "IS recorded" in message and "epsilon = " in message
+    assert release_id in message
+    assert "nothing was written" in message and "No space left on device" in message
+    assert "queue the same prompt again" in message and "no further cost" in message
+    assert not path.exists()
+    again = train(env, budget, name, private_images=images)
+    _tensors, metadata = read_embedding(path)
+    assert metadata["dp_adapt.release_id"] == release_id
+    assert ledger_records(budget) == 1
+    assert "published again; nothing spent" in again["result"][1]
