@@ -53,6 +53,19 @@ variable, ``x_t = x_{t-1} + sqrt(sigma_t^2 - sigma_{t-1}^2) eps'``: the variance
 forward step, see :func:`renoise`. ``self_recurrence = k`` runs every step k + 1 times (the
 authors' code calls k + 1 "optim_num_steps").
 
+Schedule over the noise levels
+------------------------------
+``sigma^2`` (the default) is eq. (2) as derived: the push on ``denoised`` is ``s * sigma^2 *
+grad``, so at SD's first step (sigma = 14.6) it is 213 times that at sigma = 1 and about 10^5
+times the last steps'. On the demo model (8 x 8 latents) this put the whole correction on the
+first, blurred predictions: at s = 4 the first step moved the prediction by three times its
+own norm and broke the shapes, while each of the last third of the steps moved it by under
+1 % (bench/guidance_control.py, results/guidance_sweep.txt). ``constant`` applies
+``denoised' = denoised - s * grad`` at every step: the same gradient step on the predicted
+clean latent at every noise level, i.e. eq. (1) with the weight ``s / sigma^2`` instead of
+``s``. It is not the paper's form; with self-recurrence it is what moved the demo model's
+pictures to a style while keeping their shapes.
+
 Strength
 --------
 The authors' style-transfer setting (weight 6 on a loss of -100 x cosine, github
@@ -98,6 +111,13 @@ class GuidanceMode(str, Enum):
     X0 = "x0"
 
 
+class GuidanceSchedule(str, Enum):
+    """How the strength is weighted over noise levels (see "Schedule" in the module docstring)."""
+
+    SIGMA_SQUARED = "sigma^2"
+    CONSTANT = "constant"
+
+
 class DecodeSize(str, Enum):
     """At what size each step's prediction is decoded for CLIP (see :func:`latents_for_clip`)."""
 
@@ -117,6 +137,7 @@ class GuidanceConfig:
     mode: GuidanceMode = GuidanceMode.FULL
     self_recurrence: int = 0
     decode_size: DecodeSize = DecodeSize.FULL
+    schedule: GuidanceSchedule = GuidanceSchedule.SIGMA_SQUARED
 
     def __post_init__(self) -> None:
         s = self.strength
@@ -130,18 +151,19 @@ class GuidanceConfig:
                 f"guidance_strength must be a finite number in [0, {MAX_GUIDANCE_STRENGTH:g}], "
                 f"got guidance_strength={s!r}."
             )
-        try:
-            object.__setattr__(self, "mode", GuidanceMode(self.mode))
-        except ValueError:
-            allowed = ", ".join(repr(m.value) for m in GuidanceMode)
-            raise GuidanceError(f"mode must be one of {allowed}, got mode={self.mode!r}.") from None
-        try:
-            object.__setattr__(self, "decode_size", DecodeSize(self.decode_size))
-        except ValueError:
-            allowed = ", ".join(repr(d.value) for d in DecodeSize)
-            raise GuidanceError(
-                f"decode_size must be one of {allowed}, got decode_size={self.decode_size!r}."
-            ) from None
+        for name, kind in (
+            ("mode", GuidanceMode),
+            ("decode_size", DecodeSize),
+            ("schedule", GuidanceSchedule),
+        ):
+            value = getattr(self, name)
+            try:
+                object.__setattr__(self, name, kind(value))
+            except ValueError:
+                allowed = ", ".join(repr(m.value) for m in kind)
+                raise GuidanceError(
+                    f"{name} must be one of {allowed}, got {name}={value!r}."
+                ) from None
         k = self.self_recurrence
         if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= MAX_SELF_RECURRENCE:
             raise GuidanceError(
@@ -314,9 +336,16 @@ def _as_batch_view(sigma: torch.Tensor | float, like: torch.Tensor) -> torch.Ten
 
 
 def sigma_form_correction(
-    denoised: torch.Tensor, gradient: torch.Tensor, sigma: torch.Tensor | float, strength: float
+    denoised: torch.Tensor,
+    gradient: torch.Tensor,
+    sigma: torch.Tensor | float,
+    strength: float,
+    schedule: GuidanceSchedule = GuidanceSchedule.SIGMA_SQUARED,
 ) -> torch.Tensor:
-    """Eq. (2): ``denoised - s * sigma^2 * grad``; ``sigma`` scalar or (B,)."""
+    """Eq. (2): ``denoised - s * sigma^2 * grad`` (``sigma^2``), or ``denoised - s * grad``
+    (``constant``); ``sigma`` scalar or (B,)."""
+    if GuidanceSchedule(schedule) is GuidanceSchedule.CONSTANT:
+        return denoised - strength * gradient.to(denoised.dtype)
     view = _as_batch_view(sigma, denoised)
     return denoised - strength * view.square() * gradient.to(denoised.dtype)
 
@@ -330,13 +359,15 @@ def guided_prediction(
     strength: float,
     mode: GuidanceMode,
     denoiser: Denoiser | None = None,
+    schedule: GuidanceSchedule = GuidanceSchedule.SIGMA_SQUARED,
 ) -> GuidedPrediction:
     """One forward-universal-guidance correction in ComfyUI's sigma form, eq. (2).
 
     x (B, C, h, w): the sampler's current latent at noise level ``sigma`` (scalar or (B,));
     denoised: the sampler's (CFG-combined) prediction of the clean latent at ``x``.
     ``full`` re-evaluates ``denoiser(x)`` with autograd and differentiates the loss through
-    it; ``x0`` differentiates with respect to ``denoised`` only. The loss is summed over the
+    it; ``x0`` differentiates with respect to ``denoised`` only. ``schedule`` weights the
+    correction over noise levels (module docstring). The loss is summed over the
     batch, so each image's gradient depends on that image alone. Call with gradients
     enabled (outside ``torch.inference_mode``).
     """
@@ -351,7 +382,7 @@ def guided_prediction(
         prediction = leaf
     losses = loss_fn(prediction)
     (gradient,) = torch.autograd.grad(losses.sum(), leaf)
-    corrected = sigma_form_correction(denoised, gradient, sigma, strength)
+    corrected = sigma_form_correction(denoised, gradient, sigma, strength, schedule)
     return GuidedPrediction(
         denoised=corrected.detach(), loss=losses.detach(), gradient=gradient.detach()
     )

@@ -18,6 +18,7 @@ from comfyui_dp_adapt.dp.guidance import (
     ClipTarget,
     GuidanceConfig,
     GuidanceMode,
+    GuidanceSchedule,
     WeightSwap,
     check_target_width,
     clip_guidance_loss,
@@ -157,12 +158,41 @@ def test_renoise_is_algorithm_1_in_the_variance_exploding_variable():
         ({"strength": 1.0, "self_recurrence": 1.5}, "self_recurrence"),
         ({"strength": 1.0, "mode": "latent"}, "mode"),
         ({"strength": 1.0, "decode_size": "half"}, "decode_size"),
+        ({"strength": 1.0, "schedule": "linear"}, "schedule"),
     ],
 )
 def test_bad_guidance_settings_fail_clearly(kwargs, message):
     with pytest.raises(DpAdaptError, match=message) as error:
         GuidanceConfig(**kwargs)
     assert "got" in str(error.value), "the message echoes the value received"
+
+
+def test_default_schedule_is_the_papers_sigma_squared():
+    assert GuidanceConfig(strength=1.0).schedule is GuidanceSchedule.SIGMA_SQUARED
+    assert GuidanceConfig(strength=1.0, schedule="constant").schedule is GuidanceSchedule.CONSTANT
+
+
+@pytest.mark.parametrize("sigma", [0.3, 1.7, 14.6])
+def test_constant_schedule_moves_the_prediction_by_s_times_the_gradient_at_every_sigma(sigma):
+    """``constant``: denoised' = denoised - s * grad, whatever the noise level; ``sigma^2``
+    (eq. 2) is the same step scaled by sigma^2."""
+    make_denoiser, loss, _ = toy_parts(4)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(B, C, H, W, generator=g, dtype=DT) * math.sqrt(1 + sigma**2)
+    denoised = make_denoiser(sigma)(x)
+    strength = 3.0
+    steps = {
+        schedule: guided_prediction(
+            x, sigma, denoised, loss_fn=loss, strength=strength, mode="x0", schedule=schedule
+        )
+        for schedule in GuidanceSchedule
+    }
+    constant = steps[GuidanceSchedule.CONSTANT]
+    paper = steps[GuidanceSchedule.SIGMA_SQUARED]
+    torch.testing.assert_close(constant.gradient, paper.gradient)
+    assert float(constant.gradient.abs().max()) > 0
+    torch.testing.assert_close(denoised - constant.denoised, strength * constant.gradient)
+    torch.testing.assert_close(denoised - paper.denoised, sigma**2 * (denoised - constant.denoised))
 
 
 def test_recurrence_up_to_the_bound_is_accepted():

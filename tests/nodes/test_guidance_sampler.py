@@ -202,6 +202,28 @@ def test_strong_guidance_pulls_the_image_towards_the_target(family_env, mode, de
     assert (guided > plain + 0.02).all(), f"unguided {plain.tolist()}, guided {guided.tolist()}"
 
 
+def test_constant_schedule_is_the_sigma_squared_step_divided_by_sigma_squared(env, spy_hook):
+    """One step from the same noise: schedule "constant" corrects denoised by s * grad, the
+    default "sigma^2" by s * sigma^2 * grad (eq. 2 of dp/guidance.py)."""
+    corrections = {}
+    for schedule in ("sigma^2", "constant"):
+        spy_hook.clear()
+        sample(env, steps=1, schedule=schedule)
+        (call,) = spy_hook
+        corrections[schedule] = call["args"]["denoised"] - call["out"]
+        sigma = float(call["args"]["sigma"].flatten()[0])
+    assert sigma > 1 and float(corrections["constant"].abs().max()) > 0
+    torch.testing.assert_close(
+        corrections["sigma^2"], sigma**2 * corrections["constant"], rtol=1e-4, atol=1e-6
+    )
+
+
+def test_default_schedule_is_the_papers(env, spy_hook):
+    sample(env, steps=1)
+    default = spy_hook[-1]["hook"].config.schedule.value
+    assert default == "sigma^2"
+
+
 @pytest.mark.parametrize(("decode_size", "decoded_side"), [("full", 32), ("clip", 28)])
 def test_decode_size_clip_decodes_latents_at_clips_input_size(
     env, decode_size, decoded_side, monkeypatch
