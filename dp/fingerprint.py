@@ -21,6 +21,7 @@ from .errors import DpAdaptError
 
 KEY_BYTES = 32
 PREFIX = "hmac-sha256:"
+KEY_CHECK_MESSAGE = b"comfyui-dp-adapt key check"
 
 
 def load_or_create_key(path: Path) -> bytes:
@@ -32,14 +33,24 @@ def load_or_create_key(path: Path) -> bytes:
     end up with the same key.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not path.exists():
-        _create_key(path)
-    key = path.read_bytes()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.exists():
+            _create_key(path)
+        key = path.read_bytes()
+    except OSError as error:
+        what = "is a folder, not a file" if path.is_dir() else f"cannot be used ({error.strerror})"
+        raise DpAdaptError(
+            f"fingerprint key {path} {what}. It must be the {KEY_BYTES}-byte key file this "
+            "installation created: restore it from a backup (or move the folder aside; a new "
+            "key is then created, and a ledger that recorded images under the old key refuses "
+            "releases until the old key is restored)."
+        ) from error
     if len(key) != KEY_BYTES:
         raise DpAdaptError(
             f"fingerprint key {path} is damaged ({len(key)} bytes, expected {KEY_BYTES}). "
-            "Restore it from a backup; deleting it starts new ledger datasets."
+            "Restore it from a backup: a ledger that recorded images under it refuses "
+            "releases under any other key."
         )
     return key
 
@@ -59,6 +70,16 @@ def _create_key(path: Path) -> None:
             pass  # another caller created it first: use theirs
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def key_check_value(key: bytes) -> str:
+    """A public check value of the installation key: HMAC-SHA256(key, KEY_CHECK_MESSAGE), hex.
+
+    The ledger stores it with its image entries and refuses a commit under another key
+    (``dp.ledger.Ledger.check_key``). It reveals nothing about the key or any image (an HMAC
+    of a fixed public message), and it is not an image key.
+    """
+    return hmac.new(key, KEY_CHECK_MESSAGE, hashlib.sha256).hexdigest()
 
 
 def keyed_fingerprint(content_fingerprint: str, key: bytes) -> str:

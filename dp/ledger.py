@@ -100,6 +100,7 @@ whoever controls its files can always start over.
 from __future__ import annotations
 
 import contextlib
+import hmac
 import json
 import logging
 import math
@@ -162,6 +163,11 @@ _KEY = re.compile(r"[\x21-\x7e]{1,256}")  # printable ASCII, no spaces
 _RELEASE_ID = re.compile(r"[0-9a-f]{32}")
 _UPGRADES_LOGGED: set[Path] = set()  # version-2 ledgers already announced in the log
 _TOP_LEVEL = {"format", "version", "collections", "releases", "images"}
+# Optional top-level field: the check value of the fingerprint key the image keys were made
+# under (``dp.fingerprint.key_check_value``), written by the first commit that carries one.
+KEY_CHECK_FIELD = "key_check"
+_KEY_CHECK = re.compile(r"[0-9a-f]{64}")
+KEY_FILE_HINT = "<ComfyUI user directory>/dp_adapt/fingerprint.key"
 _RELEASE_FIELDS = {"collection", "event", "epsilon", "label", "request_key", "result"}
 
 
@@ -441,13 +447,29 @@ def _check_image_keys(image_keys: Sequence[str]) -> tuple[str, ...]:
     return keys
 
 
+def _kind(value: object) -> str:
+    """What an opaque value is, without the value: its type (and length for a string)."""
+    length = f" of length {len(value)}" if isinstance(value, str) else ""
+    return f"a {type(value).__name__}{length}"
+
+
+def _check_key_check(key_check: str | None) -> str | None:
+    if key_check is not None and not (
+        isinstance(key_check, str) and _KEY_CHECK.fullmatch(key_check)
+    ):
+        raise InvalidParameterError(
+            "key_check must be None or 64 lowercase hexadecimal digits (the check value of the "
+            f"fingerprint key, dp.fingerprint.key_check_value), got {_kind(key_check)}."
+        )
+    return key_check
+
+
 def _check_request_key(request_key: str) -> str:
     if not isinstance(request_key, str) or not _KEY.fullmatch(request_key):
-        length = f" of length {len(request_key)}" if isinstance(request_key, str) else ""
         raise InvalidParameterError(
             "request_key must be a string of 1-256 printable ASCII characters without spaces "
-            f"(a keyed hash of the settings and images), got a {type(request_key).__name__}"
-            f"{length} (its value is not shown)."
+            f"(a keyed hash of the settings and images), got {_kind(request_key)} (its value "
+            "is not shown)."
         )
     return request_key
 
@@ -652,8 +674,22 @@ class Ledger:
         return f"Ledger({str(self.path)!r})"
 
     @property
+    def target(self) -> Path:
+        """The file the ledger is written to: ``path``, or where it links to.
+
+        A ledger that is a symbolic link (a ledger shared between installations) is written
+        through the link: the temp file and the atomic rename happen in the target's folder,
+        so the link stays and every installation sharing the target sees every release.
+        """
+        if self.path.is_symlink():
+            return Path(os.path.realpath(self.path))
+        return self.path
+
+    @property
     def lock_path(self) -> Path:
-        return self.path.with_name(self.path.name + ".lock")
+        """The lock file, next to the target: installations sharing a target share its lock."""
+        target = self.target
+        return target.with_name(target.name + ".lock")
 
     # -- reading -------------------------------------------------------------------------
 
@@ -664,10 +700,12 @@ class Ledger:
             "a backup: deleting it would forget the budget already spent."
         )
 
-    def _read(self) -> _Snapshot:
-        """The parsed, fully validated ledger (an empty one if the file does not exist)."""
+    def _read(self, target: Path | None = None) -> _Snapshot:
+        """The parsed, fully validated ledger (an empty one if the file does not exist).
+
+        ``target``: the resolved file to read (``commit`` reads the target it will write)."""
         try:
-            raw = self.path.read_bytes()
+            raw = (target or self.path).read_bytes()
         except FileNotFoundError:
             return _Snapshot(_empty(), {}, {})
         except OSError as error:
@@ -699,11 +737,15 @@ class Ledger:
                 f"comfyui-dp-adapt reads versions 2 and {VERSION} only. It was left untouched: "
                 "update the pack."
             )
-        if set(data) != _TOP_LEVEL:
+        if set(data) - {KEY_CHECK_FIELD} != _TOP_LEVEL:
             raise self._corrupt(
-                f"the document must have exactly the fields {sorted(_TOP_LEVEL)}, got "
-                f"{sorted(map(str, data))}"
+                f"the document must have exactly the fields {sorted(_TOP_LEVEL)} (and optionally "
+                f"'{KEY_CHECK_FIELD}'), got {sorted(map(str, data))}"
             )
+        if KEY_CHECK_FIELD in data and not (
+            isinstance(data[KEY_CHECK_FIELD], str) and _KEY_CHECK.fullmatch(data[KEY_CHECK_FIELD])
+        ):
+            raise self._corrupt(f"'{KEY_CHECK_FIELD}' is not 64 lowercase hexadecimal digits")
         return self._validate(data, upgrade=version == 2)
 
     def _total(self, value: object, owner: str) -> TotalBudget:
@@ -1027,26 +1069,135 @@ class Ledger:
 
     # -- writing -------------------------------------------------------------------------
 
+    def _unwritable(
+        self, what: str, error: OSError | None = None, *, fix: str | None = None
+    ) -> LedgerError:
+        detail = f" ({error.strerror or error})" if error is not None else ""
+        fix = fix or (
+            "Make that folder writable (or start ComfyUI with a writable --user-directory)"
+        )
+        return LedgerError(
+            f"the budget ledger {self.path} cannot be written: {what}{detail}. A release could "
+            f"not be recorded, so nothing was trained or released. {fix}; the ledger was left "
+            "untouched."
+        )
+
+    def _lock_unusable(self, lock_path: Path, error: OSError) -> LedgerError:
+        fix = (
+            f"Move the folder {lock_path} aside (the lock file is created again)"
+            if lock_path.is_dir()
+            else None
+        )
+        return self._unwritable(f"the lock file {lock_path} cannot be used", error, fix=fix)
+
+    def _writable_target(self) -> Path:
+        """The resolved target, if it is a regular file or absent (else a clear error)."""
+        target = self.target
+        if target.is_symlink():  # a link loop or a link realpath could not resolve
+            raise self._unwritable(
+                f"the link does not lead to a file ({target})", fix="Repair the link"
+            )
+        if target.exists() and not target.is_file():
+            raise self._unwritable(
+                f"{target} is not a regular file (a folder?)",
+                fix="Move it aside, or point the ledger at a file",
+            )
+        return target
+
+    def check_writable(self) -> None:
+        """Raise LedgerError, with the reason, unless a release could be recorded now.
+
+        Called before any training or embedding starts (``dp.release.plan_release``), so that
+        no work is done for a release whose record could not be written: the ledger (through a
+        link, its target) is a regular file or absent, its folder exists or can be created,
+        the lock file can be created and locked (held by another process counts: it exists),
+        and a temp file can be created in the folder. Leaves nothing behind but the folder
+        and the lock file.
+        """
+        from filelock import FileLock, Timeout
+
+        target = self._writable_target()
+        folder = target.parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise self._unwritable(f"its folder {folder} cannot be created", error) from error
+        lock = FileLock(str(self.lock_path), timeout=0)
+        try:
+            lock.acquire()
+        except Timeout:
+            pass  # another prompt holds it: the lock file exists and works
+        except OSError as error:
+            raise self._lock_unusable(self.lock_path, error) from error
+        else:
+            lock.release()
+        probe = folder / f"{self._temp_prefix(target)}{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        try:
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as error:
+            raise self._unwritable(f"no file can be created in {folder}", error) from error
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(probe)
+
+    def check_key(self, key_check: str | None) -> None:
+        """Raise LedgerError unless ``key_check`` may commit to this ledger. Reads only.
+
+        ``key_check``: the check value of the fingerprint key the caller's image keys were made
+        under (``dp.fingerprint.key_check_value``). The ledger stores the first one it is given;
+        from then on a commit under another key (the key file was deleted or replaced, or a
+        shared ledger is used by an installation with its own key) is refused: its image keys
+        would not match the recorded ones, and the same pictures would get a fresh budget.
+        """
+        self._key_matches(self._read(), _check_key_check(key_check))
+
+    def _key_matches(self, snapshot: _Snapshot, key_check: str | None) -> None:
+        stored = snapshot.data.get(KEY_CHECK_FIELD)
+        if stored is None:
+            return
+        advice = (
+            f"Restore the key file {KEY_FILE_HINT} from a backup (the same file, byte for "
+            "byte; if this ledger is shared with another installation through a link, copy "
+            "that installation's key file); or, to start over deliberately, move the ledger "
+            f"{self.path} aside (what it records stays spent: keep it)."
+        )
+        if key_check is None:
+            raise LedgerError(
+                f"budget ledger {self.path} records images under a fingerprint key, and this "
+                "release does not say which key its image keys were made under (key_check=None), "
+                "so it cannot be matched to them; nothing was trained or released. Connect the "
+                "images from DP Load Private Images."
+            )
+        if not hmac.compare_digest(stored, key_check):
+            raise LedgerError(
+                f"budget ledger {self.path} records its images' budgets under another "
+                "fingerprint key than this installation's: the key file was deleted or "
+                "replaced, so the same pictures now get other keys and would get a fresh "
+                f"budget. Nothing was trained or released. {advice}"
+            )
+
     @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
+    def _locked(self, target: Path) -> Iterator[None]:
         from filelock import FileLock, Timeout
 
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            target.parent.mkdir(parents=True, exist_ok=True)
         except OSError as error:
-            raise LedgerError(
-                f"cannot create the ledger folder {self.path.parent} ({error}); nothing was "
-                "released."
+            raise self._unwritable(
+                f"its folder {target.parent} cannot be created", error
             ) from error
-        lock = FileLock(str(self.lock_path), timeout=LOCK_TIMEOUT_S)
+        lock_path = target.with_name(target.name + ".lock")
+        lock = FileLock(str(lock_path), timeout=LOCK_TIMEOUT_S)
         try:
             lock.acquire()
         except Timeout as error:
             raise LedgerError(
                 f"the budget ledger {self.path} stayed locked by another process for "
                 f"{LOCK_TIMEOUT_S:g} s; nothing was released. If no other ComfyUI prompt is "
-                f"running, a crashed process may hold {self.lock_path}."
+                f"running, a crashed process may hold {lock_path}."
             ) from error
+        except OSError as error:
+            raise self._lock_unusable(lock_path, error) from error
         try:
             yield
         finally:
@@ -1062,18 +1213,21 @@ class Ledger:
         request_key: str,
         label: str,
         release: Callable[[tuple[bool, ...]], dict],
+        key_check: str | None = None,
     ) -> Commit:
         """Record and draw one release, or reuse the identical recorded one.
 
-        Under the inter-process lock: re-read the ledger; if ``request_key`` is recorded,
-        return its stored result (``reused=True``; nothing is charged or written and
-        ``release`` is not called). Otherwise check the collection's budget (raise
-        BudgetExceededError, writing nothing, if the composition would exceed
+        Under the inter-process lock: re-read the ledger; refuse (LedgerError) if ``key_check``
+        does not match the key check recorded with the image entries (``check_key``); if
+        ``request_key`` is recorded, return its stored result (``reused=True``; nothing is
+        charged or written and ``release`` is not called). Otherwise check the collection's
+        budget (raise BudgetExceededError, writing nothing, if the composition would exceed
         ``total.epsilon``), compute which images may take part (the individual filter, see
         the module docstring), call ``release(mask)`` with one bool per entry of
         ``image_keys`` (False: the image must contribute 0), and write the release, its
-        result and the charge of every included image atomically. If ``release`` raises,
-        the exception propagates and nothing is written.
+        result and the charge of every included image atomically (with ``key_check``, if the
+        ledger holds none yet). If ``release`` raises, the exception propagates and nothing
+        is written.
 
         ``release`` returns the public released result as a JSON-serialisable dict; it
         draws the DP noise, so nothing noisy exists before the record is written.
@@ -1083,14 +1237,17 @@ class Ledger:
         event, event_dict = _checked_event(event)
         keys = _check_image_keys(image_keys)
         request_key = _check_request_key(request_key)
+        key_check = _check_key_check(key_check)
         if not isinstance(label, str):
             raise InvalidParameterError(f"label must be a string, got label={label!r}.")
         if not callable(release):
             raise InvalidParameterError(
                 f"release must be a callable taking the inclusion mask, got release={release!r}."
             )
-        with self._locked():
-            snapshot = self._read()
+        target = self._writable_target()  # resolved once: read, lock and write the same file
+        with self._locked(target):
+            snapshot = self._read(target)
+            self._key_matches(snapshot, key_check)
             found = snapshot.by_request.get(request_key)
             if found is not None:
                 self._pinned_check(snapshot, name, total)
@@ -1109,6 +1266,8 @@ class Ledger:
             text, stored = _public_result(release(mask))
 
             data = snapshot.data
+            if key_check is not None:
+                data.setdefault(KEY_CHECK_FIELD, key_check)
             rid = secrets.token_hex(16)
             while rid in data["releases"]:
                 rid = secrets.token_hex(16)
@@ -1146,29 +1305,33 @@ class Ledger:
                 )
                 image["total"] = limit.as_dict()
                 image["releases"].append(rid)
-            self._remove_stale_temp_files()
-            self._write(data)
+            self._remove_stale_temp_files(target)
+            self._write(data, target)
             return Commit(release_id=rid, result=json.loads(text), reused=False, check=check)
 
-    def _temp_prefix(self) -> str:
-        return f".{self.path.name}."
+    @staticmethod
+    def _temp_prefix(target: Path) -> str:
+        return f".{target.name}."
 
-    def _remove_stale_temp_files(self) -> None:
+    def _remove_stale_temp_files(self, target: Path) -> None:
         # Called under the lock: no other writer exists, so any temp file is a crash leftover.
-        for leftover in self.path.parent.glob(self._temp_prefix() + "*.tmp"):
+        for leftover in target.parent.glob(self._temp_prefix(target) + "*.tmp"):
             with contextlib.suppress(OSError):
                 leftover.unlink()
                 logger.info("removed leftover ledger temp file %s", leftover)
 
-    def _write(self, data: dict) -> None:
+    def _write(self, data: dict, target: Path) -> None:
+        """Atomically replace ``target`` (the resolved ledger file) by ``data``."""
         text = json.dumps(data, indent=1, sort_keys=True, allow_nan=False)
-        tmp = self.path.with_name(f"{self._temp_prefix()}{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        tmp = target.with_name(
+            f"{self._temp_prefix(target)}{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        )
         try:
             with open(tmp, "x", encoding="utf-8") as handle:
                 handle.write(text)
                 handle.flush()
                 os.fsync(handle.fileno())
-            os.replace(tmp, self.path)
+            os.replace(tmp, target)
         except OSError as error:
             raise LedgerError(
                 f"could not write the budget ledger {self.path} ({error}); the previous ledger "
@@ -1177,7 +1340,7 @@ class Ledger:
         finally:
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)
-        _fsync_directory(self.path.parent)
+        _fsync_directory(target.parent)
 
 
 def _fsync_directory(directory: Path) -> None:

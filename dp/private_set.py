@@ -30,10 +30,14 @@ class PrivateImageSet:
             belongs to row i of ``batches``. The budget ledger charges each release to these
             keys, so a folder that shares pictures with another shares their spending
             (docs/privacy.md §7).
+        key_check: the check value of the fingerprint key the image keys were made under
+            (``dp.fingerprint.key_check_value``), set by the loader; the ledger refuses a
+            release under another key than the one its images were recorded under.
     """
 
     source: PrivateImages = field(repr=False)
     image_keys: tuple[str, ...] = field(repr=False)
+    key_check: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.source, PrivateImages):

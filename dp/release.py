@@ -45,6 +45,8 @@ class ReleasePlan:
     ``reused``: the recorded release with identical settings on identical images, if any;
     the caller then skips all work and publishes it again (``reused_estimate``).
     ``before``: the collection's budget check for a new release (None when reused).
+    ``key_check``: the check value of the fingerprint key the image keys were made under
+    (``dp.fingerprint.key_check_value``), passed on to the ledger commit.
     """
 
     budget: PrivacyBudget
@@ -54,6 +56,7 @@ class ReleasePlan:
     reused: RecordedRelease | None
     before: BudgetCheck | None
     warnings: tuple[str, ...]
+    key_check: str | None = None
 
     @property
     def noise_multiplier(self) -> float:
@@ -98,20 +101,25 @@ def plan_release(
     settings: Mapping[str, object],
     poll: Callable[[], None] | None = None,
     calibrate: Callable[..., Calibration] = calibrate_noise_multiplier,
+    key_check: str | None = None,
 ) -> ReleasePlan:
     """Calibrate, look for an identical recorded release, check the collection's budget.
 
     ``calibrate(epsilon=, delta=, sampling_rate=, poll=)`` gives the noise multiplier and
     DpEvent of the release (one M1 release by default; DP-SGD passes its own). Raises
     BudgetExceededError (a public decision: it depends on the collection's recorded
-    releases only, never on the images) if a new release cannot be afforded.
+    releases only, never on the images) if a new release cannot be afforded, and
+    LedgerError if the ledger's images were recorded under another fingerprint key than
+    ``key_check`` (``Ledger.check_key``) or a new release could not be recorded
+    (``Ledger.check_writable``): all before any training or embedding starts.
     """
     if not isinstance(budget, PrivacyBudget):
         raise InvalidParameterError(
             f"budget must come from the Privacy Budget node, got {type(budget).__name__}."
         )
     q = check_sampling_rate(sampling_rate)
-    calibration = calibrate(epsilon=budget.epsilon, delta=budget.delta, sampling_rate=q, poll=poll)
+    ledger = budget.ledger()
+    ledger.check_key(key_check)
     key = request_key(
         image_keys=image_keys,
         settings={
@@ -124,8 +132,10 @@ def plan_release(
             "sampling_rate": q,
         },
     )
-    ledger = budget.ledger()
     reused = ledger.find_release(key)
+    if reused is None:
+        ledger.check_writable()  # before calibration, training or embedding: nothing wasted
+    calibration = calibrate(epsilon=budget.epsilon, delta=budget.delta, sampling_rate=q, poll=poll)
     before = None
     if reused is None:
         before = ledger.check(
@@ -142,6 +152,7 @@ def plan_release(
         reused=reused,
         before=before,
         warnings=(warning,) if warning else (),
+        key_check=key_check,
     )
 
 
@@ -335,9 +346,10 @@ def commit_release(
     """Run ``release(included)`` inside the ledger's commit and store its (D,) result.
 
     ``included[i]`` says whether image i still has budget (excluded images must contribute
-    nothing). Everything random and private happens inside ``release``, under the lock, so
-    nothing exists outside before the record is durable; if it raises (Cancel), nothing is
-    recorded or spent.
+    nothing). The ledger refuses the commit if ``plan.key_check`` differs from the key check
+    its image entries were recorded under. Everything random and private happens inside
+    ``release``, under the lock, so nothing exists outside before the record is durable; if
+    it raises (Cancel), nothing is recorded or spent.
     """
     budget = plan.budget
     commit = budget.ledger().commit(
@@ -348,6 +360,7 @@ def commit_release(
         request_key=plan.request_key,
         label=label,
         release=lambda included: encode_estimate(release(included)),
+        key_check=plan.key_check,
     )
     estimate = _recorded_estimate(commit.result, commit.release_id, dimension)
     return ReleaseOutcome(estimate=estimate, release_id=commit.release_id, reused=commit.reused)

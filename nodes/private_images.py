@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..dp.fingerprint import KEY_BYTES, keyed_fingerprint, load_or_create_key
+from ..dp.fingerprint import KEY_BYTES, key_check_value, keyed_fingerprint, load_or_create_key
 from ..dp.images import (
     MAX_RESOLUTION,
     MIN_RESOLUTION,
@@ -223,7 +223,9 @@ class DPLoadPrivateImagesNode:
         )
         image_keys = tuple(keyed_fingerprint(d, key) for d in loaded.pixel_digests)
         progress.update_absolute(1, 1)
-        return (PrivateImageSet(source=loaded, image_keys=image_keys),)
+        return (
+            PrivateImageSet(source=loaded, image_keys=image_keys, key_check=key_check_value(key)),
+        )
 
 
 def _installation_key() -> bytes:

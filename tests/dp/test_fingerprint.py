@@ -124,3 +124,43 @@ def test_an_exif_orientation_chunk_and_the_rotated_pixels_give_one_key(tmp_path)
     tagged = _save(tmp_path / "tagged", "a.png", stored, exif=exif.tobytes())
     rotated = _save(tmp_path / "rotated", "a.png", np.rot90(stored).copy())
     assert _picture_key(tagged, key) == _picture_key(rotated, key)
+
+
+def test_the_key_check_value_is_an_hmac_of_a_public_message_and_differs_per_key(tmp_path):
+    import hashlib
+    import hmac
+
+    from comfyui_dp_adapt.dp.fingerprint import KEY_CHECK_MESSAGE, key_check_value
+
+    a = load_or_create_key(tmp_path / "a.key")
+    b = load_or_create_key(tmp_path / "b.key")
+    assert KEY_CHECK_MESSAGE == b"comfyui-dp-adapt key check"
+    assert key_check_value(a) == hmac.new(a, KEY_CHECK_MESSAGE, hashlib.sha256).hexdigest()
+    assert key_check_value(a) == key_check_value(load_or_create_key(tmp_path / "a.key"))
+    assert key_check_value(a) != key_check_value(b)
+    assert a.hex() not in key_check_value(a)
+
+
+def test_a_key_path_that_is_a_folder_gives_a_clear_error(tmp_path):
+    path = tmp_path / "dp_adapt" / "fingerprint.key"
+    path.mkdir(parents=True)
+    with pytest.raises(DpAdaptError) as error:
+        load_or_create_key(path)
+    message = str(error.value)
+    assert str(path) in message and "is a folder" in message and "backup" in message
+    assert path.is_dir() and not any(path.iterdir()), "left as found"
+
+
+def test_an_unreadable_key_file_gives_a_clear_error(tmp_path, monkeypatch):
+    import errno
+    from pathlib import Path
+
+    path = tmp_path / "fingerprint.key"
+    load_or_create_key(path)
+
+    def denied(self):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    with pytest.raises(DpAdaptError, match=r"cannot be used \(Permission denied"):
+        load_or_create_key(path)

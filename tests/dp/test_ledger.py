@@ -6,6 +6,9 @@ survives crashes, concurrent writers and tampering (left byte for byte as found)
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
+import hmac
 import json
 import logging
 import os
@@ -44,6 +47,7 @@ from comfyui_dp_adapt.dp.errors import (
     LedgerError,
     LedgerFormatError,
 )
+from comfyui_dp_adapt.dp.fingerprint import key_check_value, keyed_fingerprint, load_or_create_key
 from comfyui_dp_adapt.dp.ledger import (
     Commit,
     Ledger,
@@ -88,6 +92,7 @@ def commit(
     request_key: str | None = None,
     label: str = "",
     result: dict | None = None,
+    key_check: str | None = None,
 ) -> tuple[Commit, tuple[bool, ...] | None]:
     """One commit; returns it and the mask ``release`` was called with (None if not)."""
     masks = []
@@ -104,6 +109,7 @@ def commit(
         request_key=request_key or f"request-{next(_requests)}",
         label=label,
         release=release,
+        key_check=key_check,
     )
     assert len(masks) <= 1
     return done, (masks[0] if masks else None)
@@ -1101,6 +1107,10 @@ _V1 = {
         (_changed(("releases", RID, "request_key"), "a b"), LedgerCorruptError, "request key"),
         (_changed(("collections", "../x"), {"total": {}, "releases": []}), None, "name"),
         (json.dumps(VALID).replace(RID, "not-hex").encode(), LedgerCorruptError, "hexadecimal"),
+        (_changed(("key_check",), "AB" * 32), LedgerCorruptError, "key_check"),
+        (_changed(("key_check",), "ab" * 31), LedgerCorruptError, "key_check"),
+        (_changed(("key_check",), None), LedgerCorruptError, "key_check"),
+        (_changed(("key_check",), 5), LedgerCorruptError, "key_check"),
     ],
 )
 def test_unknown_or_tampered_ledgers_are_refused_and_left_untouched(
@@ -1187,3 +1197,206 @@ def test_events_the_ledger_cannot_account_for_are_refused(tmp_path, event):
     with pytest.raises(InvalidParameterError, match=r"event|noise_multiplier"):
         commit(Ledger(tmp_path / "ledger.json"), ["a"], event=event)
     assert not (tmp_path / "ledger.json").exists()
+
+
+# --- the fingerprint key the image keys were made under ------------------------------------
+
+
+def _installation(user: Path) -> tuple[bytes, str]:
+    """The installation key of the user folder ``user`` (created if absent) and its check."""
+    key = load_or_create_key(user / "dp_adapt" / "fingerprint.key")
+    return key, key_check_value(key)
+
+
+def _commit_keyed(ledger, user: Path, digests, *, collection: str, total: TotalBudget):
+    """A commit as the nodes make it: image keys and key check from the user folder's key."""
+    key, check = _installation(user)
+    masks = []
+    done = ledger.commit(
+        collection=collection,
+        total=total,
+        event=EVENT,
+        image_keys=[keyed_fingerprint(d, key) for d in digests],
+        request_key=f"request-{next(_requests)}",
+        label="",
+        release=lambda mask: (masks.append(mask), {"estimate": [0.5]})[1],
+        key_check=check,
+    )
+    return done, masks[0] if masks else None
+
+
+def test_a_deleted_fingerprint_key_is_refused_not_a_fresh_budget_for_the_same_pictures(tmp_path):
+    """The auditor's case: the key file deleted, the same unchanged pictures got new keys and
+    a second release at epsilon 1 against a per-image total of 1. Now the ledger notices that
+    its image entries were made under another key and refuses, saying how to restore it."""
+    user = tmp_path / "user"
+    ledger = Ledger(default_ledger_path(user / "dp_adapt" / "ledgers"))
+    digests = ["sha256:" + "ab" * 32, "sha256:" + "cd" * 32]
+    one = budget_for_exactly(1)
+    _, mask = _commit_keyed(ledger, user, digests, collection="first", total=one)
+    assert mask == (True, True)
+    key_file = user / "dp_adapt" / "fingerprint.key"
+    backup = key_file.read_bytes()
+    key_file.unlink()
+    before = ledger.path.read_bytes()
+
+    with pytest.raises(LedgerError) as refused:
+        _commit_keyed(ledger, user, digests, collection="second", total=one)
+    message = str(refused.value)
+    assert "another fingerprint key" in message and "backup" in message
+    assert "fingerprint.key" in message and "move the ledger" in message
+    assert str(ledger.path) in message
+    assert ledger.path.read_bytes() == before, "nothing recorded, nothing spent"
+    with pytest.raises(LedgerError, match="another fingerprint key"):
+        ledger.check_key(_installation(user)[1])
+
+    key_file.write_bytes(backup)  # restored: the pictures are recognised, their budget spent
+    _, mask = _commit_keyed(ledger, user, digests, collection="second", total=one)
+    assert mask == (False, False)
+    key = load_or_create_key(key_file)
+    for digest in digests:
+        spent = spent_on(ledger, keyed_fingerprint(digest, key))
+        assert spent == pytest.approx(epsilon_for(EVENT, delta=DELTA), rel=1e-12)
+
+
+def test_the_key_check_is_stored_once_and_a_commit_without_one_is_refused_after(tmp_path):
+    ledger = Ledger(tmp_path / "ledger.json")
+    commit(ledger, ["a"])  # no key check given: none stored, nothing to compare
+    assert ledger_module.KEY_CHECK_FIELD not in json.loads(ledger.path.read_text())
+    ledger.check_key(None)
+    ledger.check_key("0" * 64)
+    key, check = _installation(tmp_path / "user")
+    assert check == hmac.new(key, b"comfyui-dp-adapt key check", hashlib.sha256).hexdigest()
+    done, _ = commit(ledger, ["b"], request_key="with-check", key_check=check)
+    assert json.loads(ledger.path.read_text())[ledger_module.KEY_CHECK_FIELD] == check
+    ledger.check_key(check)
+    before = ledger.path.read_bytes()
+    with pytest.raises(LedgerError, match="key_check=None"):
+        commit(ledger, ["c"])
+    with pytest.raises(LedgerError, match="another fingerprint key"):
+        ledger.check_key("0" * 64)
+    assert ledger.path.read_bytes() == before
+    reused, mask = commit(ledger, ["b"], request_key="with-check", key_check=check)
+    assert mask is None, "nothing drawn"
+    assert reused.reused and reused.release_id == done.release_id
+
+
+@pytest.mark.parametrize("key_check", ["A" * 64, "ab", 17, b"0" * 64, "g" * 64])
+def test_a_malformed_key_check_is_refused(tmp_path, key_check):
+    ledger = Ledger(tmp_path / "ledger.json")
+    with pytest.raises(InvalidParameterError, match="key_check must be None or 64"):
+        ledger.check_key(key_check)
+    with pytest.raises(InvalidParameterError, match="key_check must be None or 64"):
+        commit(ledger, ["a"], key_check=key_check)
+    assert not ledger.path.exists()
+
+
+# --- a ledger shared through a link; files that cannot be written ------------------------
+
+
+@pytest.mark.skipif(os.name != "posix", reason="symbolic links need POSIX")
+def test_a_linked_ledger_is_written_through_the_link_and_locked_at_its_target(tmp_path):
+    """The auditor's case: ``ledger.json`` a link to a shared ledger; the first release
+    replaced the link by a regular file, so the shared file never saw later releases."""
+    shared = tmp_path / "shared" / "ledger.json"
+    shared.parent.mkdir()
+    one, two = tmp_path / "install-1", tmp_path / "install-2"
+    for folder in (one, two):
+        folder.mkdir()
+        (folder / "ledger.json").symlink_to(shared)  # dangling until the first release
+    first, second = Ledger(one / "ledger.json"), Ledger(two / "ledger.json")
+    assert first.lock_path == shared.parent / "ledger.json.lock"
+
+    first.check_writable()
+    commit(first, ["a"], total=budget_for_exactly(2))
+    commit(second, ["b"], total=budget_for_exactly(2))
+    for folder in (one, two):
+        assert (folder / "ledger.json").is_symlink(), "the link is kept"
+        assert sorted(p.name for p in folder.iterdir()) == ["ledger.json"], "no lock, no temp"
+    assert shared.is_file() and not shared.is_symlink()
+    assert sorted(p.name for p in shared.parent.iterdir()) == ["ledger.json", "ledger.json.lock"]
+    assert first.release_count("art") == second.release_count("art") == 2
+    with pytest.raises(BudgetExceededError):
+        commit(first, ["c"], total=budget_for_exactly(2))
+    assert spent_on(second, "a") == spent_on(first, "a") > 0
+
+
+def test_a_lock_file_that_is_a_folder_gives_a_clear_error_before_any_work(tmp_path):
+    ledger = Ledger(tmp_path / "ledger.json")
+    commit(ledger, ["a"], total=budget_for_exactly(3))
+    before = ledger.path.read_bytes()
+    ledger.lock_path.unlink()
+    ledger.lock_path.mkdir()
+    for attempt in (ledger.check_writable, lambda: commit(ledger, ["a"])):
+        with pytest.raises(LedgerError) as error:
+            attempt()
+        message = str(error.value)
+        assert "cannot be written" in message and str(ledger.lock_path) in message
+        assert "Is a directory" in message and "Move the folder" in message
+        assert "nothing was trained or released" in message
+    assert ledger.path.read_bytes() == before
+
+
+def test_a_ledger_that_is_a_folder_gives_a_clear_error(tmp_path):
+    ledger = Ledger(tmp_path / "ledger.json")
+    ledger.path.mkdir()
+    with pytest.raises(LedgerError, match="not a regular file"):
+        ledger.check_writable()
+    with pytest.raises(LedgerError, match="not a regular file"):
+        commit(ledger, ["a"])
+
+
+def _read_only(folder: Path, monkeypatch) -> None:
+    """Make every file creation in ``folder`` fail as on a read-only file system (EROFS):
+    root ignores permissions, so a chmod cannot show it when the tests run as root."""
+    real_open, real_builtin_open = os.open, open
+
+    def refused(path) -> bool:
+        return Path(os.fspath(path)).parent == folder
+
+    def os_open(path, flags, *args, **kwargs):
+        if refused(path) and flags & os.O_CREAT:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.fspath(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    def builtin_open(file, mode="r", *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and refused(file) and set(mode) & set("wxa+"):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.fspath(file))
+        return real_builtin_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", os_open)
+    monkeypatch.setattr("builtins.open", builtin_open)
+
+
+def test_a_read_only_ledger_folder_is_refused_clearly_before_any_work(tmp_path, monkeypatch):
+    ledger = Ledger(tmp_path / "ledger.json")
+    commit(ledger, ["a"], total=budget_for_exactly(3))
+    before = ledger.path.read_bytes()
+    ledger.lock_path.unlink()
+    _read_only(tmp_path, monkeypatch)
+    for attempt in (ledger.check_writable, lambda: commit(ledger, ["a"])):
+        with pytest.raises(LedgerError) as error:
+            attempt()
+        message = str(error.value)
+        assert "cannot be written" in message and "Read-only file system" in message
+        assert "Make that folder writable" in message
+    assert ledger.path.read_bytes() == before
+    # Reading still works: an identical recorded release could be published again.
+    assert ledger.release_count("art") == 1
+
+
+@pytest.mark.skipif(
+    os.name != "posix" or os.geteuid() == 0,
+    reason="root ignores folder permissions (the monkeypatched variant above always runs)",
+)
+def test_a_folder_without_write_permission_is_refused_clearly(tmp_path):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    ledger = Ledger(folder / "ledger.json")
+    commit(ledger, ["a"], total=budget_for_exactly(3))
+    folder.chmod(0o555)
+    try:
+        with pytest.raises(LedgerError, match="cannot be written"):
+            ledger.check_writable()
+    finally:
+        folder.chmod(0o755)
