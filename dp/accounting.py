@@ -660,6 +660,13 @@ def _calibrate(
     )
 
 
+_SEARCH_ADVICE = (
+    "the PLD accountant cannot resolve this target in time (an epsilon tiny next to delta "
+    "needs a very fine grid). Choose a larger epsilon (e.g. 0.1 to 10) and a delta well below "
+    "q and below 1/n."
+)
+
+
 def _search_noise(
     epsilon: float,
     delta: float,
@@ -672,6 +679,7 @@ def _search_noise(
     started: float,
     poll: Callable[[], None] | None,
     poll_inside_passes: bool = False,
+    advice: str = _SEARCH_ADVICE,
 ) -> Calibration:
     """The (near-)smallest z with epsilon_for(make_event(z)) <= epsilon (see the callers).
 
@@ -682,7 +690,8 @@ def _search_noise(
     accountant (no z below it can do), ``guess`` any starting point (the search is fastest
     when it is close to the answer). With ``poll_inside_passes`` the time limit and ``poll``
     are also checked between the PLD passes of one epsilon (for compositions, whose
-    epsilon takes several passes).
+    epsilon takes several passes). ``advice`` ends a refusal for time or passes: what to
+    change.
     """
     passes = 0
     search_delta = safe_delta(delta)
@@ -690,10 +699,7 @@ def _search_noise(
     def check_time() -> None:
         if time.monotonic() - started > CALIBRATION_TIME_LIMIT_S:
             raise InvalidParameterError(
-                f"could not calibrate within {CALIBRATION_TIME_LIMIT_S:g} s for {target}; "
-                "the PLD accountant cannot resolve this target in time (an epsilon tiny next to "
-                "delta needs a very fine grid). Choose a larger epsilon (e.g. 0.1 to 10) and a "
-                "delta well below q and below 1/n."
+                f"could not calibrate within {CALIBRATION_TIME_LIMIT_S:g} s for {target}; {advice}"
             )
 
     def between_passes() -> None:
@@ -707,8 +713,7 @@ def _search_noise(
         if passes >= CALIBRATION_MAX_PASSES:
             raise InvalidParameterError(
                 f"could not calibrate in {CALIBRATION_MAX_PASSES} accountant passes for "
-                f"{target}; choose a larger epsilon (e.g. 0.1 to 10) and a delta well below "
-                "q and below 1/n."
+                f"{target}; {advice}"
             )
         passes += 1
         if poll is not None:
@@ -810,15 +815,20 @@ def _search_noise(
     # 4. Re-check (docs/privacy.md §2.6): never report a z whose epsilon exceeds the target.
     # eps_hi <= epsilon at safe_delta(delta); the epsilon reported is the one at delta (what
     # the ledger recomputes), never above the target either.
+    def epsilon_at_delta(event: dpa.DpEvent) -> float:
+        if poll_inside_passes:  # a composition: bounded and cancellable between its passes
+            return _pld_epsilon([(event, 1)], delta, between_passes)
+        return epsilon_for(event, delta=delta)
+
     event = make_event(hi)
     if poll is not None:
         poll()
-    achieved = epsilon_for(event, delta=delta)
+    achieved = epsilon_at_delta(event)
     while not (achieved <= epsilon and eps_hi <= epsilon):  # a grid that is not monotone
         hi *= 1.0 + CALIBRATION_BAND / 4
         event = make_event(hi)
         eps_hi = eps_of(hi)
-        achieved = epsilon_for(event, delta=delta)
+        achieved = epsilon_at_delta(event)
     return Calibration(
         noise_multiplier=hi,
         epsilon_target=epsilon,
@@ -1327,4 +1337,18 @@ def _calibrate_dpsgd(
         started=started,
         poll=poll,
         poll_inside_passes=True,
+        advice=_dpsgd_advice(q, steps),
+    )
+
+
+def _dpsgd_advice(q: float, steps: int) -> str:
+    """What to change when a DP-SGD calibration cannot answer in bounded time."""
+    if q == 1:
+        return _SEARCH_ADVICE
+    return (
+        f"every accountant pass composes {steps} Poisson-subsampled steps (q = {q:g}), whose "
+        "privacy loss distribution takes long to build and compose on this machine. Use fewer "
+        "steps (a pass costs about in proportion), or sampling rate q = 1 (steps without "
+        "subsampling compose in closed form and calibrate at once), or a larger epsilon "
+        "(e.g. 0.1 to 10) with a delta well below q and below 1/n."
     )

@@ -7,9 +7,16 @@ from pathlib import Path
 
 from .errors import InvalidParameterError
 from .ledger import Ledger, TotalBudget, default_ledger_path, sanitize_ledger_name
-from .validation import check_delta, check_epsilon, check_positive_int
+from .validation import (
+    MAX_DECLARED_SIZE,
+    MAX_EPSILON,
+    MIN_DECLARED_SIZE,
+    check_budget_epsilon,
+    check_declared_dataset_size,
+    check_delta,
+)
 
-MIN_DECLARED_SIZE = 2
+__all__ = ["MAX_DECLARED_SIZE", "MAX_EPSILON", "MIN_DECLARED_SIZE", "PrivacyBudget"]
 
 
 @dataclass(frozen=True)
@@ -37,18 +44,16 @@ class PrivacyBudget:
     declared_dataset_size: int
 
     def __post_init__(self) -> None:
-        check_epsilon(self.epsilon)
+        if not isinstance(self.total, TotalBudget):
+            raise InvalidParameterError(
+                f"total must be a TotalBudget(epsilon, delta), got a {type(self.total).__name__}."
+            )
+        check_budget_epsilon(self.epsilon)
+        check_budget_epsilon(self.total.epsilon, name="total epsilon")
         check_delta(self.delta)
-        check_epsilon(self.total.epsilon)
         check_delta(self.total.delta)
         sanitize_ledger_name(self.ledger_name)
-        n_hat = check_positive_int("declared_dataset_size", self.declared_dataset_size)
-        if n_hat < MIN_DECLARED_SIZE:
-            raise InvalidParameterError(
-                f"declared_dataset_size must be at least {MIN_DECLARED_SIZE}, got "
-                f"declared_dataset_size={n_hat}: with one image the noise has to hide the only "
-                "image and the result is pure noise."
-            )
+        check_declared_dataset_size(self.declared_dataset_size)
         if self.epsilon > self.total.epsilon:
             raise InvalidParameterError(
                 f"per-release epsilon={self.epsilon} is larger than the dataset's total "

@@ -11,6 +11,20 @@ from numbers import Integral, Real
 
 from .errors import InvalidParameterError
 
+MIN_DECLARED_SIZE = 2
+# The declared n_hat sets the run time: every release does the work of at least n_hat
+# images (padded, so that the run time reveals nothing about the real count up to n_hat;
+# docs/privacy.md §7). The paper's collections hold 20-1000 images, a studio's 1e4-1e5.
+# CLIP ViT-L/14 costs 156 GFLOP per image (measured 5.7 s per image on a 2-core CPU, about
+# 1 ms on a data-centre GPU by its FLOPs), so 1e5 padded images are about a week on a CPU
+# and a few minutes on a GPU; DP textual inversion trains each of them. A larger n_hat is
+# refused rather than started (docs/privacy.md §7).
+MAX_DECLARED_SIZE = 100_000
+# The largest epsilon (per release or total) a budget may state: at epsilon = 100 an
+# observer's odds about any one image may already change by a factor e^100 ~ 2.7e43, and
+# calibration refuses targets that z >= 0.05 meets anyway (epsilon ~ 280 at delta 1e-5).
+MAX_EPSILON = 100.0
+
 
 def _real(name: str, value: object) -> float:
     # bool is an int subclass: True would silently become 1.0.
@@ -29,6 +43,40 @@ def check_epsilon(epsilon: float, name: str = "epsilon") -> float:
     value = _real(name, epsilon)
     if value <= 0:
         raise InvalidParameterError(f"{name} must be > 0, got {name}={epsilon!r}.")
+    return value
+
+
+def check_budget_epsilon(epsilon: float, name: str = "epsilon") -> float:
+    """An epsilon a privacy budget may state: finite, > 0 and at most MAX_EPSILON."""
+    value = check_epsilon(epsilon, name=name)
+    if value > MAX_EPSILON:
+        raise InvalidParameterError(
+            f"{name} must be at most {MAX_EPSILON:g}, got {name}={epsilon!r}: at epsilon "
+            f"{MAX_EPSILON:g} an observer's odds about any one image may already change by a "
+            f"factor e^{MAX_EPSILON:g} (about 2.7e43), so a larger epsilon promises nothing. "
+            "Choose an epsilon between 0.1 and 10."
+        )
+    return value
+
+
+def check_declared_dataset_size(n_hat: int, name: str = "declared_dataset_size") -> int:
+    """The declared, public dataset size n_hat: an integer in [MIN_DECLARED_SIZE,
+    MAX_DECLARED_SIZE] (the work of every release is padded to n_hat images)."""
+    value = check_positive_int(name, n_hat)
+    if value < MIN_DECLARED_SIZE:
+        raise InvalidParameterError(
+            f"{name} must be at least {MIN_DECLARED_SIZE}, got {name}={value}: with one image "
+            "the noise has to hide the only image and the result is pure noise."
+        )
+    if value > MAX_DECLARED_SIZE:
+        raise InvalidParameterError(
+            f"{name} must be at most {MAX_DECLARED_SIZE:,} images, got {name}={value:,}: every "
+            "release does the work of at least n_hat images (padded, so that its run time "
+            f"reveals nothing about the real count), so n_hat sets the run time, and "
+            f"{MAX_DECLARED_SIZE:,} images are already about a week of CLIP vision on a CPU "
+            "(minutes on a GPU) and far longer for per-image textual inversion. Declare a round "
+            "figure near your collection's real size."
+        )
     return value
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+from ..dp.validation import MAX_DECLARED_SIZE, MAX_EPSILON, MIN_DECLARED_SIZE
 from . import comfy_compat
 from .dependencies import require_runtime_packages
 
@@ -81,7 +82,7 @@ class PrivacyBudgetNode:
                     {
                         "default": 1.0,
                         "min": 0.0,
-                        "max": 100.0,
+                        "max": MAX_EPSILON,
                         "step": 0.1,
                         "tooltip": "Privacy loss allowed for ONE release (one run of a DP node). "
                         "Smaller is more private and noisier; 1 is a common choice.",
@@ -104,7 +105,7 @@ class PrivacyBudgetNode:
                     {
                         "default": 4.0,
                         "min": 0.0,
-                        "max": 100.0,
+                        "max": MAX_EPSILON,
                         "step": 0.1,
                         "tooltip": "Total privacy loss allowed for this dataset over ALL releases "
                         "recorded in the ledger (composed exactly, not just added up).",
@@ -125,12 +126,13 @@ class PrivacyBudgetNode:
                     "INT",
                     {
                         "default": 100,
-                        "min": 2,
-                        "max": 10_000_000,
+                        "min": MIN_DECLARED_SIZE,
+                        "max": MAX_DECLARED_SIZE,
                         "tooltip": "n_hat: the collection's size as you declare it publicly (a round "
                         "figure near the real count). The real count is private, so the pack never "
                         "reads it from the folder: the released average divides by q x n_hat, and "
-                        "training is padded to n_hat images so its duration hides the real count.",
+                        "training is padded to n_hat images so its duration hides the real count "
+                        f"(so n_hat sets the run time: at most {MAX_DECLARED_SIZE:,}).",
                     },
                 ),
             }

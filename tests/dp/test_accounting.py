@@ -975,3 +975,65 @@ def test_the_filter_order_minimises_the_first_release_share_of_the_budget():
     }
     assert shares[order] == min(shares.values())
     assert order in accounting.RDP_FILTER_ORDERS
+
+
+def test_dpsgd_100000_steps_at_q_half_is_planned_within_bounded_cpu_time_and_polled(
+    cold_cache, tmp_path
+):
+    """The auditor's case (steps = 100,000 at q = 0.5 ran for minutes with nothing shown):
+    the whole plan the node makes (calibration, ledger look-up and check, with a release of
+    the same kind already recorded) answers within ~15 s of process CPU time, and the poll
+    the node passes (ComfyUI's Cancel) is called throughout."""
+    import functools
+    from pathlib import Path
+
+    from comfyui_dp_adapt.dp.budget import PrivacyBudget
+    from comfyui_dp_adapt.dp.ledger import TotalBudget
+    from comfyui_dp_adapt.dp.release import plan_release
+
+    calibrate = functools.partial(accounting.calibrate_dpsgd_noise_multiplier, steps=100_000)
+    budget = PrivacyBudget(
+        epsilon=1.0,
+        delta=1e-5,
+        total=TotalBudget(4.0, 1e-5),
+        ledger_name="dpsgd",
+        ledger_directory=Path(tmp_path),
+        declared_dataset_size=100,
+    )
+    budget.ledger().commit(
+        collection="dpsgd",
+        total=budget.total,
+        event=accounting.dpsgd_event(noise_multiplier=2000.0, sampling_rate=0.5, steps=100_000),
+        image_keys=["a"],
+        request_key="earlier",
+        label="",
+        release=lambda mask: {},
+    )
+    polls = []
+    start = time.process_time()
+    plan = plan_release(
+        budget,
+        image_keys=["a", "b"],
+        sampling_rate=0.5,
+        settings={"steps": 100_000},
+        poll=lambda: polls.append(time.process_time()),
+        calibrate=calibrate,
+    )
+    elapsed = time.process_time() - start
+    assert elapsed < 15, f"took {elapsed:.1f} s of CPU time"
+    assert plan.before.ok and plan.calibration.epsilon_achieved <= 1.0
+    assert len(polls) >= 5
+    gaps = [b - a for a, b in zip([start, *polls[:-1]], polls, strict=True)]
+    assert max(gaps) < 5, "Cancel is polled at least every few seconds"
+
+
+def test_a_dpsgd_calibration_out_of_time_says_to_use_fewer_steps_or_q_one(cold_cache, monkeypatch):
+    monkeypatch.setattr(accounting, "CALIBRATION_TIME_LIMIT_S", 0.0)
+    with pytest.raises(InvalidParameterError) as error:
+        accounting.calibrate_dpsgd_noise_multiplier(
+            epsilon=1.0, delta=1e-5, sampling_rate=0.5, steps=100_000
+        )
+    message = str(error.value)
+    assert "steps=100000" in message and "fewer steps" in message
+    assert "sampling rate q = 1" in message
+    assert not accounting._cache, "a refusal is not cached"

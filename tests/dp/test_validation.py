@@ -9,7 +9,12 @@ import pytest
 
 from comfyui_dp_adapt.dp import errors
 from comfyui_dp_adapt.dp.validation import (
+    MAX_DECLARED_SIZE,
+    MAX_EPSILON,
+    MIN_DECLARED_SIZE,
+    check_budget_epsilon,
     check_clip_norm,
+    check_declared_dataset_size,
     check_delta,
     check_epsilon,
     check_noise_multiplier,
@@ -80,3 +85,37 @@ def test_delta_warning_validates_its_inputs():
         delta_warning(1e-5, 0)
     with pytest.raises(errors.InvalidParameterError, match="delta"):
         delta_warning(math.nan, 10)
+
+
+# --- what a privacy budget may state -------------------------------------------------------
+
+
+@pytest.mark.parametrize("n_hat", [MAX_DECLARED_SIZE + 1, 10**7, 10**18])
+def test_a_declared_size_above_the_ceiling_is_refused_saying_it_sets_the_run_time(n_hat):
+    """The auditor's case: n_hat = 10^7 ran for minutes (the work is padded to n_hat)."""
+    with pytest.raises(errors.InvalidParameterError) as error:
+        check_declared_dataset_size(n_hat)
+    message = str(error.value)
+    assert f"at most {MAX_DECLARED_SIZE:,} images" in message and f"{n_hat:,}" in message
+    assert "run time" in message and "padded" in message
+
+
+def test_the_declared_size_range_is_kept_and_its_ends_accepted():
+    assert check_declared_dataset_size(MIN_DECLARED_SIZE) == MIN_DECLARED_SIZE
+    assert check_declared_dataset_size(MAX_DECLARED_SIZE) == MAX_DECLARED_SIZE
+    assert 1000 <= MAX_DECLARED_SIZE, "the paper's collections (20-1000 images) fit"
+    for bad in (1, 0, -5, 2.0, True, "100"):
+        with pytest.raises(errors.InvalidParameterError, match="declared_dataset_size"):
+            check_declared_dataset_size(bad)
+
+
+@pytest.mark.parametrize("epsilon", [MAX_EPSILON * (1 + 1e-12), 1e3, 1e300])
+def test_a_budget_epsilon_above_the_ceiling_is_refused_with_the_reason(epsilon):
+    with pytest.raises(errors.InvalidParameterError) as error:
+        check_budget_epsilon(epsilon, name="total epsilon")
+    message = str(error.value)
+    assert f"total epsilon must be at most {MAX_EPSILON:g}" in message
+    assert f"total epsilon={epsilon!r}" in message and "promises nothing" in message
+    assert check_budget_epsilon(MAX_EPSILON) == MAX_EPSILON
+    with pytest.raises(errors.InvalidParameterError, match="finite"):
+        check_budget_epsilon(math.inf)

@@ -82,3 +82,47 @@ def test_the_report_states_the_declared_size_as_public(node):
 def test_bad_inputs_are_refused_clearly(node, overrides, message):
     with pytest.raises(DpAdaptError, match=message):
         run(node, **overrides)
+
+
+def test_the_widgets_ranges_are_the_budgets_own_limits(node):
+    from comfyui_dp_adapt.dp.validation import MAX_DECLARED_SIZE, MAX_EPSILON, MIN_DECLARED_SIZE
+    from comfyui_dp_adapt.nodes.budget import PrivacyBudgetNode
+
+    widgets = PrivacyBudgetNode.INPUT_TYPES()["required"]
+    size = widgets["declared_dataset_size"][1]
+    assert (size["min"], size["max"]) == (MIN_DECLARED_SIZE, MAX_DECLARED_SIZE)
+    assert f"{MAX_DECLARED_SIZE:,}" in size["tooltip"]
+    assert widgets["epsilon"][1]["max"] == widgets["total_epsilon"][1]["max"] == MAX_EPSILON
+    budget, _ = run(node, declared_dataset_size=MAX_DECLARED_SIZE)["result"]
+    assert budget.declared_dataset_size == MAX_DECLARED_SIZE
+
+
+def test_a_huge_declared_size_is_refused_at_the_node_saying_why(node):
+    """The auditor's case: declared_dataset_size = 10^7 ran for minutes before anyone
+    stopped it (every release is padded to n_hat images)."""
+    from comfyui_dp_adapt.dp.validation import MAX_DECLARED_SIZE
+
+    with pytest.raises(DpAdaptError) as error:
+        run(node, declared_dataset_size=10**7)
+    message = str(error.value)
+    assert f"at most {MAX_DECLARED_SIZE:,} images" in message and "10,000,000" in message
+    assert "run time" in message
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        ({"epsilon": 1e300}, "epsilon=1e+300"),
+        ({"epsilon": 1e300, "total_epsilon": 1e300}, "epsilon=1e+300"),
+        ({"total_epsilon": 1e300}, "total epsilon=1e+300"),
+    ],
+)
+def test_a_huge_epsilon_is_refused_at_the_node_with_the_reason(node, overrides, named):
+    """``--set DPAdaptPrivacyBudget.epsilon=1e300`` reaches the node when the widget range
+    is not enforced (an API prompt): the message names the value and the ceiling, and does
+    not advise raising the total."""
+    with pytest.raises(DpAdaptError) as error:
+        run(node, **overrides)
+    message = str(error.value)
+    assert named in message and "at most 100" in message and "promises nothing" in message
+    assert "raise the total" not in message
