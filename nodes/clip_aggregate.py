@@ -87,6 +87,7 @@ class DPAggregateCLIPEmbeddingsNode:
         private = _validate(clip_vision, private_images, images_per_batch)
         width = comfy_compat.clip_vision_width(clip_vision)
         comfy_compat.load_models([clip_vision.patcher])
+        _probe_public_input(clip_vision)
         plan = plan_release(
             budget,
             image_keys=private.image_keys,
@@ -162,6 +163,11 @@ def _validate(clip_vision, private_images, images_per_batch):
             "clip_vision is missing: connect Load CLIP Vision (the model that will also guide "
             "the sampler)."
         )
+    if not comfy_compat.is_clip_vision(clip_vision):
+        raise InvalidParameterError(
+            "clip_vision must be a CLIP vision model (Load CLIP Vision, or the demo model's "
+            f"clip_vision output), got a {comfy_compat.socket_kind(clip_vision)}."
+        )
     private = check_private_image_set(private_images)
     if isinstance(images_per_batch, bool) or not isinstance(images_per_batch, int):
         raise InvalidParameterError(
@@ -172,6 +178,25 @@ def _validate(clip_vision, private_images, images_per_batch):
             f"images_per_batch must be at least 1, got images_per_batch={images_per_batch}."
         )
     return private
+
+
+def _probe_public_input(clip_vision) -> None:
+    """Refuse a CLIP vision model whose embedding of a PUBLIC image (uniform grey) is not
+    finite, before anything is spent: M1 would turn every private row into a zero
+    contribution and release pure noise."""
+    from ..dp.errors import InvalidParameterError
+
+    size, mean, std = comfy_compat.clip_vision_settings(clip_vision)
+    # A grey image is grey at any size: its preprocessed pixels are (0.5 - mean) / std.
+    grey = (0.5 - torch.tensor(mean)) / torch.tensor(std)
+    pixels = grey.view(1, 3, 1, 1).expand(1, 3, size, size).to(clip_vision.load_device)
+    embeds = comfy_compat.clip_vision_image_embeds(clip_vision, pixels.contiguous())
+    if not bool(torch.isfinite(embeds).all()):
+        raise InvalidParameterError(
+            "the CLIP vision model gives non-finite values on a public grey image: the model "
+            "is probably damaged or loaded with the wrong precision. Your images were not used "
+            "and no budget was spent."
+        )
 
 
 def _embed_every_image(clip_vision, private, per_batch: int, width: int, public_rows: int):

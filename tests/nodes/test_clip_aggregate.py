@@ -363,3 +363,44 @@ def test_overlapping_folders_share_their_images_budget(env):
     assert all(s <= 1.0 for s in spent), "a shared image was charged past its total"
     assert spent[-1] > 0, "the new image took part in the second release"
     assert ledger_records(first) == 1 and ledger_records(second) == 1
+
+
+def test_a_text_clip_in_the_clip_vision_socket_is_named_and_refused(env, encoded):
+    """A text CLIP once failed with AttributeError: 'CLIP' object has no attribute 'model'."""
+    from comfyui_dp_adapt.nodes import tiny_models
+
+    budget = make_budget(env)
+    with pytest.raises(DpAdaptError, match=r"must be a CLIP vision model.*got a CLIP \(a text"):
+        aggregate(env, budget, clip_vision=tiny_models.build_tiny_clip())
+    assert ledger_records(budget) == 0
+    assert encoded == []
+
+
+def test_a_vision_model_with_non_finite_outputs_is_refused_before_anything_is_spent(env):
+    """Once it succeeded and spent epsilon on a pure-noise release."""
+    from comfyui_dp_adapt.nodes import tiny_models
+
+    broken = tiny_models.build_tiny_clip_vision()
+    with torch.inference_mode():  # the loader's weights are inference tensors
+        broken.model.visual_projection.weight.fill_(float("nan"))
+    seen = []
+    original = broken.encode_image
+    broken.encode_image = lambda images, *a, **k: (
+        seen.append(images.shape[0]) or original(images, *a, **k)
+    )
+    budget = make_budget(env)
+    with pytest.raises(DpAdaptError, match="non-finite values on a public grey image"):
+        aggregate(env, budget, clip_vision=broken)
+    assert ledger_records(budget) == 0
+    assert seen == [], "no private image was embedded"
+
+
+def test_a_batch_setting_above_n_hat_pads_to_n_hat_rows_only(env, encoded):
+    """images_per_batch = 256 with n_hat = 4 once padded the pass to 256 rows."""
+    aggregate(
+        env,
+        make_budget(env, declared=4),
+        private_images=private_set(env["images"][:3]),
+        images_per_batch=256,
+    )
+    assert encoded == [4]
