@@ -588,3 +588,16 @@ def test_demo_choice_is_documented_in_the_tooltip(node):
     assert folder_type == "STRING", "a STRING widget, so existing workflows still validate"
     assert DEMO_FOLDER in options["tooltip"] and DEMO_SUBFOLDER in options["tooltip"]
     assert "stand in for a private collection" in options["tooltip"]
+
+
+def test_demo_choice_is_the_set_run_workflow_py_paints(node, demo_input, tmp_path, user_dir):
+    from comfyui_dp_adapt.headless import runner
+    from comfyui_dp_adapt.nodes.private_images import DEMO_FOLDER, DEMO_SUBFOLDER
+
+    _load(node, DEMO_FOLDER)
+    headless = tmp_path / "headless"
+    runner._write_sample_images(headless, demo_world=True)
+    expected = _pixels_by_name(headless)
+    got = _pixels_by_name(demo_input / DEMO_SUBFOLDER)
+    assert sorted(got) == sorted(expected)
+    assert all(np.array_equal(got[name], expected[name]) for name in expected)
