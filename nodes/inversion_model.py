@@ -83,7 +83,23 @@ def detect_family(model, clip) -> ModelFamily:
             f"{' / '.join(missing)} text encoder); connect the CLIP output of the same "
             "checkpoint loader."
         )
+    check_same_checkpoint(model, clip, family)
     return family
+
+
+def check_same_checkpoint(model, clip, family: ModelFamily) -> None:
+    """Refuse a MODEL and CLIP of different checkpoints before any work: the text encoders'
+    output width (the sum of their widths, as ComfyUI concatenates them) must be the UNet's
+    context width (``unet_config["context_dim"]``, set in both supported ComfyUI copies)."""
+    context_dim = model.model.model_config.unet_config.get("context_dim")
+    text_width = sum(encoder_widths(clip, family))
+    if context_dim is not None and int(context_dim) != text_width:
+        raise UnsupportedModelError(
+            f"the MODEL and the CLIP come from different checkpoints: the CLIP's text encoder "
+            f"gives vectors of width {text_width} but the MODEL's UNet reads context of width "
+            f"{int(context_dim)}; connect the MODEL and CLIP outputs of the same checkpoint "
+            "loader."
+        )
 
 
 def text_encoders(clip, family: ModelFamily) -> list:

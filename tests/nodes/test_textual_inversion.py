@@ -505,3 +505,18 @@ def test_a_write_failing_after_the_commit_says_so_and_a_rerun_writes_it_free(env
     assert metadata["dp_adapt.release_id"] == release_id
     assert ledger_records(budget) == 1
     assert "published again; nothing spent" in again["result"][1]
+
+
+def test_model_and_clip_of_different_checkpoints_are_named_before_any_work(env):
+    """An SD1 UNet reading 64-wide context with a 32-wide CLIP once failed deep in training
+    with 'mat1 and mat2 shapes cannot be multiplied' (29 lines of traceback)."""
+    from comfyui_dp_adapt.nodes import tiny_models
+
+    other = tiny_models.build_tiny_model(unet_overrides={"context_dim": 64})
+    budget = make_budget(env)
+    with pytest.raises(
+        InvalidParameterError, match=r"different checkpoints.*width 32.*width 64"
+    ) as refused:
+        train(env, budget, f"mix_{uuid.uuid4().hex[:6]}", model=other)
+    assert "MODEL" in str(refused.value) and "CLIP" in str(refused.value)
+    assert ledger_records(budget) == 0
