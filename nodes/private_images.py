@@ -111,6 +111,11 @@ def resolve_folder(folder: str) -> Path:
         text = text[1:-1].strip()  # as pasted by Windows' "Copy as path"
     if text == DEMO_FOLDER:
         return demo_folder()
+    if text.startswith("demo:"):
+        raise ImageFolderError(
+            f"unknown demo collection folder='{shown_path(text)}': the demo has one, "
+            f"'{DEMO_FOLDER}'. Give that, or a folder of your own images."
+        )
     if not text:
         raise ImageFolderError(
             "folder is empty: give a folder inside ComfyUI's input directory "

@@ -601,3 +601,12 @@ def test_demo_choice_is_the_set_run_workflow_py_paints(node, demo_input, tmp_pat
     got = _pixels_by_name(demo_input / DEMO_SUBFOLDER)
     assert sorted(got) == sorted(expected)
     assert all(np.array_equal(got[name], expected[name]) for name in expected)
+
+
+def test_an_unknown_demo_collection_is_refused_naming_the_one_there_is(node, demo_input):
+    from comfyui_dp_adapt.nodes.private_images import DEMO_FOLDER
+
+    with pytest.raises(ImageFolderError) as refused:
+        node().load(folder="demo:striped", resolution=R)
+    assert "demo:striped" in str(refused.value) and DEMO_FOLDER in str(refused.value)
+    assert list(demo_input.iterdir()) == [], "nothing painted"
