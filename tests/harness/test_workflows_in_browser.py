@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 import uuid
@@ -134,12 +135,39 @@ def wait_for_history(page, comfy_server, before: set) -> dict:
     raise AssertionError(f"the prompt did not finish in {RUN_TIMEOUT_S} s")
 
 
-def visible_text(page, css_class: str) -> str:
-    return page.evaluate(
-        """(cls) => Array.from(document.querySelectorAll(`textarea.${cls}`))
-            .filter((t) => t.offsetParent !== null && t.getBoundingClientRect().width > 0)
-            .map((t) => t.value).join("\\n---\\n")""",
-        css_class,
+CARDS_JS = """(cls) => Array.from(document.querySelectorAll(`div.dp-card.${cls}`))
+    .filter((c) => c.offsetParent !== null && c.getBoundingClientRect().width > 0)
+    .map((c) => {
+        const part = (name) => c.querySelector(`.dp-card-${name}`);
+        const fill = part("fill");
+        return {
+            label: part("label")?.textContent ?? "",
+            headline: part("headline")?.textContent ?? "",
+            details: part("body")?.textContent ?? "",
+            open: !!part("details")?.open,
+            bar: part("bar")?.style.display !== "none",
+            fill: fill ? parseFloat(fill.style.width) : null,
+            headline_visible: (() => {
+                const box = part("headline").getBoundingClientRect();
+                const card = c.getBoundingClientRect();
+                return box.height > 0 && box.bottom <= card.bottom + 1;
+            })(),
+        };
+    })"""
+
+
+def cards(page, css_class: str) -> list[dict]:
+    """The visible privacy cards of that kind (web/dp_report.js): label, headline, details
+    text, whether the details fold is open, the budget bar and its fill (percent)."""
+    return page.evaluate(CARDS_JS, css_class)
+
+
+def wait_for_card(page, css_class: str, *needles: str, timeout: int = 60_000) -> None:
+    page.wait_for_function(
+        f"([cls, needles]) => ({CARDS_JS})(cls).some((c) => needles.every("
+        "(n) => (c.headline + '\\n' + c.details).includes(n)))",
+        arg=[css_class, list(needles)],
+        timeout=timeout,
     )
 
 
@@ -165,12 +193,13 @@ def test_the_planner_workflow_draws_its_plot_and_report(page, comfy_server):
     before = set(comfy_server.get_json("/history"))
     queue(page)
     entry = wait_for_history(page, comfy_server, before)
-    page.wait_for_function(
-        "() => Array.from(document.querySelectorAll('textarea.dp-report'))"
-        ".some((t) => t.value.includes('calibrated noise multiplier'))"
-    )
-    report = visible_text(page, "dp-report")
-    assert "expected noise / signal bound" in report and "paper's calibration" in report
+    wait_for_card(page, "dp-report", "calibrated noise multiplier")
+    (report,) = [c for c in cards(page, "dp-report") if c["label"].lower() == "privacy"]
+    assert "expected noise / signal bound" in report["details"]
+    assert "paper's calibration" in report["details"]
+    assert not report["open"], "the details fold is closed by default"
+    (budget_card,) = [c for c in cards(page, "dp-report") if c["label"].lower() == "budget"]
+    assert budget_card["headline"].startswith("per release: epsilon")
     previews = [o for o in entry["outputs"].values() if o.get("images")]
     assert previews, "the Preview Image node received no plot"
     page.wait_for_function(
@@ -218,34 +247,37 @@ def test_the_textual_inversion_workflow_runs_and_its_report_shows_on_the_node(pa
             "3.ledger_name": ledger,
             "4.embedding_name": f"browser_{uuid.uuid4().hex[:8]}",
             "4.steps": 8,
+            "4.sampling_rate": 0.5,
             "8.steps": 6,
             "7.batch_size": 1,
         }
     )
     set_widgets(page, settings)
-    page.wait_for_function(
-        "(name) => Array.from(document.querySelectorAll('textarea.dp-ledger-balance'))"
-        ".some((t) => t.value.includes(name) && t.value.includes('no release recorded yet'))",
-        arg=ledger,
-    )
+    wait_for_card(page, "dp-ledger-balance", ledger, "no release recorded yet")
+    # The TI node wired to the budget plans a release at its q: the balance is for that q.
+    wait_for_card(page, "dp-ledger-balance", ledger, "up to eps = 4 (the whole total) at q = 0.5")
     before = set(comfy_server.get_json("/history"))
     queue(page)
     entry = wait_for_history(page, comfy_server, before)
     assert any(o.get("images") for o in entry["outputs"].values())
-    page.wait_for_function(
-        "() => Array.from(document.querySelectorAll('textarea.dp-report'))"
-        ".some((t) => t.value.includes('epsilon'))",
-        timeout=30_000,
-    )
-    report = visible_text(page, "dp-report")
-    assert "delta" in report and "embedding:browser_" in report
+    wait_for_card(page, "dp-report", "Private: (eps = ", timeout=30_000)
+    (report,) = [c for c in cards(page, "dp-report") if c["headline"].startswith("Private:")]
+    assert report["label"].lower() == "privacy" and report["headline_visible"]
+    assert re.fullmatch(
+        r"Private: \(eps = [0-9.]+, delta = [0-9.e-]+\) for release [0-9a-f]{12}; collection "
+        rf"'{ledger}' stood at eps [0-9.]+ of 4 after it \(PLD estimate\)",
+        report["headline"],
+    ), report["headline"]
+    assert not report["open"] and "embedding:browser_" in report["details"]
+    assert report["bar"] and 0 < report["fill"] <= 100
     # The ledger balance on the Privacy Budget node is re-read after the run.
-    page.wait_for_function(
-        "(name) => Array.from(document.querySelectorAll('textarea.dp-ledger-balance'))"
-        ".some((t) => t.value.includes(name) && t.value.includes('1 release(s)'))",
-        arg=ledger,
-        timeout=30_000,
+    wait_for_card(page, "dp-ledger-balance", ledger, "1 release(s)", timeout=30_000)
+    (balance,) = [c for c in cards(page, "dp-ledger-balance") if ledger in c["headline"]]
+    assert (
+        balance["label"].lower() == "ledger balance (live)"
+        and "remaining" not in balance["details"]
     )
+    assert "can use up to eps = " in balance["details"] or "cannot join" in balance["details"]
     shot = page.shots / "textual_inversion_after_run.png"
     page.screenshot(path=str(shot))
     print(f"browser screenshots: {page.shots}")
