@@ -212,9 +212,13 @@ def test_constant_schedule_is_the_sigma_squared_step_divided_by_sigma_squared(en
         (call,) = spy_hook
         corrections[schedule] = call["args"]["denoised"] - call["out"]
         sigma = float(call["args"]["sigma"].flatten()[0])
+        scale = float(call["args"]["denoised"].abs().max())
     assert sigma > 1 and float(corrections["constant"].abs().max()) > 0
+    # Each correction is a float32 difference at the latents' scale; the constant one is
+    # then multiplied by sigma^2, and so is its rounding.
+    rounding = 8 * torch.finfo(torch.float32).eps * scale * sigma**2
     torch.testing.assert_close(
-        corrections["sigma^2"], sigma**2 * corrections["constant"], rtol=1e-4, atol=1e-6
+        corrections["sigma^2"], sigma**2 * corrections["constant"], rtol=1e-3, atol=rounding
     )
 
 
