@@ -63,8 +63,9 @@ own norm and broke the shapes, while each of the last third of the steps moved i
 1 % (bench/guidance_control.py, results/guidance_sweep.txt). ``constant`` applies
 ``denoised' = denoised - s * grad`` at every step: the same gradient step on the predicted
 clean latent at every noise level, i.e. eq. (1) with the weight ``s / sigma^2`` instead of
-``s``. It is not the paper's form; with self-recurrence it is what moved the demo model's
-pictures to a style while keeping their shapes.
+``s``. It is not the paper's form. On the demo model with self-recurrence 3 it drew the
+proxy style's stripes on rougher but recognisable shapes; on the held-out style it has not
+been shown to work (results/guidance_control.txt).
 
 Strength
 --------

@@ -189,7 +189,7 @@ class UniversalGuidanceSamplerNode:
                         "paper's denoised - s * sigma^2 * grad, almost all of the push in the "
                         "first, noisiest steps. constant: denoised - s * grad at every step, "
                         "the same push where details form; strengths are then far larger "
-                        "(tens, not the paper's 600) and self_recurrence 2-3 keeps shapes.",
+                        "(tens, not the paper's 600); use self_recurrence 2-3 with it.",
                     },
                 ),
             },
