@@ -229,7 +229,8 @@ def _embed_every_image(clip_vision, private, per_batch: int, width: int, public_
             real = batch.pixels.shape[0]
             padded[:real] = batch.pixels
         del batch
-        embeds = comfy_compat.clip_vision_encode(clip_vision, padded)
+        with comfy_compat.cancel_checks(clip_vision.model):
+            embeds = comfy_compat.clip_vision_encode(clip_vision, padded)
         embeds = embeds.detach().to("cpu", torch.float64)[:real]
         rows.append(torch.nn.functional.normalize(embeds, dim=1))
         progress.advance_to(chunk + 1)

@@ -8,6 +8,7 @@ probing ComfyUI itself.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -44,6 +45,29 @@ def raise_if_cancelled() -> None:
     import comfy.model_management
 
     comfy.model_management.throw_exception_if_processing_interrupted()
+
+
+@contextmanager
+def cancel_checks(*modules, depth: int = 3):
+    """Honour Cancel inside long forward (and recomputed) passes of ``modules``: a forward
+    pre-hook on every submodule up to ``depth`` names deep (UNet and VAE blocks, CLIP
+    layers) calls ``raise_if_cancelled``, so one pass of a 2048 px image stops within one
+    block instead of after the whole pass. The hooks are removed on leaving."""
+
+    def check(*_args) -> None:
+        raise_if_cancelled()
+
+    handles = [
+        sub.register_forward_pre_hook(check)
+        for module in modules
+        for name, sub in module.named_modules()
+        if name and name.count(".") < depth
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def environment_flag(name: str) -> bool:

@@ -338,6 +338,7 @@ def training_passes(model, *, checkpoint_blocks: bool = True, precision: str = "
     with (
         lean_unet_passes(model, checkpoint_blocks=checkpoint_blocks) as clone_saved,
         training_precision(precision, model.load_device),
+        comfy_compat.cancel_checks(model.model.diffusion_model),
     ):
         yield make_denoise_loss(model, clone_saved=clone_saved)
 
@@ -406,7 +407,11 @@ def probe_public_inputs(model, clip, family, prompts, initial, *, height: int, w
         (1, channels, max(1, height // 8), max(1, width // 8)), generator=generator
     )
     noise = torch.randn(latents.shape, generator=generator)
-    with torch.inference_mode(False), torch.no_grad():
+    with (
+        torch.inference_mode(False),
+        torch.no_grad(),
+        comfy_compat.cancel_checks(model.model.diffusion_model),
+    ):
         text_forward = make_text_forward(clip, family)
         context = text_forward(prompts.ids[:1], prompts.mask[:1], initial)
         parts = context if isinstance(context, tuple) else (context,)
@@ -486,9 +491,10 @@ def encode_for_training(model, vae, private, *, public_rows: int, config):
         for row in range(per_chunk):
             comfy_compat.raise_if_cancelled()
             real = row < pixels.shape[0]
-            encoded = comfy_compat.encode_latents(
-                model, vae, pixels[row : row + 1] if real else padding
-            )
+            with comfy_compat.cancel_checks(vae.first_stage_model):
+                encoded = comfy_compat.encode_latents(
+                    model, vae, pixels[row : row + 1] if real else padding
+                )
             if real:
                 latents.append(encoded)
         del batch, pixels

@@ -520,3 +520,38 @@ def test_model_and_clip_of_different_checkpoints_are_named_before_any_work(env):
         train(env, budget, f"mix_{uuid.uuid4().hex[:6]}", model=other)
     assert "MODEL" in str(refused.value) and "CLIP" in str(refused.value)
     assert ledger_records(budget) == 0
+
+
+def test_cancel_during_an_images_vae_encoding_stops_inside_that_image(env, monkeypatch):
+    """At 2048 px one VAE pass is long: Cancel pressed while the first picture is being
+    encoded stops inside that pass (no picture finishes encoding), spending nothing."""
+    import comfy.model_management
+
+    from comfyui_dp_adapt.nodes import comfy_compat
+
+    started, finished = [], []
+    original = comfy_compat.encode_latents
+
+    def encode(model, vae, images):
+        started.append(1)
+        out = original(model, vae, images)
+        finished.append(1)
+        return out
+
+    def press_cancel(*_args):
+        comfy.model_management.interrupt_current_processing(True)
+
+    monkeypatch.setattr(comfy_compat, "encode_latents", encode)
+    encoder = env["vae"].first_stage_model.encoder
+    handle = next(iter(encoder.children())).register_forward_hook(press_cancel)
+    budget = make_budget(env)
+    name = f"cancel_enc_{uuid.uuid4().hex[:6]}"
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            train(env, budget, name)
+    finally:
+        handle.remove()
+        comfy.model_management.interrupt_current_processing(False)
+    assert started == [1] and finished == []
+    assert not (env["embeddings"] / f"{name}.safetensors").exists()
+    assert ledger_records(budget) == 0
