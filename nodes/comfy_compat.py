@@ -40,6 +40,26 @@ def progress_bar(total: int):
     return comfy.utils.ProgressBar(total)
 
 
+def progress_text(text: str, node_id: str | None) -> None:
+    """Show ``text`` on the node (``PromptServer.send_progress_text``, ComfyUI from mid 2025
+    on, 0.3.64 included); where the server lacks it (the March 2024 copy), no server runs
+    (headless use, tests) or the node id is unknown, log it to the server log at INFO."""
+    import logging
+
+    instance = None
+    try:
+        from server import PromptServer
+
+        instance = getattr(PromptServer, "instance", None)
+    except ImportError:
+        pass
+    send = getattr(instance, "send_progress_text", None)
+    if send is not None and node_id is not None:
+        send(text, str(node_id))
+    else:
+        logging.getLogger(__name__).info("%s", text)
+
+
 def raise_if_cancelled() -> None:
     """Honour ComfyUI's Cancel button (raises ComfyUI's own interruption exception)."""
     import comfy.model_management

@@ -70,6 +70,7 @@ def release_dpsgd(
     postprocess,
     label,
     precision="model",
+    phase_text=None,
 ):
     """Train the shared token with DP-SGD inside the ledger commit and post-process it (the
     same rescale as DPAgg-TI); returns the release outcome (flattened token, float64)."""
@@ -84,7 +85,9 @@ def release_dpsgd(
         images_per_batch=config.images_per_batch,
     )
     n_hat = plan.declared_dataset_size
-    latents, on_step = im.encode_for_training(model, vae, private, public_rows=n_hat, config=sgd)
+    latents, on_step = im.encode_for_training(
+        model, vae, private, public_rows=n_hat, config=sgd, phase_text=phase_text
+    )
 
     def train(included: tuple[bool, ...]) -> torch.Tensor:
         with (

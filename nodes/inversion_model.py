@@ -441,6 +441,49 @@ def probe_public_inputs(model, clip, family, prompts, initial, *, height: int, w
             )
 
 
+class PhaseText:
+    """Where a long run is, shown on the node: ``"encoding 3/13 chunks (n_hat = 100), about
+    2 min left"`` (``comfy_compat.progress_text``).
+
+    Only public values go in: the phase, the PUBLIC progress value and total (functions of
+    n_hat and the settings, held at the total past n_hat: ``dp.inversion.PublicProgress``)
+    and an ETA from the time the public-sized work done so far took. That work is constant
+    in n_hat (padded chunks, docs/privacy.md §3.2), so its timing is a function of public
+    work too, and no text is sent for work past the public total (the progress value no
+    longer moves then), so the run time of the extra images is never turned into a number.
+    """
+
+    def __init__(self, node_id: str | None, *, n_hat: int, clock=None):
+        import time
+
+        self.node_id = node_id
+        self.n_hat = n_hat
+        self._clock = clock or time.monotonic
+        self._phase: str | None = None
+        self._started = 0.0
+
+    def show(self, phase: str, done: int | None = None, total: int | None = None, *, unit=""):
+        """Send ``phase`` (with ``done/total unit`` and an ETA when given)."""
+        now = self._clock()
+        if phase != self._phase:
+            self._phase, self._started = phase, now
+        if done is None or total is None:
+            comfy_compat.progress_text(f"{phase} (n_hat = {self.n_hat})", self.node_id)
+            return
+        text = f"{phase} {done}/{total} {unit} (n_hat = {self.n_hat})".replace("  ", " ")
+        if 0 < done < total:
+            text += f", about {_duration((now - self._started) / done * (total - done))} left"
+        comfy_compat.progress_text(text, self.node_id)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{max(1, round(seconds))} s"
+    if seconds < 90 * 60:
+        return f"{round(seconds / 60)} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 def seeds_from_entropy(count: int) -> list[int]:
     """Per-image training seeds from OS entropy (never from the workflow seed, docs/privacy.md §6).
 
@@ -454,7 +497,7 @@ def seeds_from_entropy(count: int) -> list[int]:
     return [secrets.randbits(63) for _ in range(count)]
 
 
-def encode_for_training(model, vae, private, *, public_rows: int, config):
+def encode_for_training(model, vae, private, *, public_rows: int, config, phase_text=None):
     """Latents (n, C, h, w) of EVERY picture of ``private`` and the ``on_step`` callback of
     its training.
 
@@ -479,11 +522,22 @@ def encode_for_training(model, vae, private, *, public_rows: int, config):
     chunks = padded_chunk_count(n, public_rows=public_rows, images_per_batch=per_chunk)
     shown = public_chunk_count(public_rows, images_per_batch=per_chunk)
     bar = comfy_compat.progress_bar(shown * (config.steps + 1))
-    progress = PublicProgress(shown * (config.steps + 1), bar.update_absolute)
+    phase_text = phase_text or PhaseText(None, n_hat=public_rows)
+
+    def report(value: int, total: int) -> None:
+        bar.update_absolute(value, total)
+        if value <= shown:
+            phase_text.show("encoding", value, shown, unit="chunks")
+        else:
+            passes = shown * config.steps
+            phase_text.show("training", value - shown, passes, unit="chunk steps")
+
+    progress = PublicProgress(shown * (config.steps + 1), report)
     resolution = private.resolution
     padding = torch.zeros((1, resolution, resolution, 3), dtype=torch.float32)
     decoded = private.batches(per_chunk, check_cancelled=comfy_compat.raise_if_cancelled)
     latents = []
+    phase_text.show("encoding", 0, shown, unit="chunks")
     for chunk in range(chunks):
         comfy_compat.raise_if_cancelled()
         batch = next(decoded, None)

@@ -168,6 +168,8 @@ class DPTextualInversionTrainNode:
                 ),
             },
             "optional": {"precision": PRECISION_INPUT},
+            # The node's id, to show the phase and ETA on it (comfy_compat.progress_text).
+            "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
     def train(
@@ -190,6 +192,7 @@ class DPTextualInversionTrainNode:
         overwrite,
         method=METHODS[0],
         precision=PRECISIONS[0],
+        unique_id=None,
     ):
         require_runtime_packages()
         from ..dp.embedding_file import (
@@ -292,6 +295,7 @@ class DPTextualInversionTrainNode:
         )
 
         label = f"DP Textual Inversion ({method}): {path.stem}"
+        phase_text = im.PhaseText(unique_id, n_hat=plan.declared_dataset_size)
         if plan.reused is not None:
             outcome = reused_estimate(plan, dimension=dimension)
         elif sgd:
@@ -309,11 +313,23 @@ class DPTextualInversionTrainNode:
                 postprocess=postprocess,
                 label=label,
                 precision=precision,
+                phase_text=phase_text,
             )
         else:
             vectors = _train_every_image(
-                model, clip, vae, family, private, plan, config, initial, prompts, precision
+                model,
+                clip,
+                vae,
+                family,
+                private,
+                plan,
+                config,
+                initial,
+                prompts,
+                precision,
+                phase_text,
             )
+            phase_text.show("commit: sampling, adding the noise and recording the release")
             outcome = execute_release(
                 plan,
                 vectors.reshape(-1, dimension),
@@ -339,6 +355,7 @@ class DPTextualInversionTrainNode:
             precision,
         )
         if not (outcome.reused and is_release_file(path, outcome.release_id)):
+            phase_text.show("saving the embedding file")
             try:
                 save_embedding(
                     directory,
@@ -355,7 +372,7 @@ class DPTextualInversionTrainNode:
 
 
 def _train_every_image(
-    model, clip, vae, family, private, plan, config, initial, prompts, precision
+    model, clip, vae, family, private, plan, config, initial, prompts, precision, phase_text
 ):
     """One embedding per image, (n, k, d), for ALL images (sampling happens in the commit),
     with the constant, padded work of ``inversion_model.encode_for_training``."""
@@ -363,7 +380,12 @@ def _train_every_image(
     from . import inversion_model as im
 
     latents, on_step = im.encode_for_training(
-        model, vae, private, public_rows=plan.declared_dataset_size, config=config
+        model,
+        vae,
+        private,
+        public_rows=plan.declared_dataset_size,
+        config=config,
+        phase_text=phase_text,
     )
     with (
         torch.inference_mode(False),
