@@ -75,14 +75,19 @@ class DPAggregateCLIPEmbeddingsNode:
                         "tooltip": "Images embedded together in one CLIP pass (speed and memory only).",
                     },
                 ),
-            }
+            },
+            # The node's id, to show the phase and ETA on it (comfy_compat.progress_text).
+            "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
-    def aggregate(self, clip_vision, private_images, budget, sampling_rate, images_per_batch):
+    def aggregate(
+        self, clip_vision, private_images, budget, sampling_rate, images_per_batch, unique_id=None
+    ):
         require_runtime_packages()
         from ..dp.guidance import ClipTarget
         from ..dp.mechanism import BoundMode, renormalize_unit
         from ..dp.release import execute_release, plan_release, release_report, reused_estimate
+        from .inversion_model import PhaseText
 
         private = _validate(clip_vision, private_images, images_per_batch)
         width = comfy_compat.clip_vision_width(clip_vision)
@@ -114,9 +119,16 @@ class DPAggregateCLIPEmbeddingsNode:
         if plan.reused is not None:
             outcome = reused_estimate(plan, dimension=width)
         else:
+            phase_text = PhaseText(unique_id, n_hat=plan.declared_dataset_size)
             vectors = _embed_every_image(
-                clip_vision, private, images_per_batch, width, plan.declared_dataset_size
+                clip_vision,
+                private,
+                images_per_batch,
+                width,
+                plan.declared_dataset_size,
+                phase_text,
             )
+            phase_text.show("commit: sampling, adding the noise and recording the release")
             outcome = execute_release(
                 plan,
                 vectors,
@@ -199,7 +211,9 @@ def _probe_public_input(clip_vision) -> None:
         )
 
 
-def _embed_every_image(clip_vision, private, per_batch: int, width: int, public_rows: int):
+def _embed_every_image(
+    clip_vision, private, per_batch: int, width: int, public_rows: int, phase_text
+):
     """L2-normalised CLIP image embeddings (n, D) float64 on CPU of ALL pictures.
 
     Each row depends on its own picture alone (ComfyUI's CLIP vision has no cross-batch
@@ -216,7 +230,14 @@ def _embed_every_image(clip_vision, private, per_batch: int, width: int, public_
     per_batch = chunk_rows(per_batch, public_rows=public_rows)
     chunks = padded_chunk_count(private.count, public_rows=public_rows, images_per_batch=per_batch)
     shown = public_chunk_count(public_rows, images_per_batch=per_batch)
-    progress = PublicProgress(shown, comfy_compat.progress_bar(shown).update_absolute)
+    bar = comfy_compat.progress_bar(shown)
+
+    def report(value: int, total: int) -> None:
+        bar.update_absolute(value, total)
+        phase_text.show("embedding", value, total, unit="chunks")
+
+    progress = PublicProgress(shown, report)
+    phase_text.show("embedding", 0, shown, unit="chunks")
     side = private.resolution
     decoded = private.batches(per_batch, check_cancelled=comfy_compat.raise_if_cancelled)
     rows = []

@@ -120,3 +120,45 @@ def test_without_send_progress_text_the_phase_goes_to_the_server_log(comfy, capl
     with caplog.at_level(logging.INFO, logger=comfy_compat.__name__):
         comfy_compat.progress_text("encoding 1/2 chunks (n_hat = 6)", "5")
     assert "encoding 1/2 chunks (n_hat = 6)" in caplog.text
+
+
+def test_clip_aggregate_texts_for_3_and_5_images_are_identical_up_to_timing(comfy, monkeypatch):
+    from comfyui_dp_adapt.dp.budget import PrivacyBudget
+    from comfyui_dp_adapt.dp.ledger import TotalBudget
+    from comfyui_dp_adapt.nodes import comfy_compat, tiny_models
+    from comfyui_dp_adapt.nodes.clip_aggregate import DPAggregateCLIPEmbeddingsNode
+    from comfyui_dp_adapt.tests.support.private_sets import private_image_set
+
+    clip_vision = tiny_models.build_tiny_clip_vision()
+    images = torch.rand(5, 64, 64, 3, generator=torch.Generator().manual_seed(5))
+    seen = {}
+    for count in (3, 5):
+        shown = seen[count] = []
+        monkeypatch.setattr(
+            comfy_compat, "progress_text", lambda text, node_id, shown=shown: shown.append(text)
+        )
+        budget = PrivacyBudget(
+            epsilon=1.0,
+            delta=1e-5,
+            total=TotalBudget(epsilon=8.0, delta=1e-5),
+            ledger_name=f"text-{uuid.uuid4().hex[:8]}",
+            ledger_directory=comfy_compat.user_directory() / "dp_adapt" / "ledgers",
+            declared_dataset_size=N_HAT,
+        )
+        keys = tuple(f"hmac-sha256:text-{uuid.uuid4().hex}" for _ in range(count))
+        with torch.inference_mode():
+            DPAggregateCLIPEmbeddingsNode().aggregate(
+                clip_vision=clip_vision,
+                private_images=private_image_set(images[:count], keys),
+                budget=budget,
+                sampling_rate=0.5,
+                images_per_batch=4,
+                unique_id="9",
+            )
+    assert without_timing(seen[3]) == without_timing(seen[5])
+    assert without_timing(seen[3])[:3] == [
+        "embedding 0/2 chunks (n_hat = 6)",
+        "embedding 1/2 chunks (n_hat = 6)",
+        "embedding 2/2 chunks (n_hat = 6)",
+    ]
+    assert seen[3][-1].startswith("commit:")
