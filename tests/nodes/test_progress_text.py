@@ -14,7 +14,6 @@ N_HAT = 6
 
 @pytest.fixture(scope="module")
 def env(comfy):
-    from comfyui_dp_adapt.nodes import comfy_compat
     from comfyui_dp_adapt.nodes.textual_inversion import DPTextualInversionTrainNode
     from comfyui_dp_adapt.tests.support.tiny_components import tiny_sd1_components
 
@@ -22,14 +21,27 @@ def env(comfy):
         **tiny_sd1_components(),
         "node": DPTextualInversionTrainNode(),
         "images": torch.rand(5, 64, 64, 3, generator=torch.Generator().manual_seed(4)),
-        "ledgers": comfy_compat.user_directory() / "dp_adapt" / "ledgers",
     }
+
+
+def fresh_budget():
+    """A budget of its own ledger collection, declaring n_hat = N_HAT."""
+    from comfyui_dp_adapt.dp.budget import PrivacyBudget
+    from comfyui_dp_adapt.dp.ledger import TotalBudget
+    from comfyui_dp_adapt.nodes import comfy_compat
+
+    return PrivacyBudget(
+        epsilon=1.0,
+        delta=1e-5,
+        total=TotalBudget(epsilon=8.0, delta=1e-5),
+        ledger_name=f"text-{uuid.uuid4().hex[:8]}",
+        ledger_directory=comfy_compat.user_directory() / "dp_adapt" / "ledgers",
+        declared_dataset_size=N_HAT,
+    )
 
 
 def phase_texts(env, monkeypatch, count: int, method: str) -> list[str]:
     """Every text the node showed while releasing from ``count`` images."""
-    from comfyui_dp_adapt.dp.budget import PrivacyBudget
-    from comfyui_dp_adapt.dp.ledger import TotalBudget
     from comfyui_dp_adapt.nodes import comfy_compat
     from comfyui_dp_adapt.tests.support.private_sets import private_image_set
 
@@ -37,14 +49,7 @@ def phase_texts(env, monkeypatch, count: int, method: str) -> list[str]:
     monkeypatch.setattr(
         comfy_compat, "progress_text", lambda text, node_id: shown.append((text, node_id))
     )
-    budget = PrivacyBudget(
-        epsilon=1.0,
-        delta=1e-5,
-        total=TotalBudget(epsilon=8.0, delta=1e-5),
-        ledger_name=f"text-{uuid.uuid4().hex[:8]}",
-        ledger_directory=env["ledgers"],
-        declared_dataset_size=N_HAT,
-    )
+    budget = fresh_budget()
     keys = tuple(f"hmac-sha256:text-{uuid.uuid4().hex}" for _ in range(count))
     with torch.inference_mode():
         env["node"].train(
@@ -123,8 +128,6 @@ def test_without_send_progress_text_the_phase_goes_to_the_server_log(comfy, capl
 
 
 def test_clip_aggregate_texts_for_3_and_5_images_are_identical_up_to_timing(comfy, monkeypatch):
-    from comfyui_dp_adapt.dp.budget import PrivacyBudget
-    from comfyui_dp_adapt.dp.ledger import TotalBudget
     from comfyui_dp_adapt.nodes import comfy_compat, tiny_models
     from comfyui_dp_adapt.nodes.clip_aggregate import DPAggregateCLIPEmbeddingsNode
     from comfyui_dp_adapt.tests.support.private_sets import private_image_set
@@ -137,14 +140,7 @@ def test_clip_aggregate_texts_for_3_and_5_images_are_identical_up_to_timing(comf
         monkeypatch.setattr(
             comfy_compat, "progress_text", lambda text, node_id, shown=shown: shown.append(text)
         )
-        budget = PrivacyBudget(
-            epsilon=1.0,
-            delta=1e-5,
-            total=TotalBudget(epsilon=8.0, delta=1e-5),
-            ledger_name=f"text-{uuid.uuid4().hex[:8]}",
-            ledger_directory=comfy_compat.user_directory() / "dp_adapt" / "ledgers",
-            declared_dataset_size=N_HAT,
-        )
+        budget = fresh_budget()
         keys = tuple(f"hmac-sha256:text-{uuid.uuid4().hex}" for _ in range(count))
         with torch.inference_mode():
             DPAggregateCLIPEmbeddingsNode().aggregate(
