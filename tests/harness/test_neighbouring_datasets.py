@@ -42,6 +42,10 @@ RANDOM_KEY = re.compile(r"[0-9a-f]{16,}")
 DPSGD = {
     ("DPAdaptTextualInversionTrain", "method"): "DP-SGD",
     ("DPAdaptTextualInversionTrain", "sampling_rate"): 0.5,
+    # A collection of its own: the pictures' histories began with q = 1 releases (Gaussian
+    # DP filter), so they take no part in this q < 1 run (docs/privacy.md §7), silently, and
+    # that too must publish nothing that tells the folders apart.
+    ("DPAdaptPrivacyBudget", "ledger_name"): "audit-dpsgd",
 }
 TIMING = re.compile(r"\d+(\.\d+)? seconds")
 # A progress bar's elapsed/remaining time and rate in the log ("[00:00<00:00,  3.60it/s]").
@@ -93,7 +97,22 @@ def _sort_cached_node_lists(entry: dict, messages: list[dict]) -> None:
             item[1]["nodes"] = sorted(item[1]["nodes"])
 
 
-def _observe_world(comfy_dir: Path, pack_dir: Path, work_dir: Path, images: list[Path]) -> set[str]:
+TOKEN_WORKFLOW = "Private style token (DP textual inversion).json"
+GUIDANCE_WORKFLOW = "Private style guidance (DP universal guidance).json"
+
+
+def _observe_world(
+    comfy_dir: Path,
+    pack_dir: Path,
+    work_dir: Path,
+    images: list[Path],
+    *,
+    workflows: set[str] | None = None,
+    overrides: dict | None = None,
+) -> set[str]:
+    """Everything published by the shipped workflows (``workflows``: their file names, all
+    by default) on a folder of ``images`` in a fresh server world, with ``overrides`` on top
+    of the tiny-model settings."""
     from PIL import Image
 
     from comfyui_dp_adapt.dp.embedding_file import read_embedding
@@ -117,15 +136,13 @@ def _observe_world(comfy_dir: Path, pack_dir: Path, work_dir: Path, images: list
     server.start()
     try:
         object_info = server.get_json("/object_info")
-        runs = [(path, path.name, "agg", {}) for path in shipped_workflows()]
+        chosen = [p for p in shipped_workflows() if workflows is None or p.name in workflows]
+        runs = [(path, path.name, "agg", {}) for path in chosen]
         runs += [  # the DP-SGD method of the training node, with Poisson sampling
             (path, f"{path.name}-dpsgd", "sgd", DPSGD)
-            for path in shipped_workflows()
+            for path in chosen
             if path.name
-            in {
-                "Private style token (DP textual inversion).json",
-                "Private style token on SDXL (DP textual inversion).json",
-            }
+            in {TOKEN_WORKFLOW, "Private style token on SDXL (DP textual inversion).json"}
         ]
         for path, run_name, suffix, extra in runs:
             workflow = wf.load_workflow(path)
@@ -135,6 +152,7 @@ def _observe_world(comfy_dir: Path, pack_dir: Path, work_dir: Path, images: list
                 replace=replacements_for(workflow),
                 overrides={
                     **TINY_MODEL_OVERRIDES,
+                    **(overrides or {}),
                     ("DPAdaptLoadPrivateImages", "folder"): FOLDER,
                     (
                         "DPAdaptTextualInversionTrain",
@@ -173,30 +191,102 @@ def _observe_world(comfy_dir: Path, pack_dir: Path, work_dir: Path, images: list
     return observed
 
 
+def _assert_no_deterministic_difference(comfy_dir, tmp_path, folders, **observe) -> list:
+    """Observe each folder in WORLDS_PER_FOLDER fresh worlds; fail on a deterministic
+    difference. Returns every world's observations."""
+    from comfyui_dp_adapt.tests.conftest import PACK_ROOT
+
+    worlds = {
+        name: [
+            _observe_world(comfy_dir, PACK_ROOT, tmp_path / f"{name}-{i}", images, **observe)
+            for i in range(WORLDS_PER_FOLDER)
+        ]
+        for name, images in folders.items()
+    }
+    (first, second) = folders
+    leaks = []
+    for name, other in ((first, second), (second, first)):
+        always = set.intersection(*worlds[name])
+        ever_other = set.union(*worlds[other])
+        leaks += [f"{name}: {item}" for item in sorted(always - ever_other)]
+    assert not leaks, "published values that differ deterministically:\n" + "\n".join(leaks[:400])
+    every = [*worlds[first], *worlds[second]]
+    # The test can see: a workflow's outputs really were observed in every world.
+    for observed in every:
+        assert any(item.startswith("embedding.agg.") for item in observed)
+        assert any(".ws.progress" in item for item in observed)
+    return every
+
+
 def test_nothing_published_depends_deterministically_on_one_image(comfy_dir, tmp_path):
     from comfyui_dp_adapt.demo.synthetic_images import write_synthetic_style_set
-    from comfyui_dp_adapt.tests.conftest import PACK_ROOT
 
     source = tmp_path / "source"
     write_synthetic_style_set(source, count=6, size=64)
     every = sorted(source.glob("*.png"))
     folders = {"with": every, "without": every[:3] + every[4:]}  # one image removed
-    worlds = {
-        name: [
-            _observe_world(comfy_dir, PACK_ROOT, tmp_path / f"{name}-{i}", images)
-            for i in range(WORLDS_PER_FOLDER)
-        ]
-        for name, images in folders.items()
-    }
-    leaks = []
-    for name, other in (("with", "without"), ("without", "with")):
-        always = set.intersection(*worlds[name])
-        ever_other = set.union(*worlds[other])
-        leaks += [f"{name}: {item}" for item in sorted(always - ever_other)]
-    assert not leaks, "published values that differ deterministically:\n" + "\n".join(leaks[:400])
-    # The test can see: a workflow's outputs really were observed in every world.
-    for observed in (*worlds["with"], *worlds["without"]):
-        assert any(item.startswith("embedding.agg.") for item in observed)
+    for observed in _assert_no_deterministic_difference(comfy_dir, tmp_path, folders):
         assert any(item.startswith("embedding.sgd.") for item in observed)
         assert any(item.startswith("png.") for item in observed)
-        assert any(".ws.progress" in item for item in observed)
+
+
+def test_a_folder_larger_than_n_hat_publishes_nothing_about_its_size(comfy_dir, tmp_path):
+    """n_hat = 4 and folders of 6 and 5 pictures: the work past n_hat shows in run time only
+    (docs/guarantee.md); progress values and totals are functions of n_hat alone."""
+    from comfyui_dp_adapt.demo.synthetic_images import write_synthetic_style_set
+
+    source = tmp_path / "source"
+    write_synthetic_style_set(source, count=6, size=64)
+    every = sorted(source.glob("*.png"))
+    folders = {"six": every, "five": every[:2] + every[3:]}
+    _assert_no_deterministic_difference(
+        comfy_dir,
+        tmp_path,
+        folders,
+        workflows={TOKEN_WORKFLOW, GUIDANCE_WORKFLOW},
+        overrides={("DPAdaptPrivacyBudget", "declared_dataset_size"): 4},
+    )
+
+
+def test_n_hat_and_n_hat_plus_one_pictures_at_the_old_count_cap(comfy_dir, tmp_path):
+    """1,000 and 1,001 pictures with n_hat = 1,000: the loader once refused the second (a
+    count cap at 1,000), which published whether the folder held more than 1,000."""
+    from comfyui_dp_adapt.demo.synthetic_images import write_synthetic_style_set
+
+    source = tmp_path / "source"
+    write_synthetic_style_set(source, count=1001, size=64)
+    every = sorted(source.glob("*.png"))
+    folders = {"n_hat": every[:1000], "n_hat+1": every}
+    _assert_no_deterministic_difference(
+        comfy_dir,
+        tmp_path,
+        folders,
+        workflows={TOKEN_WORKFLOW, GUIDANCE_WORKFLOW},
+        overrides={
+            ("DPAdaptPrivacyBudget", "declared_dataset_size"): 1000,
+            ("DPAdaptTextualInversionTrain", "images_per_batch"): 64,
+            ("DPAdaptAggregateCLIPEmbeddings", "images_per_batch"): 64,
+            ("DPAdaptTextualInversionTrain", "steps"): 1,
+        },
+    )
+
+
+def test_a_re_saved_picture_is_the_same_picture(comfy_dir, tmp_path):
+    """One picture re-saved losslessly (another compression level, a text chunk, another
+    name): the same pixels, so the same picture to the ledger and to everything published."""
+    from PIL import Image, PngImagePlugin
+
+    from comfyui_dp_adapt.demo.synthetic_images import write_synthetic_style_set
+
+    source = tmp_path / "source"
+    write_synthetic_style_set(source, count=6, size=64)
+    every = sorted(source.glob("*.png"))
+    resaved = tmp_path / "resaved" / f"copy_of_{every[2].name}"
+    resaved.parent.mkdir()
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Comment", "re-saved by a photo tool")
+    with Image.open(every[2]) as picture:
+        picture.save(resaved, compress_level=0, pnginfo=info)
+    assert resaved.read_bytes() != every[2].read_bytes()
+    folders = {"original": every, "re-saved": [*every[:2], resaved, *every[3:]]}
+    _assert_no_deterministic_difference(comfy_dir, tmp_path, folders, workflows={TOKEN_WORKFLOW})
