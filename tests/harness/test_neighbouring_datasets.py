@@ -256,7 +256,7 @@ def test_n_hat_and_n_hat_plus_one_pictures_at_the_old_count_cap(comfy_dir, tmp_p
     source = tmp_path / "source"
     write_synthetic_style_set(source, count=1001, size=64)
     every = sorted(source.glob("*.png"))
-    folders = {"n_hat": every[:1000], "n_hat+1": every}
+    folders = {"n_hat": every[:1000], "n_hat_plus_1": every}
     _assert_no_deterministic_difference(
         comfy_dir,
         tmp_path,
