@@ -46,6 +46,19 @@ def write_pngs(images: torch.Tensor, folder: Path) -> list[Path]:
     return paths
 
 
+def _installation_key_check() -> str | None:
+    """The key check value the loader node would attach (the in-process ComfyUI's
+    installation key), or None where no ComfyUI is loaded (dp-level tests)."""
+    try:
+        import folder_paths  # noqa: F401
+    except ImportError:
+        return None
+    from comfyui_dp_adapt.dp.fingerprint import key_check_value
+    from comfyui_dp_adapt.nodes.private_images import _installation_key
+
+    return key_check_value(_installation_key())
+
+
 def private_image_set(
     images: torch.Tensor,
     keys: Sequence[str] | None = None,
@@ -73,7 +86,7 @@ def private_image_set(
         if keys is not None
         else tuple(f"hmac-sha256:test-{uuid.uuid4().hex}" for _ in range(source.count))
     )
-    return PrivateImageSet(source=source, image_keys=keys)
+    return PrivateImageSet(source=source, image_keys=keys, key_check=_installation_key_check())
 
 
 def decoded(private, size: int = 16) -> torch.Tensor:
