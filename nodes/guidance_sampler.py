@@ -193,6 +193,7 @@ class UniversalGuidanceSamplerNode:
                     },
                 ),
             },
+            "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
     def sample(
@@ -215,6 +216,7 @@ class UniversalGuidanceSamplerNode:
         mode,
         decode_size="full",
         schedule="sigma^2",
+        unique_id=None,
     ):
         from ..dp.guidance import GuidanceConfig, GuidanceError, WeightSwap
 
@@ -262,6 +264,7 @@ class UniversalGuidanceSamplerNode:
                 denoise=denoise,
                 recurrence=config.self_recurrence,
                 after_each_call=weights.restore,
+                node_id=unique_id,
             )
         finally:
             weights.restore()
@@ -450,6 +453,28 @@ class _GuidanceHook:
         return f"{self.losses[0]:.4f} -> {self.losses[-1]:.4f}"
 
 
+def _with_eta(callback, node_id):
+    """ComfyUI's per-step ``callback`` ``(step, x0, x, total)``, followed by a line on the node
+    with the step and an ETA (a guided step costs 2-6 plain ones, so a long run says how long
+    it has left). Sampling reads no private image: these are public values."""
+    import time
+
+    from .inversion_model import duration_text
+
+    started = time.monotonic()
+
+    def report(step, x0, x, total):
+        callback(step, x0, x, total)
+        done = step + 1
+        if 0 < done < total:
+            left = (time.monotonic() - started) / done * (total - done)
+            comfy_compat.progress_text(
+                f"guided sampling: step {done}/{total}, about {duration_text(left)} left", node_id
+            )
+
+    return report
+
+
 def _run_sampler(
     model,
     positive,
@@ -464,6 +489,7 @@ def _run_sampler(
     denoise: float,
     recurrence: int,
     after_each_call,
+    node_id=None,
 ) -> torch.Tensor:
     """ComfyUI's sampling with ``model`` (already guided); self-recurrence as in the module doc.
 
@@ -487,7 +513,7 @@ def _run_sampler(
         denoise=denoise,
     )
     if recurrence == 0:
-        callback = comfy_compat.sampling_callback(model, steps)
+        callback = _with_eta(comfy_compat.sampling_callback(model, steps), node_id)
         try:
             return comfy.sample.sample(
                 noise=noise,
@@ -506,7 +532,7 @@ def _run_sampler(
     )
     step_count = len(sigmas) - 1
     total = step_count * (recurrence + 1)
-    preview = comfy_compat.sampling_callback(model, total)
+    preview = _with_eta(comfy_compat.sampling_callback(model, total), node_id)
     # The re-noising noise is public sampling randomness, reproducible from the workflow seed.
     generator = torch.Generator(device="cpu").manual_seed(seed % SEED_MODULUS)
     latent_in = model.model.process_latent_in

@@ -472,11 +472,11 @@ class PhaseText:
             return
         text = f"{phase} {done}/{total} {unit} (n_hat = {self.n_hat})".replace("  ", " ")
         if 0 < done < total:
-            text += f", about {_duration((now - self._started) / done * (total - done))} left"
+            text += f", about {duration_text((now - self._started) / done * (total - done))} left"
         comfy_compat.progress_text(text, self.node_id)
 
 
-def _duration(seconds: float) -> str:
+def duration_text(seconds: float) -> str:
     if seconds < 90:
         return f"{max(1, round(seconds))} s"
     if seconds < 90 * 60:

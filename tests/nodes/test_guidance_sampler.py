@@ -423,3 +423,19 @@ def test_differentiable_preprocessing_matches_comfyuis_up_to_8_bit_rounding(comf
     assert ours.shape == expected.shape
     step = 1.0 / 255 / min(CLIP_STD)
     assert (ours - expected).abs().max() <= step / 2 + 1e-3
+
+
+@pytest.mark.parametrize("recurrence", [0, 1])
+def test_each_step_says_where_sampling_is_with_an_eta(env, monkeypatch, recurrence):
+    from comfyui_dp_adapt.nodes import comfy_compat
+
+    shown = []
+    monkeypatch.setattr(
+        comfy_compat, "progress_text", lambda text, node: shown.append((text, node))
+    )
+    sample(env, steps=3, self_recurrence=recurrence, unique_id="7")
+    total = 3 * (recurrence + 1)
+    assert [t.split(",")[0] for t, _ in shown] == [
+        f"guided sampling: step {done}/{total}" for done in range(1, total)
+    ]
+    assert all(node == "7" and text.endswith(" left") for text, node in shown)
