@@ -35,6 +35,7 @@ def budget(nodes, **overrides):
 def record_one_release(the_budget) -> None:
     """One release at epsilon 1, q = 1 (a Gaussian-DP filter history) in the budget's ledger."""
     from comfyui_dp_adapt.dp.accounting import calibrate_noise_multiplier
+    from comfyui_dp_adapt.tests.support.private_sets import installation_key_check
 
     event = calibrate_noise_multiplier(epsilon=1.0, delta=1e-5, sampling_rate=1.0).event
     the_budget.ledger().commit(
@@ -45,6 +46,7 @@ def record_one_release(the_budget) -> None:
         request_key=f"request-{uuid.uuid4().hex}",
         label="test",
         release=lambda included: {"value": 1},
+        key_check=installation_key_check(),  # as the loader's pictures carry it
     )
 
 

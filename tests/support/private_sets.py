@@ -46,7 +46,7 @@ def write_pngs(images: torch.Tensor, folder: Path) -> list[Path]:
     return paths
 
 
-def _installation_key_check() -> str | None:
+def installation_key_check() -> str | None:
     """The key check value the loader node would attach (the in-process ComfyUI's
     installation key), or None where no ComfyUI is loaded (dp-level tests)."""
     try:
@@ -86,7 +86,7 @@ def private_image_set(
         if keys is not None
         else tuple(f"hmac-sha256:test-{uuid.uuid4().hex}" for _ in range(source.count))
     )
-    return PrivateImageSet(source=source, image_keys=keys, key_check=_installation_key_check())
+    return PrivateImageSet(source=source, image_keys=keys, key_check=installation_key_check())
 
 
 def decoded(private, size: int = 16) -> torch.Tensor:
