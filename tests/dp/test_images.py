@@ -300,7 +300,7 @@ def test_pixel_count_above_limit_is_refused_before_decoding(tmp_path, monkeypatc
     monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
     with pytest.raises(ImageFolderError, match=r"big\.png.*max_image_pixels=7999") as caught:
         load_image_folder(tmp_path, resolution=R, max_image_pixels=7999)
-    _assert_nothing_measured(str(caught.value), "100", "80", "8000")
+    _assert_nothing_measured(str(caught.value), "100", "80", "8000", folder=tmp_path)
 
 
 @pytest.mark.parametrize("pillow_limit", [5000, 3000])  # warning range, then error range
@@ -309,14 +309,18 @@ def test_pillow_decompression_bomb_check_is_reported(tmp_path, monkeypatch, pill
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", pillow_limit)
     with pytest.raises(ImageFolderError, match=r"bomb\.png.*too large to decode safely") as caught:
         load_image_folder(tmp_path, resolution=R)
-    _assert_nothing_measured(str(caught.value), "100", "80", "8000")
+    _assert_nothing_measured(str(caught.value), "100", "80", "8000", folder=tmp_path)
 
 
-def _assert_nothing_measured(message: str, *measured: str) -> None:
-    """No number measured from the private file (its size, pixel count, values) is shown."""
+def _assert_nothing_measured(message: str, *measured: str, folder: Path) -> None:
+    """No number measured from the private file (its size, pixel count, values) is shown.
+
+    The folder's own path is the user's setting, not a measurement, and may hold any digits
+    (pytest numbers its temporary folders: ``pytest-100``), so it is cut out first.
+    """
     import re
 
-    numbers = set(re.findall(r"\d+(?:\.\d+)?", message))
+    numbers = set(re.findall(r"\d+(?:\.\d+)?", message.replace(str(folder), "<folder>")))
     assert not numbers & set(measured), message
 
 
@@ -326,14 +330,14 @@ def test_float_and_wide_integer_refusals_show_no_pixel_values(tmp_path):
     with pytest.raises(ImageFolderError, match=r"float\.tiff.*\[0, 1\]") as caught:
         load_image_folder(tmp_path, resolution=R)
     message = str(caught.value)
-    _assert_nothing_measured(message, "-17", "17", "283", "300", "80")
+    _assert_nothing_measured(message, "-17", "17", "283", "300", "80", folder=tmp_path)
     assert "-17.0" not in message and "283.0" not in message
     (tmp_path / "float.tiff").unlink()
     wide = np.tile(np.arange(70_000, 70_080, dtype=np.int32), (80, 1))
     Image.fromarray(wide, mode="I").save(tmp_path / "wide.tiff")
     with pytest.raises(ImageFolderError, match=r"wide\.tiff.*16-bit range") as caught:
         load_image_folder(tmp_path, resolution=R)
-    _assert_nothing_measured(str(caught.value), "70000", "70079", "80")
+    _assert_nothing_measured(str(caught.value), "70000", "70079", "80", folder=tmp_path)
 
 
 def test_decoder_errors_lose_the_numbers_they_measured(tmp_path):
