@@ -16,7 +16,10 @@ what ComfyUI samples. Phases, each logged with its timing:
 3. UNet + text encoder from scratch with an EMA of the weights; every ``--eval-every`` steps
    the EMA weights are sampled through ComfyUI's KSampler for captions naming each training
    style and classified (the positive control); the best EMA weights are kept;
-4. CLIP vision tower, contrastively against the (frozen) text encoder's caption features.
+4. CLIP vision tower, contrastively against the (frozen) text encoder's caption features;
+5. the held-out words (``world.ERASED_WORDS``: "dotted", "star") erased from the text
+   encoder's token embedding (their rows set to the vocabulary's mean row), with the
+   held-out style's reachability measured before and after (the world check).
 
 Reproducibility: everything is drawn from ``--seed`` (default 0); on the same torch version
 and thread count the run repeats. Measured on a 2-core CPU: see training_record.json.
@@ -59,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-every", type=int, default=1_500)
     parser.add_argument("--stop-at", type=float, default=0.95, help="stop once control >= this")
     args = parser.parse_args(argv)
+    args.out = args.out.resolve()
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     bootstrap_comfyui(cuda=torch.cuda.is_available(), prefix="dp_adapt_demo_train_")
@@ -76,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(exist_ok=True)
     record: dict = {
         "seed": args.seed,
-        "arguments": {k: str(v) for k, v in vars(args).items()},
+        "arguments": {k: _public_argument(v) for k, v in vars(args).items()},
         "torch": torch.__version__,
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
         "phases": {},
@@ -102,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rng = np.random.default_rng([args.seed, 10])
     log(f"rendering {args.dataset} training pictures")
-    specs = world.sample_specs(rng, args.dataset)
+    specs = world.sample_specs(rng, args.dataset, subjects=world.TRAINING_SUBJECTS)
     pixels = torch.from_numpy(world.render_batch(specs, rng))  # uint8 (N, H, W, 3)
 
     # Train in float32 throughout (ComfyUI's default text-encoder dtype on a CPU is float16,
@@ -141,6 +145,16 @@ def main(argv: list[str] | None = None) -> int:
     vision_metrics = train_vision(vision, clip, pixels, specs, args)
     vision_metrics["seconds"] = round(time.monotonic() - start, 1)
     record["phases"]["vision"] = vision_metrics
+
+    # 5. Erase the held-out words; measure that dots are reachable before and not asked for
+    # after (the world check: the private style must not be the model's default).
+    start = time.monotonic()
+    check = {"before_erasing": world_check(model, clip, vae, classifier, seed=args.seed + 50)}
+    check["erased"] = erase_words(clip, world.ERASED_WORDS)
+    check["after_erasing"] = world_check(model, clip, vae, classifier, seed=args.seed + 50)
+    check["seconds"] = round(time.monotonic() - start, 1)
+    record["phases"]["erase_held_out_words"] = check
+    log(f"world check: {check}")
 
     # Ship float16 weights, then measure the positive control on exactly what ships.
     states = demo_model.component_state_dicts(model, clip, vae, vision)
@@ -222,17 +236,16 @@ def encode_dataset(model, autoencoder, pixels) -> torch.Tensor:
 
 
 def training_caption(spec, rng) -> str:
-    """Captions name the style most of the time (style words are learned last); the held-out
-    style is never named; 10% are empty for classifier-free guidance."""
-    from comfyui_dp_adapt.demo import world
+    """Captions name the style most of the time (style words are learned last), the held-out
+    style and subject included (their words are erased after training); 12% name no style,
+    evenly over all six styles, so a style-less prompt has no default style; 10% are empty
+    for classifier-free guidance."""
     from comfyui_dp_adapt.dp.templates import STYLE_TEMPLATES
 
     draw = rng.random()
     if draw < 0.1:
         return ""
     plain = f"a {spec.colour} {spec.subject}"
-    if spec.style == world.HELD_OUT_STYLE:
-        return plain
     if draw < 0.65:
         return spec.caption()
     if draw < 0.88:
@@ -392,6 +405,57 @@ def train_vision(vision, clip, pixels, specs, args) -> dict:
             log(f"  vision step {step + 1}/{args.vision_steps} loss {loss.item():.4f}")
     vision.model.requires_grad_(False).eval()
     return {"steps": args.vision_steps, "final_loss": round(loss.item(), 4)}
+
+
+WORLD_CHECK_PROMPTS = {
+    "named": "{} in the style of dotted",  # before erasing: is the style reachable?
+    "no style word": "{}",
+}
+
+
+def world_check(model, clip, vae, classifier, *, seed: int, per_prompt: int = 4) -> dict:
+    """Dotted fraction of pictures for prompts naming "dotted" and naming no style."""
+    from comfyui_dp_adapt.demo import evaluation, world
+
+    out = {}
+    for name, template in WORLD_CHECK_PROMPTS.items():
+        prompts = evaluation.subject_prompts(template, seed)
+        images = evaluation.generate(model, clip, vae, prompts, per_prompt=per_prompt, seed=seed)
+        out[name] = {
+            "dotted": round(evaluation.style_fraction(classifier, images, world.HELD_OUT_STYLE), 3),
+            "styles": evaluation.style_counts(classifier, images),
+        }
+    return out
+
+
+@torch.no_grad()
+def erase_words(clip, words) -> dict:
+    """Set each word's token-embedding row to the vocabulary's mean row: the word then asks
+    for nothing, while what the UNet learned from it stays reachable to textual inversion."""
+    from comfyui_dp_adapt.nodes import inversion_model
+
+    tok = inversion_model.tokenizers(clip, inversion_model.SD1)[0]
+    encoder = inversion_model.text_encoders(clip, inversion_model.SD1)[0]
+    table = encoder.transformer.get_input_embeddings().weight
+    mean = table.mean(dim=0)
+    erased = {}
+    for word in words:
+        ids = tok.tokenizer(word)["input_ids"][1:-1]  # without start and end tokens
+        if len(ids) != 1:
+            raise SystemExit(f"{word!r} is not one token ({ids}); choose another held-out word")
+        erased[word] = ids[0]
+        table[ids[0]] = mean
+    return erased
+
+
+def _public_argument(value) -> str:
+    """Arguments as recorded: paths relative to the repository (no machine's folders)."""
+    if isinstance(value, Path):
+        try:
+            return value.relative_to(ROOT).as_posix()
+        except ValueError:
+            return value.name
+    return str(value)
 
 
 def cosine_with_warmup(optimiser, steps: int, warmup: int):

@@ -6,9 +6,15 @@ style (solid, striped, checkered, outlined, gradient or dotted), on a light back
 whose tint varies a little. Textures are large (periods of 10-12 px at 64 px) so they
 survive a small latent diffusion model.
 
-``HELD_OUT_STYLE`` ("dotted") plays the private artist's style: the demo model sees dotted
-pictures in training, but their captions never name a style, so no word of the model's
-vocabulary asks for dots. Textual inversion has to find them.
+``HELD_OUT_STYLE`` ("dotted") plays the private artist's style and ``HELD_OUT_SUBJECT``
+("star") the private subject (the paper adapts both style and content). The demo model is
+trained on them like on everything else, with captions that name them ("... in the style
+of dotted", "a red star ..."), and then ships with those words' rows of the text encoder's
+token embedding erased (``ERASED_WORDS``, replaced by the vocabulary's mean row). So the
+concepts live in the UNet, reachable, while no prompt can ask for them: textual inversion
+has to find the direction again, which is exactly the situation it exists for. Style-less
+captions are spread evenly over all six styles, so a prompt without a style word draws any
+of them (about 1/6 dotted), not dots by default.
 
 Deterministic: ``render(spec, rng)`` depends only on the spec and the generator, and
 ``sample_specs``/``render_batch`` draw from a seeded ``numpy`` generator.
@@ -22,6 +28,8 @@ import numpy as np
 
 IMAGE_SIZE = 64
 SUBJECTS = ("circle", "square", "triangle", "diamond")
+HELD_OUT_SUBJECT = "star"
+TRAINING_SUBJECTS = (*SUBJECTS, HELD_OUT_SUBJECT)
 COLOURS = {
     "red": (214, 40, 40),
     "green": (40, 160, 64),
@@ -33,6 +41,8 @@ COLOURS = {
 TRAINING_STYLES = ("solid", "striped", "checkered", "outlined", "gradient")
 HELD_OUT_STYLE = "dotted"
 STYLES = (*TRAINING_STYLES, HELD_OUT_STYLE)
+# Named in training, erased from the shipped text encoder (demo/train_demo_model.py).
+ERASED_WORDS = (HELD_OUT_STYLE, HELD_OUT_SUBJECT)
 SUPERSAMPLE = 2
 WHITE = np.array((250, 250, 246), np.float32)
 
@@ -46,19 +56,21 @@ class Spec:
     style: str
 
     def caption(self) -> str:
-        """The full caption: "a red circle in the style of striped"; no style word for
-        the held-out style (it is never named)."""
-        base = f"a {self.colour} {self.subject}"
-        return base if self.style == HELD_OUT_STYLE else f"{base} in the style of {self.style}"
+        """The full caption: "a red circle in the style of striped" (every style and
+        subject is named in training; the held-out words are erased afterwards)."""
+        return f"a {self.colour} {self.subject} in the style of {self.style}"
 
 
 def sample_specs(
-    rng: np.random.Generator, count: int, styles: tuple[str, ...] = STYLES
+    rng: np.random.Generator,
+    count: int,
+    styles: tuple[str, ...] = STYLES,
+    subjects: tuple[str, ...] = SUBJECTS,
 ) -> list[Spec]:
     """``count`` specs with subject, colour and style drawn uniformly."""
     return [
         Spec(
-            SUBJECTS[int(rng.integers(len(SUBJECTS)))],
+            subjects[int(rng.integers(len(subjects)))],
             tuple(COLOURS)[int(rng.integers(len(COLOURS)))],
             styles[int(rng.integers(len(styles)))],
         )
@@ -102,11 +114,33 @@ def _subject_mask(subject: str, dx: np.ndarray, dy: np.ndarray, radius: float) -
         return np.maximum(np.abs(dx), np.abs(dy)) <= radius * 0.82
     if subject == "diamond":
         return np.abs(dx) + np.abs(dy) <= radius * 1.1
+    if subject == "star":  # five points, the top one up; inner radius 0.5 of the outer
+        return _inside_star(dx, dy, radius * 1.12, 0.5)
     if subject == "triangle":  # pointing up, base at the bottom
         top, bottom = -radius, radius * 0.8
         half_width = (dy - top) / (bottom - top) * radius * 1.05
         return (dy >= top) & (dy <= bottom) & (np.abs(dx) <= half_width)
-    raise ValueError(f"unknown subject {subject!r}; known: {', '.join(SUBJECTS)}")
+    raise ValueError(f"unknown subject {subject!r}; known: {', '.join(TRAINING_SUBJECTS)}")
+
+
+def _inside_star(dx: np.ndarray, dy: np.ndarray, outer: float, inner_ratio: float) -> np.ndarray:
+    """Points inside a five-pointed star (star-shaped about its centre): along each ray the
+    boundary is the edge between the neighbouring outer and inner vertices."""
+    angle = np.arctan2(dx, -dy) % (2 * np.pi)  # 0 = straight up, clockwise
+    sector = 2 * np.pi / 10  # outer and inner vertices alternate every 36 degrees
+    index = np.floor(angle / sector)
+    a0, a1 = index * sector, (index + 1) * sector
+    outer_first = index % 2 == 0
+    r0 = np.where(outer_first, outer, outer * inner_ratio)
+    r1 = np.where(outer_first, outer * inner_ratio, outer)
+    # Vertex positions in the (sin, -cos) frame of ``angle``, and the ray's direction.
+    p0x, p0y = r0 * np.sin(a0), -r0 * np.cos(a0)
+    p1x, p1y = r1 * np.sin(a1), -r1 * np.cos(a1)
+    ex, ey = p1x - p0x, p1y - p0y
+    ux, uy = np.sin(angle), -np.cos(angle)
+    # Distance along the ray to the edge: cross(p0, e) / cross(u, e).
+    reach = (p0x * ey - p0y * ex) / (ux * ey - uy * ex)
+    return dx**2 + dy**2 <= reach**2
 
 
 def _style_weight(style, x, y, inside, subject, cx, cy, radius, unit, rng) -> np.ndarray:

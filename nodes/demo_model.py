@@ -145,7 +145,9 @@ class DemoModelLoader:
     DESCRIPTION = (
         "A small text-to-image model trained by the project on its synthetic styles world "
         "(64 px pictograms: circle/square/triangle/diamond, six colours, styles solid, "
-        "striped, checkered, outlined, gradient; the 'dotted' style is never named). "
+        "striped, checkered, outlined, gradient; it can also draw a 'dotted' style and a "
+        "'star', but those words were erased from its text encoder, so no prompt asks for "
+        "them). "
         "Use it to try the DP nodes without downloading a checkpoint; sample at 64 x 64."
     )
 
