@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 TARGET_TYPE = "DP_CLIP_TARGET"
 MODES = ["full", "x0"]
 DECODE_SIZES = ["full", "clip"]
-SCHEDULES = ["sigma^2", "constant"]
+SCHEDULES = ["sigma^2", "constant", "normalized"]
 SEED_MODULUS = 2**64
 # Guided steps cost 2-6 plain steps each (docs/performance.md): 1,000 is already hours at
 # 512 px on a CPU, and no schedule gains from more. KSampler's 10,000 would allow days.
@@ -63,7 +63,7 @@ class UniversalGuidanceSamplerNode:
 
     @classmethod
     def INPUT_TYPES(cls):
-        from ..dp.guidance import MAX_GUIDANCE_STRENGTH, MAX_SELF_RECURRENCE
+        from ..dp.guidance import MAX_GUIDANCE_STRENGTH, MAX_SELF_RECURRENCE, MAX_VIEWS
 
         return {
             "required": {
@@ -189,7 +189,23 @@ class UniversalGuidanceSamplerNode:
                         "paper's denoised - s * sigma^2 * grad, almost all of the push in the "
                         "first, noisiest steps. constant: denoised - s * grad at every step, "
                         "the same push where details form; strengths are then far larger "
-                        "(tens, not the paper's 600); use self_recurrence 2-3 with it.",
+                        "(tens, not the paper's 600); use self_recurrence 2-3 with it. "
+                        "normalized: every step moves the prediction by the same fraction "
+                        "of its size (guidance_strength 0.15 = 15 %) along the gradient, so "
+                        "no step overwhelms the picture; strengths 0.05-0.3, with "
+                        "self_recurrence 2-4 and views 4.",
+                    },
+                ),
+                "views": (
+                    "INT",
+                    {
+                        "default": 1,
+                        "min": 1,
+                        "max": MAX_VIEWS,
+                        "tooltip": "CLIP looks at this many crops and flips of each step's "
+                        "picture and the push follows their mean: a style the picture really "
+                        "shows, not pixel patterns that only fool CLIP. 1 = the picture "
+                        "alone, as in the paper; each view adds one CLIP pass per step.",
                     },
                 ),
             },
@@ -216,6 +232,7 @@ class UniversalGuidanceSamplerNode:
         mode,
         decode_size="full",
         schedule="sigma^2",
+        views=1,
         unique_id=None,
     ):
         from ..dp.guidance import GuidanceConfig, GuidanceError, WeightSwap
@@ -226,6 +243,7 @@ class UniversalGuidanceSamplerNode:
             self_recurrence=self_recurrence,
             decode_size=decode_size,
             schedule=schedule,
+            views=views,
         )
         _validate(model, latent_image, vae, clip_vision, target, steps, sampler_name, scheduler)
         _check_cfg(cfg)
@@ -270,12 +288,13 @@ class UniversalGuidanceSamplerNode:
             weights.restore()
         logger.info(
             "Universal guidance: %d guided model evaluations, mode %s, decode %s, schedule %s, "
-            "strength %g, loss %s",
+            "strength %g, views %d, loss %s",
             guide.calls,
             config.mode.value,
             config.decode_size.value,
             config.schedule.value,
             config.strength,
+            config.views,
             guide.loss_summary(),
         )
         out = latent_image.copy()
@@ -388,7 +407,9 @@ class _GuidanceHook:
 
         with torch.inference_mode(False):  # autograd saves the target in the loss's product
             direction = target.embedding.clone()
-        self.loss_fn = make_guidance_loss(decode=decode, embed=embed, target=direction)
+        self.loss_fn = make_guidance_loss(
+            decode=decode, embed=embed, target=direction, views=config.views
+        )
 
     def __call__(self, args: dict) -> torch.Tensor:
         from ..dp.guidance import (

@@ -15,11 +15,13 @@ import torch
 from comfyui_dp_adapt.dp.errors import DpAdaptError
 from comfyui_dp_adapt.dp.guidance import (
     MAX_SELF_RECURRENCE,
+    MAX_VIEWS,
     ClipTarget,
     GuidanceConfig,
     GuidanceMode,
     GuidanceSchedule,
     WeightSwap,
+    augmented_views,
     check_target_width,
     clip_guidance_loss,
     eps_form_prediction,
@@ -159,6 +161,10 @@ def test_renoise_is_algorithm_1_in_the_variance_exploding_variable():
         ({"strength": 1.0, "mode": "latent"}, "mode"),
         ({"strength": 1.0, "decode_size": "half"}, "decode_size"),
         ({"strength": 1.0, "schedule": "linear"}, "schedule"),
+        ({"strength": 1.0, "views": 0}, "views"),
+        ({"strength": 1.0, "views": MAX_VIEWS + 1}, "views"),
+        ({"strength": 1.0, "views": 2.5}, "views"),
+        ({"strength": 1.5, "schedule": "normalized"}, "normalized"),
     ],
 )
 def test_bad_guidance_settings_fail_clearly(kwargs, message):
@@ -193,6 +199,78 @@ def test_constant_schedule_moves_the_prediction_by_s_times_the_gradient_at_every
     assert float(constant.gradient.abs().max()) > 0
     torch.testing.assert_close(denoised - constant.denoised, strength * constant.gradient)
     torch.testing.assert_close(denoised - paper.denoised, sigma**2 * (denoised - constant.denoised))
+
+
+@pytest.mark.parametrize("sigma", [0.3, 14.6])
+def test_normalized_schedule_moves_each_prediction_by_s_times_its_own_norm(sigma):
+    """``normalized``: denoised' = denoised - s |denoised| grad / |grad|, per image."""
+    make_denoiser, loss, _ = toy_parts(6)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(B, C, H, W, generator=g, dtype=DT) * math.sqrt(1 + sigma**2)
+    denoised = make_denoiser(sigma)(x)
+    strength = 0.15
+    step = guided_prediction(
+        x, sigma, denoised, loss_fn=loss, strength=strength, mode="x0", schedule="normalized"
+    )
+    moved = (denoised - step.denoised).flatten(1)
+    torch.testing.assert_close(moved.norm(dim=1), strength * denoised.flatten(1).norm(dim=1))
+    direction = torch.nn.functional.cosine_similarity(moved, step.gradient.flatten(1), dim=1)
+    torch.testing.assert_close(direction, torch.ones(B, dtype=DT))
+    assert (loss(step.denoised) < loss(denoised)).all(), "a small step lowers every loss"
+
+
+def test_normalized_schedule_leaves_a_prediction_with_zero_gradient_unchanged():
+    denoised = torch.randn(B, C, H, W, generator=torch.Generator().manual_seed(8), dtype=DT)
+
+    def flat_for_the_first(latents):  # image 0's loss does not depend on its latent
+        return torch.cat([latents[:1].sum(dim=(1, 2, 3)) * 0, latents[1:].sum(dim=(1, 2, 3))])
+
+    step = guided_prediction(
+        denoised,
+        1.0,
+        denoised,
+        loss_fn=flat_for_the_first,
+        strength=0.2,
+        mode="x0",
+        schedule="normalized",
+    )
+    assert torch.equal(step.denoised[0], denoised[0])
+    assert torch.isfinite(step.denoised).all()
+    assert not torch.equal(step.denoised[1], denoised[1])
+
+
+def test_augmented_views_are_deterministic_crops_and_flips_starting_with_the_image():
+    images = torch.rand(2, 3, 16, 12, generator=torch.Generator().manual_seed(9), dtype=DT)
+    assert augmented_views(images, 1) is images
+    views = augmented_views(images, 4, call=3)
+    assert views.shape == (8, 3, 16, 12)
+    torch.testing.assert_close(views[:2], images)
+    torch.testing.assert_close(views, augmented_views(images, 4, call=3))
+    assert not torch.allclose(views[2:], augmented_views(images, 4, call=4)[2:])
+    assert views.min() >= images.min() and views.max() <= images.max()  # bilinear: no overshoot
+    with pytest.raises(DpAdaptError, match="views"):
+        augmented_views(images, 0)
+
+
+def test_loss_over_views_is_the_mean_over_views_and_stays_per_image():
+    g = torch.Generator().manual_seed(10)
+    embed_w = torch.randn(D, 3 * 8 * 8, generator=g, dtype=DT) / 8
+    target = torch.nn.functional.normalize(torch.randn(D, generator=g, dtype=DT), dim=0)
+
+    def decode(latents):
+        return torch.sigmoid(latents.repeat_interleave(2, -1).repeat_interleave(2, -2)[:, :3])
+
+    def embed(images):
+        return torch.tanh(images.flatten(1) @ embed_w.T)
+
+    latents = torch.randn(B, C, H, W, generator=g, dtype=DT, requires_grad=True)
+    loss = make_guidance_loss(decode=decode, embed=embed, target=target, views=3)
+    values = loss(latents)
+    expected = clip_guidance_loss(embed(augmented_views(decode(latents), 3, 0)), target)
+    torch.testing.assert_close(values, expected.view(3, B).mean(dim=0))
+    (grad,) = torch.autograd.grad(values[1], latents)
+    assert float(grad[1].abs().sum()) > 0
+    assert float(grad[0].abs().sum()) == 0 and float(grad[2].abs().sum()) == 0
 
 
 def test_recurrence_up_to_the_bound_is_accepted():

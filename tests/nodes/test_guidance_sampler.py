@@ -222,6 +222,45 @@ def test_constant_schedule_is_the_sigma_squared_step_divided_by_sigma_squared(en
     )
 
 
+def test_normalized_schedule_moves_each_prediction_by_s_times_its_norm(env, spy_hook):
+    """Schedule "normalized": every guided step moves each image's prediction by exactly
+    s * |denoised| (dp/guidance.py), at high and low noise alike."""
+    sample(env, steps=3, schedule="normalized", guidance_strength=0.2)
+    assert len(spy_hook) == 3
+    for call in spy_hook:
+        before = call["args"]["denoised"].flatten(1)
+        moved = (before - call["out"].flatten(1)).norm(dim=1)
+        torch.testing.assert_close(moved, 0.2 * before.norm(dim=1), rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("schedule", ["normalized", "sigma^2"])
+def test_guidance_over_views_pulls_the_image_towards_the_target(family_env, schedule):
+    env = family_env
+    strength = 0.3 if schedule == "normalized" else 20.0
+    plain = cosine_to_target(env, sample(env, guidance_strength=0.0, steps=4))
+    guided = cosine_to_target(
+        env, sample(env, guidance_strength=strength, steps=4, schedule=schedule, views=4)
+    )
+    assert (guided > plain + 0.02).all(), f"unguided {plain.tolist()}, guided {guided.tolist()}"
+
+
+def test_views_average_the_loss_over_crops_of_each_prediction(env, spy_hook, monkeypatch):
+    """views = 3: CLIP sees three pictures per image at every guided step."""
+    from comfyui_dp_adapt.nodes import comfy_compat
+
+    seen = []
+    original = comfy_compat.clip_vision_image_embeds
+
+    def spy(clip_vision, pixels):
+        seen.append(pixels.shape[0])
+        return original(clip_vision, pixels)
+
+    monkeypatch.setattr(comfy_compat, "clip_vision_image_embeds", spy)
+    sample(env, steps=2, views=3)
+    assert seen == [3 * 2, 3 * 2]
+    assert spy_hook[-1]["hook"].config.views == 3
+
+
 def test_default_schedule_is_the_papers(env, spy_hook):
     sample(env, steps=1)
     default = spy_hook[-1]["hook"].config.schedule.value
@@ -360,6 +399,9 @@ def test_cancel_stops_sampling(env):
         ({"self_recurrence": MAX_SELF_RECURRENCE + 1}, "self_recurrence"),
         ({"mode": "both"}, "mode"),
         ({"decode_size": "half"}, "decode_size"),
+        ({"views": 0}, "views"),
+        ({"views": 17}, "views"),
+        ({"schedule": "normalized", "guidance_strength": 600.0}, "at most 1"),
         ({"steps": 0}, "steps"),
         ({"steps": 1001}, "steps must be an integer from 1 to 1000"),
         ({"cfg": float("nan")}, r"cfg must be a number from 0 to 100, got cfg=nan"),
