@@ -115,6 +115,16 @@ def main(argv: list[str] | None = None) -> int:
                 ("DPAgg-TI token, epsilon = 1", side_by_side_tiles(args.side_by_side, "DPAgg-TI")),
             ],
         ),
+        "Quick start on the demo model, DP guidance": card(
+            "Quick start: DP style guidance",
+            [
+                private,
+                (
+                    "guided by the DP CLIP target, eps = 1",
+                    side_by_side_tiles(args.side_by_side, "DP guidance"),
+                ),
+            ],
+        ),
         "Private style token (DP textual inversion)": card(
             "DP textual inversion (DPAgg-TI)",
             [

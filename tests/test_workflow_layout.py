@@ -173,12 +173,25 @@ def test_layout_is_compact_enough_to_fit_a_screen_readably(path):
     )
 
 
-def test_quick_start_needs_no_terminal():
+QUICK_STARTS = [p for p in WORKFLOWS if p.name.startswith("Quick start")]
+
+
+def test_there_are_two_quick_starts_on_the_demo_model():
+    """A DP style token and DP guidance, both on the demo model (no checkpoint to fetch)."""
+    assert len(QUICK_STARTS) == 2
+    kinds = {n["type"] for p in QUICK_STARTS for n in _load(p)["nodes"]}
+    assert {"DPAdaptTextualInversionTrain", "DPAdaptUniversalGuidanceSampler"} <= kinds
+    assert all(
+        n["type"] != "CheckpointLoaderSimple" for p in QUICK_STARTS for n in _load(p)["nodes"]
+    )
+
+
+@pytest.mark.parametrize("path", QUICK_STARTS, ids=_ids)
+def test_quick_start_needs_no_terminal(path):
     """The quick start's private pictures come from the loader's built-in demo choice, and
     no note asks the artist to run a command."""
     from comfyui_dp_adapt.nodes.private_images import DEMO_FOLDER
 
-    (path,) = [p for p in WORKFLOWS if p.name.startswith("Quick start")]
     workflow = _load(path)
     (loader,) = [n for n in workflow["nodes"] if n["type"] == "DPAdaptLoadPrivateImages"]
     assert loader["widgets_values"][0] == DEMO_FOLDER
