@@ -34,6 +34,7 @@ PRIVATE_FOLDER = "dp_browser_private"
 PRIVATE_PICTURES = 12
 TI_WORKFLOW = "Private style token (DP textual inversion).json"
 PLANNER_WORKFLOW = "Privacy budget planner.json"
+GUIDANCE_QUICK_START = "Quick start on the demo model, DP guidance.json"
 EXTENSION_FILE = "dp_report.js"
 
 
@@ -281,4 +282,25 @@ def test_the_textual_inversion_workflow_runs_and_its_report_shows_on_the_node(pa
     shot = page.shots / "textual_inversion_after_run.png"
     page.screenshot(path=str(shot))
     print(f"browser screenshots: {page.shots}")
+    assert not page.dp_errors, page.dp_errors
+
+
+def test_the_guidance_quick_start_runs_as_shipped_with_no_rewiring(page, comfy_server):
+    """ "Quick start on the demo model, DP guidance" as the template browser opens it: the
+    demo model and its built-in dotted collection (no terminal, no rewiring); only the ledger
+    and the sampling cost are changed for the test."""
+    workflow = json.loads((shipped_workflows()[0].parent / GUIDANCE_QUICK_START).read_text())
+    load(page, workflow)
+    ledger = f"browser-guided-{uuid.uuid4().hex[:8]}"
+    set_widgets(page, {"3.ledger_name": ledger, "8.steps": 4, "7.batch_size": 1})
+    before = set(comfy_server.get_json("/history"))
+    queue(page)
+    entry = wait_for_history(page, comfy_server, before)
+    (preview,) = [entry["outputs"][k] for k in entry["outputs"] if k == "15"]
+    assert preview["images"], "the enlarged preview received no picture"
+    wait_for_card(page, "dp-report", "Private: (eps = ", timeout=30_000)
+    (report,) = [c for c in cards(page, "dp-report") if c["headline"].startswith("Private:")]
+    assert f"collection '{ledger}' stood at eps" in report["headline"]
+    assert report["headline_visible"] and not report["open"]
+    page.screenshot(path=str(page.shots / "guidance_quick_start_after_run.png"))
     assert not page.dp_errors, page.dp_errors
