@@ -6,7 +6,7 @@ project's own outputs: stand-in private pictures of the demo world's held-out st
 pictures generated with a DP release (cut from the paper reproduction's side-by-side, see
 bench/reproduce_paper.py), and the DP Privacy Planner's figure.
 
-    python demo/make_thumbnails.py [--side-by-side results/reproduction_side_by_side.png]
+    python demo/make_thumbnails.py [--side-by-side results/reproduction_quick_side_by_side.png]
 """
 
 from __future__ import annotations
@@ -79,11 +79,17 @@ def card(title: str, rows: list[tuple[str, list[Image.Image]]]) -> Image.Image:
 def planner_card() -> Image.Image:
     _package()
     from comfyui_dp_adapt.dp.ledger import TotalBudget
-    from comfyui_dp_adapt.dp.planner import LedgerBalance, noise_curve
+    from comfyui_dp_adapt.dp.planner import (
+        LedgerBalance,
+        NextRelease,
+        PlannedRelease,
+        noise_curve,
+    )
     from comfyui_dp_adapt.nodes.planner_plot import privacy_utility_plot
 
     points = noise_curve(delta=1e-5, dataset_size=100, dimension=768, sampling_rate=1.0)
-    balance = LedgerBalance("example", 1, 1.0, TotalBudget(4.0, 1e-5), 3.0)
+    next_release = NextRelease(planned=PlannedRelease(delta=1e-5), epsilon=3.0, filter_kind=None)
+    balance = LedgerBalance("example", 1, 1.0, TotalBudget(4.0, 1e-5), (next_release,))
     picture = privacy_utility_plot(
         points,
         epsilon=1.0,
@@ -103,7 +109,9 @@ def planner_card() -> Image.Image:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--side-by-side", type=Path, default=ROOT / "results" / "reproduction_side_by_side.png"
+        "--side-by-side",
+        type=Path,
+        default=ROOT / "results" / "reproduction_quick_side_by_side.png",
     )
     args = parser.parse_args(argv)
     private = ("private pictures (stand-in: the demo's dotted style)", private_tiles())

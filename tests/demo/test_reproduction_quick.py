@@ -49,13 +49,13 @@ def _mean(record, method: str, epsilon: str, measure: str = "fidelity") -> float
 def test_quick_reproduction_writes_every_cell(quick):
     out, stdout, record = quick
     assert record["quick"] is True and record["complete"] is True
-    assert record["grid"] == {"ns": [100], "epsilons": [1.0, 8.0], "releases": 3}
+    assert record["grid"] == {"ns": [100], "epsilons": [1.0, 8.0], "releases": 2}
     for measure in ("fidelity", "detector"):
         for method in DP_METHODS:
             for epsilon in ("1.0", "8.0"):
                 values = record[measure][method][N][epsilon]
-                assert len(values) == 3 and all(0.0 <= v <= 1.0 for v in values)
-        assert len(record[measure]["non-private TI"][N]["inf"]) == 3
+                assert len(values) == 2 and all(0.0 <= v <= 1.0 for v in values)
+        assert len(record[measure]["non-private TI"][N]["inf"]) == 2
     for arm in ("unguided", "non-private guidance"):
         assert 0.0 <= record["guidance_control"][arm]["fidelity"] <= 1.0
     assert (out / "reproduction_quick.csv").read_text().startswith("method,n,epsilon")
