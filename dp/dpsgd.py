@@ -33,7 +33,6 @@ identical.
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -51,6 +50,8 @@ from .inversion import (
     chunk_rows,
     padded_chunk_count,
     public_chunk_count,
+    training_generator,
+    training_seeds_from_entropy,
 )
 from .mechanism import BoundMode, _as_float64, _bound
 from .noise import GaussianMechanism, bernoulli
@@ -298,13 +299,12 @@ def train_shared_embedding_dpsgd(
     ids = prompts.ids.to(device)
     mask = prompts.mask.to(device)
     # Per-image TRAINING randomness (template, timestep, denoising noise) from each image's
-    # own generator, seeded once per run; padding rows use the public seed. Privacy does not
-    # rest on it: the clip bound C holds whatever it draws, so a 32-bit torch seed is fine
-    # here. Privacy rests on the Poisson sample and the Gaussian noise (dp.noise), which never
-    # touch torch's RNG (docs/privacy.md §6).
-    generators = [
-        torch.Generator(device="cpu").manual_seed(secrets.randbits(63)) for _ in range(n)
-    ] + [torch.Generator(device="cpu").manual_seed(PADDING_SEED) for _ in range(chunks * b - n)]
+    # own 128-bit generator, seeded from OS entropy once per run; padding rows use the public
+    # seed. Privacy does not rest on it (the clip bound C holds whatever it draws); it rests on
+    # the Poisson sample and the Gaussian noise (dp.noise) (docs/privacy.md §6).
+    generators = [training_generator(s) for s in training_seeds_from_entropy(n)] + [
+        training_generator(PADDING_SEED) for _ in range(chunks * b - n)
+    ]
     # Built (OpenDP imported, scale checked) before any step, so no step fails on it.
     gaussian = GaussianMechanism(dimension=int(initial.numel()), scale=z * clip_norm)
     embedding = initial.detach().to(device=device, dtype=torch.float32).clone()

@@ -17,9 +17,11 @@ so this module stays free of ComfyUI and is testable on its own.
 from __future__ import annotations
 
 import math
+import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .errors import InvalidParameterError
@@ -158,7 +160,7 @@ def train_per_image_embeddings(
         rows = torch.zeros((b, *latents.shape[1:]), dtype=latents.dtype, device=device)
         rows[:real] = latents[start : start + real]
         chunk_seeds = [int(s) for s in seeds[start : start + real]] + [PADDING_SEED] * (b - real)
-        generators = [torch.Generator(device="cpu").manual_seed(s) for s in chunk_seeds]
+        generators = [training_generator(s) for s in chunk_seeds]
         vectors = _train_chunk(
             rows, initial, ids, mask, config, generators, text_forward, denoise_loss, tick
         )
@@ -239,13 +241,37 @@ def _train_chunk(latents, initial, ids, mask, config, generators, text_forward, 
     return vectors
 
 
+TRAINING_SEED_BITS = 128
+"""Bits of OS entropy in every per-image training seed (``training_seeds_from_entropy``)."""
+
+
+def training_generator(seed: int) -> np.random.Generator:
+    """One image's generator for its TRAINING randomness (template, timestep, noise).
+
+    numpy's PCG64 keeps 128 bits of state and ``SeedSequence`` takes an integer of any size,
+    so a 128-bit seed from the OS CSPRNG is kept whole (a ``torch.Generator`` would keep 32
+    bits of it). Privacy does not rest on this randomness (the clip bound holds whatever it
+    draws; the noise and sampling come from ``dp.noise``), but no value here is searchable.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise InvalidParameterError(f"a training seed must be an integer >= 0, got {seed!r}.")
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(seed)))
+
+
+def training_seeds_from_entropy(count: int) -> list[int]:
+    """``count`` training seeds of ``TRAINING_SEED_BITS`` bits each from the OS CSPRNG, never
+    from a workflow seed (docs/privacy.md §6)."""
+    return [secrets.randbits(TRAINING_SEED_BITS) for _ in range(count)]
+
+
 def _draw_per_image(latents, num_templates, config, generators):
     """Each image's template, timestep and noise, from that image's own generator only."""
     template_idx, timesteps, noise = [], [], []
-    for row, generator in enumerate(generators):
-        template_idx.append(int(torch.randint(num_templates, (1,), generator=generator)))
-        timesteps.append(int(torch.randint(config.num_timesteps, (1,), generator=generator)))
-        noise.append(torch.randn(latents[row].shape, generator=generator, dtype=torch.float32))
+    shape = tuple(latents.shape[1:])
+    for generator in generators:
+        template_idx.append(int(generator.integers(num_templates)))
+        timesteps.append(int(generator.integers(config.num_timesteps)))
+        noise.append(torch.from_numpy(generator.standard_normal(shape, dtype=np.float32)))
     device = latents.device
     return (
         torch.tensor(template_idx, device=device),

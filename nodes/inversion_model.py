@@ -484,19 +484,6 @@ def duration_text(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def seeds_from_entropy(count: int) -> list[int]:
-    """Per-image training seeds from OS entropy (never from the workflow seed, docs/privacy.md §6).
-
-    They seed per-image TRAINING randomness only (template, timestep, denoising noise), which
-    privacy does not rest on: the norm bound C holds whatever they draw, so 63 bits through a
-    torch generator (which keeps 32) are fine here. The noise and sampling that privacy
-    rests on come from ``dp.noise`` and never from torch's RNG.
-    """
-    import secrets
-
-    return [secrets.randbits(63) for _ in range(count)]
-
-
 def encode_for_training(model, vae, private, *, public_rows: int, config, phase_text=None):
     """Latents (n, C, h, w) of EVERY picture of ``private`` and the ``on_step`` callback of
     its training.

@@ -376,7 +376,7 @@ def _train_every_image(
 ):
     """One embedding per image, (n, k, d), for ALL images (sampling happens in the commit),
     with the constant, padded work of ``inversion_model.encode_for_training``."""
-    from ..dp.inversion import chunk_rows, train_per_image_embeddings
+    from ..dp.inversion import chunk_rows, train_per_image_embeddings, training_seeds_from_entropy
     from . import inversion_model as im
 
     latents, on_step = im.encode_for_training(
@@ -404,7 +404,7 @@ def _train_every_image(
             initial=initial,
             prompts=prompts,
             config=config,
-            seeds=im.seeds_from_entropy(private.count),
+            seeds=training_seeds_from_entropy(private.count),
             text_forward=im.make_text_forward(clip, family),
             denoise_loss=denoise_loss,
             public_rows=plan.declared_dataset_size,

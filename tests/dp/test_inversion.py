@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from comfyui_dp_adapt.dp import inversion
 from comfyui_dp_adapt.dp.errors import InvalidParameterError
 from comfyui_dp_adapt.dp.inversion import (
     InversionConfig,
@@ -200,6 +201,38 @@ def test_per_image_seeds_drive_the_randomness():
     a, _ = train(latents, [1, 2])
     b, _ = train(latents, [1, 3])
     assert torch.equal(a[0], b[0]) and not torch.equal(a[1], b[1])
+
+
+def test_seeds_differing_only_above_bit_64_give_different_training():
+    """The per-image generator keeps every bit of a 128-bit seed (a torch generator keeps
+    32): seeds equal in their low 64 bits still draw differently."""
+    latents = latents_for(2)
+    low = 12345
+    a, _ = train(latents, [low, low + 1])
+    b, _ = train(latents, [low | (1 << 100), low + 1])
+    assert not torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_training_seeds_come_from_128_bits_of_os_entropy(monkeypatch):
+    asked = []
+
+    def randbits(bits):
+        asked.append(bits)
+        return (1 << bits) - 1 - len(asked)
+
+    monkeypatch.setattr(inversion.secrets, "randbits", randbits)
+    seeds = inversion.training_seeds_from_entropy(3)
+    assert asked == [128, 128, 128]
+    assert seeds == [(1 << 128) - 2, (1 << 128) - 3, (1 << 128) - 4]
+    assert (
+        len({tuple(inversion.training_generator(s).integers(1 << 62, size=4)) for s in seeds}) == 3
+    )
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True, "7"])
+def test_a_bad_training_seed_is_refused(bad):
+    with pytest.raises(InvalidParameterError, match="training seed"):
+        inversion.training_generator(bad)
 
 
 def test_cancel_from_the_progress_callback_stops_training():
