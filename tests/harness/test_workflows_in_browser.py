@@ -35,6 +35,9 @@ PRIVATE_PICTURES = 12
 TI_WORKFLOW = "Private style token (DP textual inversion).json"
 PLANNER_WORKFLOW = "Privacy budget planner.json"
 GUIDANCE_QUICK_START = "Quick start on the demo model, DP guidance.json"
+TI_QUICK_START = "Quick start on the demo model.json"
+# Set by whoever refreshes docs/screenshots: the tests' screenshots are copied there too.
+SCREENSHOTS_ENV = "DP_ADAPT_SCREENSHOTS"
 EXTENSION_FILE = "dp_report.js"
 
 
@@ -88,6 +91,52 @@ def page(browser_path, comfy_server, tmp_path_factory):
         page.shots = tmp_path_factory.mktemp("browser_screenshots")
         yield page
         browser.close()
+
+
+def screenshot(page, name: str) -> None:
+    """The whole window as ``name``.png in the test's folder (and in $DP_ADAPT_SCREENSHOTS)."""
+    page.screenshot(path=str(page.shots / f"{name}.png"))
+    folder = os.environ.get(SCREENSHOTS_ENV)
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+        shutil.copyfile(page.shots / f"{name}.png", os.path.join(folder, f"{name}.png"))
+
+
+def template(comfy_server, file_name: str) -> dict:
+    """A shipped workflow as the template browser opens it: fetched from the server's
+    template route where it has one (current ComfyUI), else read from the file (the legacy
+    server of CI has no template browser); both must be the shipped file."""
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    shipped = json.loads((shipped_workflows()[0].parent / file_name).read_text())
+    try:
+        listed = comfy_server.get_json("/workflow_templates")
+    except urllib.error.HTTPError as error:
+        if error.code != 404:
+            raise
+        return shipped
+    stem = file_name.removesuffix(".json")
+    module = next(m for m, names in listed.items() if stem in names)
+    url = f"{comfy_server.url}/api/workflow_templates/{module}/{urllib.parse.quote(file_name)}"
+    with urllib.request.urlopen(url, timeout=30) as response:
+        served = json.loads(response.read())
+    assert served == shipped
+    return served
+
+
+def output_size(comfy_server, image: dict) -> tuple[int, int]:
+    """(width, height) of one picture of a history entry's output, fetched as the UI does."""
+    import io
+    import urllib.parse
+    import urllib.request
+
+    from PIL import Image
+
+    query = urllib.parse.urlencode({k: image[k] for k in ("filename", "subfolder", "type")})
+    with urllib.request.urlopen(f"{comfy_server.url}/view?{query}", timeout=30) as response:
+        return Image.open(io.BytesIO(response.read())).size
 
 
 def load(page, workflow: dict) -> None:
@@ -184,7 +233,7 @@ def test_each_shipped_workflow_opens_with_no_missing_node(page, path):
     missing = [(i, t) for i, t, known in loaded if not known]
     assert not missing, f"{path.name}: missing node types {missing}"
     assert not page.dp_errors, page.dp_errors
-    page.screenshot(path=str(page.shots / f"{path.stem}.png"))
+    screenshot(page, path.stem)
 
 
 def test_the_planner_workflow_draws_its_plot_and_report(page, comfy_server):
@@ -207,7 +256,7 @@ def test_the_planner_workflow_draws_its_plot_and_report(page, comfy_server):
         "() => window.app.graph._nodes.some((n) => n.type === 'PreviewImage' && "
         "(n.imgs?.length ?? 0) > 0)"
     )
-    page.screenshot(path=str(page.shots / "planner_after_run.png"))
+    screenshot(page, "planner_after_run")
 
 
 def test_the_textual_inversion_workflow_runs_and_its_report_shows_on_the_node(page, comfy_server):
@@ -279,8 +328,7 @@ def test_the_textual_inversion_workflow_runs_and_its_report_shows_on_the_node(pa
         and "remaining" not in balance["details"]
     )
     assert "can use up to eps = " in balance["details"] or "cannot join" in balance["details"]
-    shot = page.shots / "textual_inversion_after_run.png"
-    page.screenshot(path=str(shot))
+    screenshot(page, "textual_inversion_after_run")
     print(f"browser screenshots: {page.shots}")
     assert not page.dp_errors, page.dp_errors
 
@@ -288,8 +336,9 @@ def test_the_textual_inversion_workflow_runs_and_its_report_shows_on_the_node(pa
 def test_the_guidance_quick_start_runs_as_shipped_with_no_rewiring(page, comfy_server):
     """ "Quick start on the demo model, DP guidance" as the template browser opens it: the
     demo model and its built-in dotted collection (no terminal, no rewiring); only the ledger
-    and the sampling cost are changed for the test."""
-    workflow = json.loads((shipped_workflows()[0].parent / GUIDANCE_QUICK_START).read_text())
+    and the sampling cost are changed for the test. Its preview shows the 64 px pictures
+    enlarged 4x by whole pixels."""
+    workflow = template(comfy_server, GUIDANCE_QUICK_START)
     load(page, workflow)
     ledger = f"browser-guided-{uuid.uuid4().hex[:8]}"
     set_widgets(page, {"3.ledger_name": ledger, "8.steps": 4, "7.batch_size": 1})
@@ -298,9 +347,57 @@ def test_the_guidance_quick_start_runs_as_shipped_with_no_rewiring(page, comfy_s
     entry = wait_for_history(page, comfy_server, before)
     (preview,) = [entry["outputs"][k] for k in entry["outputs"] if k == "15"]
     assert preview["images"], "the enlarged preview received no picture"
+    assert output_size(comfy_server, preview["images"][0]) == (256, 256)
     wait_for_card(page, "dp-report", "Private: (eps = ", timeout=30_000)
     (report,) = [c for c in cards(page, "dp-report") if c["headline"].startswith("Private:")]
     assert f"collection '{ledger}' stood at eps" in report["headline"]
     assert report["headline_visible"] and not report["open"]
-    page.screenshot(path=str(page.shots / "guidance_quick_start_after_run.png"))
+    screenshot(page, "quick_start_guidance_after_run")
+    assert not page.dp_errors, page.dp_errors
+
+
+def test_the_token_quick_start_runs_as_shipped_and_a_cached_requeue_reads_true(page, comfy_server):
+    """ "Quick start on the demo model" as the template browser opens it (demo model, the
+    built-in dotted collection: no terminal, no rewiring); only names and step counts are
+    changed for the test. The preview grid shows 4 subjects at 256 px each (64 px enlarged
+    4x); the live balance says what the next release can use. Queued again unchanged,
+    ComfyUI answers the release from its cache: nothing is spent and the report still reads
+    true (it names its release and the collection's total after it, not "this run")."""
+    workflow = template(comfy_server, TI_QUICK_START)
+    load(page, workflow)
+    ledger = f"browser-quick-{uuid.uuid4().hex[:8]}"
+    name = f"browser_quick_{uuid.uuid4().hex[:8]}"
+    set_widgets(
+        page,
+        {
+            "3.ledger_name": ledger,
+            "4.embedding_name": name,
+            "4.steps": 6,
+            "8.steps": 4,
+            "14.steps": 4,
+        },
+    )
+    wait_for_card(page, "dp-ledger-balance", ledger, "up to eps = 4 (the whole total)")
+    before = set(comfy_server.get_json("/history"))
+    queue(page)
+    entry = wait_for_history(page, comfy_server, before)
+    (grid,) = entry["outputs"]["15"]["images"]
+    assert output_size(comfy_server, grid) == (512, 512), "4 cells of 64 px enlarged 4x"
+    assert entry["outputs"]["10"]["images"], "the Save Image node received no picture"
+    wait_for_card(page, "dp-report", "Private: (eps = ", timeout=30_000)
+    (first,) = [c for c in cards(page, "dp-report") if c["headline"].startswith("Private:")]
+    assert f"collection '{ledger}' stood at eps 1 of 4 after it" in first["headline"]
+    wait_for_card(page, "dp-ledger-balance", ledger, "1 release(s)", timeout=30_000)
+    wait_for_card(page, "dp-ledger-balance", ledger, "can use up to eps = ")
+    screenshot(page, "quick_start_token_after_run")
+
+    before = set(comfy_server.get_json("/history"))
+    queue(page)
+    again = wait_for_history(page, comfy_server, before)
+    assert again["outputs"]["10"]["images"], "the re-queue drew with the same token"
+    page.wait_for_timeout(1_000)
+    (shown,) = [c for c in cards(page, "dp-report") if c["headline"].startswith("Private:")]
+    assert shown["headline"] == first["headline"], "a cached report names its own release"
+    (balance,) = [c for c in cards(page, "dp-ledger-balance") if ledger in c["headline"]]
+    assert "1 release(s)" in balance["headline"] + balance["details"], "nothing re-spent"
     assert not page.dp_errors, page.dp_errors
