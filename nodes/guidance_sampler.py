@@ -140,11 +140,15 @@ class UniversalGuidanceSamplerNode:
                         "default": DEFAULT_STRENGTH,
                         "min": 0.0,
                         "max": MAX_GUIDANCE_STRENGTH,
-                        "step": 10.0,
+                        # Two decimals on the canvas (the frontend shows the digits of the
+                        # step): 0.15 under step 10 read "0" while 0.15 ran.
+                        "step": 0.05,
                         "round": False,
-                        "tooltip": "How hard each step is pushed towards the style target: s in "
-                        "denoised - s * sigma^2 * grad(-cosine). 0 = plain KSampler. Bansal et al.'s "
-                        "style setting equals about 600 here. Too high breaks the image.",
+                        "tooltip": "How hard each step is pushed towards the style target. "
+                        "schedule 'sigma^2': s in denoised - s * sigma^2 * grad(-cosine) (Bansal "
+                        "et al.'s style setting equals about 600 here). schedule 'normalized': "
+                        "the fraction of the prediction's own size each step moves, at most 1 "
+                        "(0.15 on the demo model). 0 = plain KSampler. Too high breaks the image.",
                     },
                 ),
                 "self_recurrence": (

@@ -93,3 +93,34 @@ def test_workflow_executes_in_real_comfyui_on_tiny_models(path, comfy_server, ob
         assert entry["outputs"].get(node_id), (
             f"{path.name}: output node {node_id} ({prompt[node_id]['class_type']}) produced nothing"
         )
+
+
+def _shown_decimals(options: dict) -> int:
+    """Decimals the frontend shows for a FLOAT widget: its ``precision``, else the digits of
+    its ``step`` (default 0.5), the rule of both the legacy and the current frontend."""
+    import math
+
+    if "precision" in options:
+        return int(options["precision"])
+    return max(0, -math.floor(math.log10(options.get("step", 0.5))))
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
+def test_every_shipped_float_shows_its_value_on_the_canvas(path, object_info):
+    """A float the canvas shows rounded (0.15 with step 10 reads "0") tells the artist a
+    different setting than the one that runs: each shipped value must read within 0.5 %."""
+    workflow = wf.load_workflow(path)
+    prompt = wf.to_api_prompt(workflow, object_info)
+    misread = {}
+    for node_id, node in prompt.items():
+        spec = object_info[node["class_type"]]["input"]
+        declared = {**spec.get("required", {}), **spec.get("optional", {})}
+        for name, value in node["inputs"].items():
+            input_spec = declared.get(name)
+            if not input_spec or input_spec[0] != "FLOAT" or not isinstance(value, float):
+                continue
+            options = input_spec[1] if len(input_spec) > 1 else {}
+            shown = round(value, _shown_decimals(options))
+            if abs(shown - value) > 0.005 * abs(value):
+                misread[f"{node_id} {node['class_type']}.{name}"] = (value, shown)
+    assert not misread, f"{path.name}: (value, as the canvas shows it) {misread}"

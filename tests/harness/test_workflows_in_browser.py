@@ -15,6 +15,7 @@ shared server must start after the in-process harness tests.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -102,6 +103,12 @@ def screenshot(page, name: str) -> None:
         shutil.copyfile(page.shots / f"{name}.png", os.path.join(folder, f"{name}.png"))
 
 
+def cheaper(values: dict) -> dict:
+    """Step counts lowered for the test's run time, unless screenshots for docs/ are being
+    made ($DP_ADAPT_SCREENSHOTS): those show the quick starts exactly as shipped."""
+    return {} if os.environ.get(SCREENSHOTS_ENV) else values
+
+
 def template(comfy_server, file_name: str) -> dict:
     """A shipped workflow as the template browser opens it: fetched from the server's
     template route where it has one (current ComfyUI), else read from the file (the legacy
@@ -151,7 +158,8 @@ def set_widgets(page, values: dict) -> None:
             const missing = [];
             for (const [key, value] of Object.entries(values)) {
                 const [id, name] = key.split(".");
-                const node = window.app.graph.getNodeById(Number(id));
+                const graph = window.app.graph;
+                const node = graph.getNodeById(Number(id)) ?? graph.getNodeById(id);
                 const widget = node?.widgets?.find((w) => w.name === name);
                 if (!widget) { missing.push(key); continue; }
                 widget.value = value;
@@ -229,11 +237,41 @@ def test_each_shipped_workflow_opens_with_no_missing_node(page, path):
         "() => window.app.graph._nodes.map((n) => [n.id, n.type, "
         "!!window.LiteGraph.registered_node_types[n.type]])"
     )
-    assert sorted(i for i, _, _ in loaded) == sorted(n["id"] for n in workflow["nodes"])
+    # The newest frontend keeps node ids as strings.
+    assert sorted(str(i) for i, _, _ in loaded) == sorted(str(n["id"]) for n in workflow["nodes"])
     missing = [(i, t) for i, t, known in loaded if not known]
     assert not missing, f"{path.name}: missing node types {missing}"
     assert not page.dp_errors, page.dp_errors
     screenshot(page, path.stem)
+
+
+@pytest.mark.parametrize("path", shipped_workflows(), ids=lambda p: p.stem)
+def test_each_shipped_workflow_keeps_its_widget_values_in_the_browser(page, path):
+    """Loaded and serialized again by the frontend, every widget value is the shipped one:
+    a frontend that rounds a value to its widget's step (the newest one rounded a guidance
+    strength of 0.15 to 0 once) would run a different workflow than the one documented."""
+    workflow = json.loads(path.read_text())
+    load(page, workflow)
+    shown = page.evaluate(
+        "() => Object.fromEntries(window.app.graph._nodes.map("
+        "(n) => [String(n.id), n.serialize().widgets_values ?? null]))"
+    )
+    changed = {}
+    for node in workflow["nodes"]:
+        expected = node.get("widgets_values")
+        if not expected or node["type"] in ("Note", "MarkdownNote"):
+            continue
+        got = shown[str(node["id"])]
+        for index, value in enumerate(expected):
+            actual = got[index] if got and index < len(got) else None
+            same = (
+                math.isclose(actual, value, rel_tol=1e-9, abs_tol=1e-12)
+                if isinstance(value, float) and isinstance(actual, (int, float))
+                else actual == value
+            )
+            if not same:
+                changed[f"{node['id']} {node['type']}[{index}]"] = (value, actual)
+    assert not changed, f"{path.name}: (shipped, in the browser) {changed}"
 
 
 def test_the_planner_workflow_draws_its_plot_and_report(page, comfy_server):
@@ -334,6 +372,8 @@ def test_the_textual_inversion_workflow_runs_and_its_report_shows_on_the_node(pa
 
 
 def test_the_guidance_quick_start_runs_as_shipped_with_no_rewiring(page, comfy_server):
+    # The canvas shows the strength with two decimals (widget step 0.05), so "0.15" is what
+    # the artist reads; see also test_every_shipped_float_shows_its_value_on_the_canvas.
     """ "Quick start on the demo model, DP guidance" as the template browser opens it: the
     demo model and its built-in dotted collection (no terminal, no rewiring); only the ledger
     and the sampling cost are changed for the test. Its preview shows the 64 px pictures
@@ -341,10 +381,12 @@ def test_the_guidance_quick_start_runs_as_shipped_with_no_rewiring(page, comfy_s
     workflow = template(comfy_server, GUIDANCE_QUICK_START)
     load(page, workflow)
     ledger = f"browser-guided-{uuid.uuid4().hex[:8]}"
-    set_widgets(page, {"3.ledger_name": ledger, "8.steps": 4, "7.batch_size": 1})
+    set_widgets(page, {"3.ledger_name": ledger, **cheaper({"8.steps": 4, "7.batch_size": 1})})
     before = set(comfy_server.get_json("/history"))
     queue(page)
     entry = wait_for_history(page, comfy_server, before)
+    sampler = entry["prompt"][2]["8"]["inputs"]
+    assert sampler["guidance_strength"] == 0.15 and sampler["schedule"] == "normalized"
     (preview,) = [entry["outputs"][k] for k in entry["outputs"] if k == "15"]
     assert preview["images"], "the enlarged preview received no picture"
     assert output_size(comfy_server, preview["images"][0]) == (256, 256)
@@ -352,6 +394,7 @@ def test_the_guidance_quick_start_runs_as_shipped_with_no_rewiring(page, comfy_s
     (report,) = [c for c in cards(page, "dp-report") if c["headline"].startswith("Private:")]
     assert f"collection '{ledger}' stood at eps" in report["headline"]
     assert report["headline_visible"] and not report["open"]
+    wait_for_card(page, "dp-ledger-balance", ledger, "1 release(s)", timeout=30_000)
     screenshot(page, "quick_start_guidance_after_run")
     assert not page.dp_errors, page.dp_errors
 
@@ -372,9 +415,7 @@ def test_the_token_quick_start_runs_as_shipped_and_a_cached_requeue_reads_true(p
         {
             "3.ledger_name": ledger,
             "4.embedding_name": name,
-            "4.steps": 6,
-            "8.steps": 4,
-            "14.steps": 4,
+            **cheaper({"4.steps": 6, "8.steps": 4, "14.steps": 4}),
         },
     )
     wait_for_card(page, "dp-ledger-balance", ledger, "up to eps = 4 (the whole total)")
