@@ -87,15 +87,27 @@ def page(browser_path, comfy_server, tmp_path_factory):
             "() => window.app && window.app.graph && window.LiteGraph && "
             "Object.keys(window.LiteGraph.registered_node_types).includes('DPAdaptPrivacyBudget')"
         )
-        page.keyboard.press("Escape")  # the current frontend greets a new user with templates
+        page.wait_for_timeout(2_000)  # the current frontend greets a new user with templates
+        close_dialogs(page)
         page.dp_errors = errors
         page.shots = tmp_path_factory.mktemp("browser_screenshots")
         yield page
         browser.close()
 
 
+def close_dialogs(page) -> None:
+    """Close the frontend's modal dialogs (the newest one greets a new user with its template
+    browser, sometimes seconds after the page loads)."""
+    for _ in range(3):
+        if not page.locator("[role=dialog]:visible").count():
+            return
+        page.keyboard.press("Escape")
+        page.wait_for_timeout(300)
+
+
 def screenshot(page, name: str) -> None:
     """The whole window as ``name``.png in the test's folder (and in $DP_ADAPT_SCREENSHOTS)."""
+    close_dialogs(page)
     page.screenshot(path=str(page.shots / f"{name}.png"))
     folder = os.environ.get(SCREENSHOTS_ENV)
     if folder:
