@@ -14,7 +14,8 @@ import shutil
 import sys
 from pathlib import Path
 
-COMFYUI_DIR_VARIABLE = "COMFYUI_DIR"
+from .bootstrap import COMFYUI_DIR_VARIABLE  # one name for the variable: setup and tests
+
 # Top-level folders and files of a ComfyUI tree that hold data, not code.
 _TOP_LEVEL_SKIP = {
     ".git",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from comfyui_dp_adapt.headless import workflows as wf
@@ -98,8 +100,6 @@ def test_workflow_executes_in_real_comfyui_on_tiny_models(path, comfy_server, ob
 def _shown_decimals(options: dict) -> int:
     """Decimals the frontend shows for a FLOAT widget: its ``precision``, else the digits of
     its ``step`` (default 0.5), the rule of both the legacy and the current frontend."""
-    import math
-
     if "precision" in options:
         return int(options["precision"])
     return max(0, -math.floor(math.log10(options.get("step", 0.5))))

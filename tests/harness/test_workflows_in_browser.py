@@ -384,12 +384,11 @@ def test_the_textual_inversion_workflow_runs_and_its_report_shows_on_the_node(pa
 
 
 def test_the_guidance_quick_start_runs_as_shipped_with_no_rewiring(page, comfy_server):
-    # The canvas shows the strength with two decimals (widget step 0.05), so "0.15" is what
-    # the artist reads; see also test_every_shipped_float_shows_its_value_on_the_canvas.
     """ "Quick start on the demo model, DP guidance" as the template browser opens it: the
     demo model and its built-in dotted collection (no terminal, no rewiring); only the ledger
-    and the sampling cost are changed for the test. Its preview shows the 64 px pictures
-    enlarged 4x by whole pixels."""
+    and the sampling cost are changed for the test. The prompt runs the strength the canvas
+    shows (0.15; see test_every_shipped_float_shows_its_value_on_the_canvas), and the preview
+    shows the 64 px pictures enlarged 4x by whole pixels."""
     workflow = template(comfy_server, GUIDANCE_QUICK_START)
     load(page, workflow)
     ledger = f"browser-guided-{uuid.uuid4().hex[:8]}"
