@@ -31,7 +31,8 @@ ComfyUI's KSampler (or the pack's Universal Guidance Sampler node).
 Writes ``results/reproduction.json`` (``--quick``: ``results/reproduction_quick.json``), a
 CSV and a PNG plot next to it, and prints the table. ``--quick``: n = 100, epsilon in {1, 8},
 2 releases (``--releases`` sets another count), plus ``guidance_control`` and the content
-arm (about half an hour on 2 CPU cores; CI runs it and checks the targets).
+arm (10 minutes alone on a 2-core CPU, 611 s measured on 2026-12-03; CI runs it and checks
+the targets).
 
 Hyperparameters are fixed before looking at any DP result: TI settings that make the
 non-private token work; the DPAgg-TI bound C and the DP-SGD gradient bound from a PUBLIC
@@ -43,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import math
 import platform
@@ -521,21 +523,23 @@ def main(argv: list[str] | None = None) -> int:
     name = "reproduction_quick" if args.quick else "reproduction"
     started = time.monotonic()
     args.out.mkdir(parents=True, exist_ok=True)
-    settings_key = {
-        "grid": {k: list(v) if isinstance(v, tuple) else v for k, v in grid.items()},
-        "seed": args.seed,
-        "ti": [TI_STEPS, TI_LEARNING_RATE, DPSGD_SAMPLING_RATE, PER_PROMPT],
-        "guidance": GUIDANCE,
-        "schema": 2,
-    }
-    cells = Cells(args.out / f"{name}.partial.json", settings_key)
-
     bootstrap_comfyui(cuda=torch.cuda.is_available(), prefix="dp_adapt_reproduce_")
     import comfy.utils
 
     comfy.utils.PROGRESS_BAR_ENABLED = False
     from comfyui_dp_adapt.demo import dot_detector, evaluation
     from comfyui_dp_adapt.nodes import comfy_compat, demo_model
+
+    settings_key = {
+        "grid": {k: list(v) if isinstance(v, tuple) else v for k, v in grid.items()},
+        "seed": args.seed,
+        "ti": [TI_STEPS, TI_LEARNING_RATE, DPSGD_SAMPLING_RATE, PER_PROMPT],
+        "guidance": GUIDANCE,
+        # A retrained demo model must not resume from the old model's cells.
+        "weights_sha256": hashlib.sha256(demo_model.WEIGHTS_FILE.read_bytes()).hexdigest(),
+        "schema": 2,
+    }
+    cells = Cells(args.out / f"{name}.partial.json", settings_key)
 
     world_ = World()
     control = evaluation.positive_control(
@@ -673,6 +677,7 @@ def main(argv: list[str] | None = None) -> int:
             "pictures_per_release": PER_PROMPT * evaluation.SUBJECT_PROMPTS,
             "sampling": f"{evaluation.SAMPLER}/{evaluation.SCHEDULER}, {evaluation.SAMPLE_STEPS} steps, CFG {evaluation.CFG}",
             "weights": demo_model.WEIGHTS_FILE.name,
+            "weights_sha256": settings_key["weights_sha256"],
             **bounds,
         },
         "positive_control": control,

@@ -7,6 +7,7 @@ target (+0.3 over unguided) and with DP targets at n = 100, eps = 8 (+0.2)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import statistics
 import subprocess
@@ -35,7 +36,7 @@ def quick(tmp_path_factory):
         ],
         capture_output=True,
         text=True,
-        timeout=3600,  # about 30 minutes alone on 2 cores; slower on a shared machine
+        timeout=3600,  # about 10 minutes alone on 2 cores; slower on a shared machine
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     record = json.loads((out / "reproduction_quick.json").read_text())
@@ -50,6 +51,9 @@ def test_quick_reproduction_writes_every_cell(quick):
     out, stdout, record = quick
     assert record["quick"] is True and record["complete"] is True
     assert record["grid"] == {"ns": [100], "epsilons": [1.0, 8.0], "releases": 2}
+    # The record (and the resume key of an interrupted run) names the exact weights measured.
+    weights = PACK_ROOT / "demo" / "weights" / record["settings"]["weights"]
+    assert record["settings"]["weights_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
     for measure in ("fidelity", "detector"):
         for method in DP_METHODS:
             for epsilon in ("1.0", "8.0"):
