@@ -69,7 +69,14 @@ def _ensure_environment(argv: list[str] | None) -> None:
     python = bootstrap.python_or_exit("run_workflow.py")
     os.environ[BOOTSTRAPPED] = "1"
     arguments = list(argv) if argv is not None else sys.argv[1:]
-    raise SystemExit(subprocess.call([str(python), str(ROOT / "run_workflow.py"), *arguments]))
+    command = [str(python), str(ROOT / "run_workflow.py"), *arguments]
+    if os.name == "posix":
+        # Become the run (same process id): a signal to the command the user started reaches
+        # it, and its ComfyUI stops with it (headless/comfy_server.py).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(command[0], command)
+    raise SystemExit(subprocess.call(command))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,6 +24,24 @@ def free_loopback_port() -> int:
         return sock.getsockname()[1]
 
 
+def _stop_with(parent: int):
+    """For ``Popen(preexec_fn=...)`` on Linux: the kernel sends the server SIGTERM when the
+    process that started it dies, however it dies (SIGKILL included), so a killed run or test
+    never leaves a ComfyUI running on its own (prctl PR_SET_PDEATHSIG). Checked after the
+    call too: a parent that died before it leaves the server stopping at once."""
+
+    def arrange() -> None:
+        import ctypes
+        import signal
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+        if os.getppid() != parent:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return arrange
+
+
 LOG_TAIL_LINES = 15  # of ComfyUI's log, shown above the one-line summary
 
 
@@ -166,7 +184,12 @@ class ComfyServer:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.extra_env}
         log = self.log_path.open("wb")
         self.process = subprocess.Popen(
-            command, cwd=self.comfy_dir, stdout=log, stderr=subprocess.STDOUT, env=env
+            command,
+            cwd=self.comfy_dir,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            preexec_fn=_stop_with(os.getpid()) if sys.platform.startswith("linux") else None,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
