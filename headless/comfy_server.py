@@ -28,7 +28,9 @@ def _stop_with(parent: int):
     """For ``Popen(preexec_fn=...)`` on Linux: the kernel sends the server SIGTERM when the
     process that started it dies, however it dies (SIGKILL included), so a killed run or test
     never leaves a ComfyUI running on its own (prctl PR_SET_PDEATHSIG). Checked after the
-    call too: a parent that died before it leaves the server stopping at once."""
+    call too: a parent that died before it leaves the server stopping at once. The kernel
+    watches the starting THREAD: start a server from a thread that outlives it (every caller
+    here starts it from the main thread)."""
 
     def arrange() -> None:
         import ctypes
