@@ -29,9 +29,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
+import _setup  # noqa: E402, F401  (registers the pack as comfyui_dp_adapt)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from _setup import PACKAGE  # noqa: E402  (registers the pack under its ComfyUI name)
+
+from comfyui_dp_adapt.demo import dot_detector, evaluation, world  # noqa: E402
+from comfyui_dp_adapt.demo.style_classifier import load_style_classifier  # noqa: E402
 
 WORKFLOW = ROOT / "workflows" / "Private style token (DP textual inversion).json"
 STYLE = "dotted"
@@ -55,10 +58,6 @@ def grid_cells(grid: torch.Tensor, side: int) -> torch.Tensor:
 
 
 def measure(images: torch.Tensor, classifier) -> dict:
-    from importlib import import_module
-
-    world = import_module(f"{PACKAGE}.demo.world")
-    dot_detector = import_module(f"{PACKAGE}.demo.dot_detector")
     predicted = classifier.predict(images).tolist()
     return {
         "classifier": [world.STYLES[i] for i in predicted],
@@ -75,10 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         "--keep", type=Path, default=None, help="keep each run's output folder under this path"
     )
     args = parser.parse_args(argv)
-    from importlib import import_module
-
-    classifier = import_module(f"{PACKAGE}.demo.style_classifier").load_style_classifier()
-    side = import_module(f"{PACKAGE}.demo.evaluation").LATENT_SIDE * 8
+    classifier = load_style_classifier()
+    side = evaluation.LATENT_SIDE * 8  # the demo model's pixels per latent side
     scratch = args.keep or Path(tempfile.mkdtemp(prefix="dp_adapt_quick_start_"))
     runs = []
     started = time.monotonic()
@@ -126,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "quick_start_check.json").write_text(json.dumps(record, indent=1) + "\n")
-    print(f"runs with >= 3 of 4 dotted, of {len(runs)}: {summary}")
+    print(f"runs with >= 3 of 4 dotted, of {len(runs)}: {summary}; pictures in {scratch}")
     return 0
 
 
