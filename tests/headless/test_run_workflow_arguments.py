@@ -151,6 +151,10 @@ def test_an_unknown_set_target_fails_the_command_in_one_line(tmp_path):
     assert "Traceback" not in done.stderr
 
 
+def _interruptible() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.slow
 @pytest.mark.comfy_server
 def test_ctrl_c_stops_with_one_line_and_no_traceback(tmp_path):
@@ -159,6 +163,9 @@ def test_ctrl_c_stops_with_one_line_and_no_traceback(tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # As from a terminal: a suite started in the background (``cmd &`` in a script)
+        # passes SIGINT on as ignored, and Python then never raises KeyboardInterrupt.
+        preexec_fn=_interruptible,
     )
     deadline = time.monotonic() + 300
     seen = ""
