@@ -111,15 +111,10 @@ def draw(
         {"emb_params": token.reshape(1, -1).float().contiguous()},
         str(world_.embeddings_dir / f"{name}.safetensors"),
     )
-    previous = evaluation.CFG
-    evaluation.CFG = cfg
-    try:
-        prompts = [f"{subject} in the style of embedding:{name}" for subject in subjects]
-        return evaluation.generate(
-            world_.model, world_.clip, world_.vae, prompts, per_prompt=per_subject, seed=seed
-        )
-    finally:
-        evaluation.CFG = previous
+    prompts = [f"{subject} in the style of embedding:{name}" for subject in subjects]
+    return evaluation.generate(
+        world_.model, world_.clip, world_.vae, prompts, per_prompt=per_subject, seed=seed, cfg=cfg
+    )
 
 
 def measure(world_, images: torch.Tensor, per_subject: int) -> dict:
@@ -142,7 +137,9 @@ def draws_every_public_style(world_, seed: int, per_subject: int, subjects) -> b
     """True when the demo model, asked by name for each public training style, draws every
     picture of ``subjects`` from ``seed`` in that style (by the classifier) and as a whole
     convex shape (silhouette solidity >= ``CLEAN_SOLIDITY``, ``demo/star_detector.py``). A
-    property of the model and the public words only: no token, no private picture."""
+    property of the model and the public words only: no token, no private picture. Sampled
+    at the evaluation's CFG (3): the seeds are fixed before any setting, CFG included, is
+    chosen."""
     from comfyui_dp_adapt.demo import evaluation, star_detector, world
 
     for index, style in enumerate(world.TRAINING_STYLES):

@@ -29,8 +29,11 @@ def conditioning(clip, text: str):
 
 
 @torch.inference_mode()
-def generate(model, clip, vae, prompts: list[str], *, per_prompt: int, seed: int) -> torch.Tensor:
-    """IMAGE (N, 64, 64, 3) in [0, 1]: ``per_prompt`` pictures for each prompt, in order."""
+def generate(
+    model, clip, vae, prompts: list[str], *, per_prompt: int, seed: int, cfg: float = CFG
+) -> torch.Tensor:
+    """IMAGE (N, 64, 64, 3) in [0, 1]: ``per_prompt`` pictures for each prompt, in order;
+    prompt i is sampled from ``seed + i``."""
     import nodes as comfy_nodes
 
     negative = conditioning(clip, "")
@@ -41,7 +44,7 @@ def generate(model, clip, vae, prompts: list[str], *, per_prompt: int, seed: int
             model,
             seed + index,
             SAMPLE_STEPS,
-            CFG,
+            cfg,
             SAMPLER,
             SCHEDULER,
             conditioning(clip, prompt),

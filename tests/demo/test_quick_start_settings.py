@@ -18,13 +18,12 @@ DEMO_SETTINGS_WORKFLOWS = [
     PACK_ROOT / "workflows" / "Private style token (DP textual inversion).json",
     PACK_ROOT / "workflows" / "Private style token on SDXL (DP textual inversion).json",
 ]
-# KSampler's widgets as the frontend saves them: seed, its control_after_generate, steps, cfg.
-KSAMPLER_CFG = 3
-# The preview's: token, prompts, negative, width, height, seed, its control, steps, cfg.
-PREVIEW_CFG = 8
-PREVIEW_SEED = 5
-
-
+# Widget positions as the frontend saves them. KSampler: seed, its control_after_generate,
+# steps, cfg. The preview: token, prompts, negative, width, height, seed, its control, steps,
+# cfg. Privacy Budget: ledger_name, epsilon.
+KSAMPLER_SEED_AT, KSAMPLER_CFG_AT = 0, 3
+PREVIEW_SEED_AT, PREVIEW_CFG_AT = 5, 8
+BUDGET_EPSILON_AT = 1
 SETTING = ("steps", "learning_rate", "clip_norm", "cfg")
 
 
@@ -79,11 +78,13 @@ def test_the_in_app_quick_start_ships_the_chosen_settings():
     assert training["clip_norm"] == pytest.approx(chosen["clip_norm"])
     seeds = json.loads(SWEEP.read_text())["seeds"]
     sampler = _node(workflow, "KSampler")["widgets_values"]
-    assert sampler[KSAMPLER_CFG] == chosen["cfg"] and sampler[0] == seeds["saved"]
+    assert sampler[KSAMPLER_CFG_AT] == chosen["cfg"]
+    assert sampler[KSAMPLER_SEED_AT] == seeds["saved"]
     preview = _node(workflow, "DPAdaptStyleTokenPreview")["widgets_values"]
-    assert preview[PREVIEW_CFG] == chosen["cfg"] and preview[PREVIEW_SEED] == seeds["preview"]
-    (budget,) = [n for n in workflow["nodes"] if n["type"] == "DPAdaptPrivacyBudget"]
-    assert 1.0 in budget["widgets_values"][1:2]
+    assert preview[PREVIEW_CFG_AT] == chosen["cfg"]
+    assert preview[PREVIEW_SEED_AT] == seeds["preview"]
+    budget = _node(workflow, "DPAdaptPrivacyBudget")["widgets_values"]
+    assert budget[BUDGET_EPSILON_AT] == 1.0  # the epsilon the sweep measured
 
 
 @pytest.mark.parametrize("path", DEMO_SETTINGS_WORKFLOWS, ids=lambda p: p.stem)
